@@ -1,0 +1,165 @@
+"""Alert emails: rendering (pure) and delivery over one SMTP connection per batch.
+
+Every header value that comes from a message is stripped of CR, LF and other control
+characters, so a transaction field can never add or change an email header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import smtplib
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+from types import TracebackType
+from typing import Any
+
+from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]+")
+MESSAGE_ID_DOMAIN = "fraud-dagster.local"
+
+
+def header_safe(value: object, max_length: int = 120) -> str:
+    """`value` as one line of printable text, fit for an email header."""
+    text = _CONTROL_CHARACTERS.sub(" ", str(value)).strip()
+    return text if len(text) <= max_length else text[: max_length - 1] + "…"
+
+
+def alert_message_id(transaction_id: str) -> str:
+    """Deterministic Message-ID: a resent alert carries the same id, so mail clients dedupe it."""
+    digest = hashlib.sha256(transaction_id.encode("utf-8")).hexdigest()[:32]
+    return f"<fraud-alert.{digest}@{MESSAGE_ID_DOMAIN}>"
+
+
+def mask_account(account_id: str) -> str:
+    """Account id for logs: only the last four characters stay readable."""
+    text = str(account_id)
+    return "*" * max(len(text) - 4, 0) + text[-4:] if len(text) > 4 else "*" * len(text)
+
+
+def render_alert(alert: Mapping[str, Any], sender: str, recipients: Sequence[str]) -> EmailMessage:
+    """The email a risk analyst receives for one suspicious transaction."""
+    transaction_id = str(alert["transaction_id"])
+    amount = float(alert["transaction_amount"])
+    probability = float(alert["fraud_probability"])
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
+    message["Subject"] = header_safe(
+        f"[fraud alert] {probability:.0%} - {amount:,.2f} at {header_safe(alert['merchant'], 40)}"
+        f" - transaction {header_safe(transaction_id, 40)}",
+        max_length=160,
+    )
+    message["Message-ID"] = alert_message_id(transaction_id)
+    message["Date"] = format_datetime(datetime.now(UTC))
+    message["X-Fraud-Transaction-Id"] = header_safe(transaction_id, 128)
+    message["X-Fraud-Probability"] = f"{probability:.6f}"
+    date = alert["transaction_date"]
+    date_text = date.isoformat(sep=" ") if isinstance(date, datetime) else str(date)
+    lines = [
+        "A card transaction was scored as suspicious.",
+        "",
+        f"Transaction id:    {transaction_id}",
+        f"Account id:        {alert['account_id']}",
+        f"Merchant:          {alert['merchant']}",
+        f"Amount:            {amount:,.2f}",
+        f"Transaction date:  {date_text} UTC",
+        f"Fraud probability: {probability:.4f} (threshold {float(alert['threshold']):.4f})",
+        f"Model version:     {alert['model_version']}",
+        "",
+        "Record the outcome once it is confirmed, so merchant risk learns from it:",
+        f"  fraud-dagster label {transaction_id} --fraud     (or --genuine)",
+    ]
+    message.set_content("\n".join(lines) + "\n")
+    return message
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    security: str = "none"
+    username: str | None = None
+    password: str | None = None
+    timeout_seconds: float = 10.0
+    verify_certificate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.security not in SMTP_SECURITY_MODES:
+            raise ConfigurationError(
+                f"SMTP security {self.security!r} is not one of {', '.join(SMTP_SECURITY_MODES)}"
+            )
+        if self.password and not self.username:
+            raise ConfigurationError("an SMTP password is set without a username; set both")
+
+    def __repr__(self) -> str:  # never show the password
+        return (
+            f"SmtpSettings(host={self.host!r}, port={self.port}, security={self.security!r}, "
+            f"username={self.username!r})"
+        )
+
+
+class SmtpMailer:
+    """One SMTP session: connect (TLS, login) once, send many messages, quit."""
+
+    def __init__(self, settings: SmtpSettings) -> None:
+        self.settings = settings
+        self._client: smtplib.SMTP | None = None
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if not self.settings.verify_certificate:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def __enter__(self) -> SmtpMailer:
+        s = self.settings
+        try:
+            if s.security == "ssl":
+                client: smtplib.SMTP = smtplib.SMTP_SSL(
+                    s.host, s.port, timeout=s.timeout_seconds, context=self._tls_context()
+                )
+            else:
+                client = smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds)
+                if s.security == "starttls":
+                    client.starttls(context=self._tls_context())
+            if s.username:
+                client.login(s.username, s.password or "")
+        except (OSError, smtplib.SMTPException) as exc:
+            raise AlertDeliveryError(
+                f"cannot open an SMTP session with {s.host}:{s.port} ({s.security}): {exc!r}"
+            ) from exc
+        self._client = client
+        return self
+
+    def send(self, message: EmailMessage) -> None:
+        assert self._client is not None, "use SmtpMailer as a context manager"
+        try:
+            refused = self._client.send_message(message)
+        except (OSError, smtplib.SMTPException) as exc:
+            raise AlertDeliveryError(f"SMTP server refused the message: {exc!r}") from exc
+        if refused:
+            raise AlertDeliveryError(f"SMTP server refused recipients: {sorted(refused)}")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            try:
+                self._client.quit()
+            except (OSError, smtplib.SMTPException):
+                self._client.close()
+            self._client = None

@@ -1,0 +1,32 @@
+"""The data assets of the system and where they come from, for the lineage in the Dagster UI.
+
+transactions_topic (Kafka) -> scored_transactions -> suspicious_transactions -> fraud_alerts,
+with fraud_model feeding the scoring. The three tables are written by each batch run of the
+`transaction_batch` graph (see `ops.py`); the topic and the model are declared here.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+GROUP = "fraud_detection"
+
+transactions_topic = dg.AssetSpec(
+    key="transactions_topic",
+    description=(
+        "Card transactions as JSON objects on a Kafka topic, keyed by account id. Written by the "
+        "bank's card systems (or `fraud-dagster produce`); read in offset ranges by batch runs."
+    ),
+    group_name=GROUP,
+    kinds={"kafka"},
+)
+
+fraud_model = dg.AssetSpec(
+    key="fraud_model",
+    description=(
+        "The published scikit-learn fraud model: a joblib file in models/ whose SHA-256 and "
+        "metrics are recorded in models/manifest.json. Scoring uses the promoted version."
+    ),
+    group_name=GROUP,
+    kinds={"scikitlearn"},
+)

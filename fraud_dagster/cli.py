@@ -1,0 +1,333 @@
+"""`fraud-dagster`: local services, producing transactions, training, labels and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from fraud_dagster.errors import FraudDagsterError
+from fraud_dagster.logging_setup import configure_logging
+from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
+
+logger = logging.getLogger("fraud_dagster.cli")
+
+
+def _kafka_options(settings: Settings) -> dict:
+    from fraud_dagster.resources import build_resources
+
+    return build_resources(settings)["kafka"].client_options()
+
+
+def _local_kafka(settings: Settings, args: argparse.Namespace):
+    from fraud_dagster.local_services.kafka import LocalKafka
+
+    data_dir = (
+        Path(args.data_dir) if getattr(args, "data_dir", None) else settings.var_dir / "kafka"
+    )
+    return LocalKafka(
+        data_dir=data_dir,
+        port=getattr(args, "port", None) or 9092,
+        controller_port=getattr(args, "controller_port", None) or 9093,
+    )
+
+
+def cmd_kafka(settings: Settings, args: argparse.Namespace) -> int:
+    broker = _local_kafka(settings, args)
+    if args.action == "start":
+        broker.start()
+        print_line(f"Kafka is up at {broker.bootstrap_servers} (data in {broker.data_dir})")
+    elif args.action == "stop":
+        stopped = broker.stop()
+        print_line("Kafka stopped" if stopped else "Kafka was not running (by our pid file)")
+    else:
+        running = broker.is_running()
+        print_line(f"Kafka {'running' if running else 'not running'} ({broker.data_dir})")
+        return 0 if running else 3
+    return 0
+
+
+def cmd_smtp(settings: Settings, args: argparse.Namespace) -> int:
+    from fraud_dagster.local_services import smtp
+
+    process = smtp.background_process(settings.var_dir)
+    if args.action == "start":
+        if process.is_running():
+            print_line("SMTP server already running")
+            return 0
+        smtp.start_background(
+            settings.var_dir,
+            settings.mail_dir,
+            port=args.port or settings.smtp_port,
+            starttls=args.starttls,
+        )
+        print_line(
+            f"SMTP server on 127.0.0.1:{args.port or settings.smtp_port}, "
+            f"mail in {settings.mail_dir}"
+        )
+    elif args.action == "stop":
+        print_line("SMTP server stopped" if process.stop() else "SMTP server was not running")
+    else:
+        running = process.is_running()
+        print_line(f"SMTP server {'running' if running else 'not running'}")
+        return 0 if running else 3
+    return 0
+
+
+def cmd_topic(settings: Settings, args: argparse.Namespace) -> int:
+    from fraud_dagster.kafka_io import ensure_topic
+
+    ensure_topic(_kafka_options(settings), args.topic or settings.kafka_topic, args.partitions)
+    print_line(
+        f"topic {args.topic or settings.kafka_topic} has at least {args.partitions} partition(s)"
+    )
+    return 0
+
+
+def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
+    from fraud_dagster import producer
+
+    topic = args.topic or settings.kafka_topic
+    if args.from_csv:
+        path = Path(args.from_csv)
+        total = args.limit or producer.count_csv_rows(path)
+        messages = producer.handbook_messages(path, limit=args.limit)
+    else:
+        messages = producer.synthetic_messages(args.count, seed=args.seed)
+        total = len(messages)
+    report = producer.produce(
+        _kafka_options(settings),
+        topic,
+        messages,
+        total=total,
+        rate_per_second=args.rate,
+        show_progress=not args.quiet,
+    )
+    print_line(
+        f"sent {report.sent} transactions to {topic} in {report.seconds:.1f}s ({report.rate:.0f}/s)"
+    )
+    return 0
+
+
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from fraud_dagster.simulator import SimulationConfig, simulate_transactions
+    from fraud_dagster.training import publish_model, train_model
+
+    if args.data:
+        frame = pd.read_csv(args.data)
+        source = str(args.data)
+    else:
+        frame = simulate_transactions(SimulationConfig(n_days=args.days, seed=args.seed))
+        source = f"simulator(days={args.days}, seed={args.seed})"
+    result = train_model(frame)
+    entry = publish_model(
+        Path(args.models_dir) if args.models_dir else settings.models_dir,
+        result,
+        source=source,
+        make_default=args.default,
+    )
+    metrics = ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items())
+    print_line(
+        f"published model {entry.version} ({entry.file}); {metrics}; "
+        f"threshold {entry.threshold:.3f}"
+    )
+    return 0
+
+
+def cmd_label(settings: Settings, args: argparse.Namespace) -> int:
+    from fraud_dagster.resources import build_resources
+    from fraud_dagster.storage.store import record_labels
+
+    engine = build_resources(settings)["database"].get_engine()
+    record_labels(
+        engine,
+        [
+            {
+                "transaction_id": args.transaction_id,
+                "is_fraud": args.fraud,
+                "labeled_by": args.by,
+                "source": "analyst",
+            }
+        ],
+    )
+    print_line(
+        f"recorded {args.transaction_id} as {'fraud' if args.fraud else 'genuine'} (by {args.by})"
+    )
+    return 0
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    from fraud_dagster.resources import build_resources
+
+    engine = build_resources(settings)["database"].get_engine()
+    print_line(f"schema ready on {engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def prepare_dagster_home(settings: Settings, home: Path | None = None) -> Path:
+    """A DAGSTER_HOME holding the repo's dagster.yaml (copied anew so edits take effect)."""
+    home = home or settings.var_dir / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    """Services, topic, demo transactions, then `dagster dev` with the sensor on.
+
+    Ctrl-C stops `dagster dev` and every service this command started.
+    """
+    from fraud_dagster import producer
+    from fraud_dagster.kafka_io import ensure_topic
+    from fraud_dagster.local_services import smtp
+    from fraud_dagster.simulator import to_messages
+
+    broker = _local_kafka(settings, args)
+    mail = smtp.background_process(settings.var_dir)
+    started_smtp = False
+    try:
+        broker.start()
+        if not mail.is_running():
+            smtp.start_background(settings.var_dir, settings.mail_dir, port=settings.smtp_port)
+            started_smtp = True
+        options = _kafka_options(settings)
+        ensure_topic(options, settings.kafka_topic, args.partitions)
+        demo = producer.synthetic_transactions(args.count, seed=args.seed)
+        producer.produce(options, settings.kafka_topic, to_messages(demo), total=len(demo))
+        logger.info(
+            "sent %d demo transactions (%d fraudulent by the simulator's labels); "
+            "Dagster UI at http://127.0.0.1:%d, alerts in %s",
+            len(demo),
+            int(demo["is_fraud"].sum()),
+            args.dagster_port,
+            settings.mail_dir,
+        )
+        if args.no_dagster:
+            return 0
+        env = {**os.environ, "DAGSTER_HOME": str(prepare_dagster_home(settings))}
+        command = [
+            str(Path(sys.executable).with_name("dagster")),
+            "dev",
+            "-w",
+            str(PROJECT_ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(args.dagster_port),
+        ]
+        dagster = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env)
+        try:
+            return dagster.wait()
+        except KeyboardInterrupt:
+            dagster.send_signal(signal.SIGINT)
+            try:
+                dagster.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                dagster.kill()
+            return 0
+    finally:
+        if not args.keep_services:
+            if started_smtp:
+                mail.stop()
+            broker.stop()
+
+
+def print_line(text: str) -> None:
+    """Command results go to stdout (for scripts); diagnostics go through logging."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fraud-dagster", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("FRAUD_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    kafka = sub.add_parser("kafka", help="local Apache Kafka broker (KRaft, 127.0.0.1)")
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.add_argument("--port", type=int, default=None, help="client port (default 9092)")
+    kafka.add_argument("--controller-port", type=int, default=None, help="default 9093")
+    kafka.add_argument("--data-dir", default=None, help="default var/kafka")
+    kafka.set_defaults(handler=cmd_kafka)
+
+    smtp = sub.add_parser("smtp", help="local SMTP server writing .eml files to var/mail/")
+    smtp.add_argument("action", choices=["start", "stop", "status"])
+    smtp.add_argument("--port", type=int, default=None, help="default FRAUD_SMTP_PORT (8025)")
+    smtp.add_argument("--starttls", action="store_true", help="offer STARTTLS (self-signed cert)")
+    smtp.set_defaults(handler=cmd_smtp)
+
+    topic = sub.add_parser("topic", help="create or grow the transaction topic")
+    topic.add_argument("action", choices=["create"])
+    topic.add_argument("--topic", default=None)
+    topic.add_argument("--partitions", type=int, default=1)
+    topic.set_defaults(handler=cmd_topic)
+
+    produce = sub.add_parser("produce", help="send transactions to the topic")
+    source = produce.add_mutually_exclusive_group(required=True)
+    source.add_argument("--count", type=int, help="this many synthetic transactions")
+    source.add_argument("--from-csv", help="replay a handbook-format CSV (.csv or .csv.gz)")
+    produce.add_argument("--limit", type=int, default=None, help="send at most this many CSV rows")
+    produce.add_argument(
+        "--rate", type=float, default=None, help="messages per second (default: max)"
+    )
+    produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument("--topic", default=None)
+    produce.add_argument("--quiet", action="store_true", help="no progress bar")
+    produce.set_defaults(handler=cmd_produce)
+
+    train = sub.add_parser("train", help="train, evaluate and publish a model to models/")
+    train.add_argument("--data", default=None, help="labelled CSV; default: the simulator")
+    train.add_argument("--days", type=int, default=60, help="simulated days")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--models-dir", default=None)
+    train.add_argument("--default", action="store_true", help="serve it when nothing is promoted")
+    train.set_defaults(handler=cmd_train)
+
+    label = sub.add_parser("label", help="record a confirmed outcome of a transaction")
+    label.add_argument("transaction_id")
+    verdict = label.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--fraud", dest="fraud", action="store_true")
+    verdict.add_argument("--genuine", dest="fraud", action="store_false")
+    label.add_argument("--by", default=os.environ.get("USER", "analyst"), help="who confirmed it")
+    label.set_defaults(handler=cmd_label)
+
+    db = sub.add_parser("db", help="application database")
+    db.add_argument("action", choices=["init"])
+    db.set_defaults(handler=cmd_db)
+
+    demo = sub.add_parser(
+        "demo", help="services + demo transactions + dagster dev (Ctrl-C stops all)"
+    )
+    demo.add_argument("--count", type=int, default=2000)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--partitions", type=int, default=2)
+    demo.add_argument("--dagster-port", type=int, default=3000)
+    demo.add_argument("--no-dagster", action="store_true", help="set up and produce only")
+    demo.add_argument("--keep-services", action="store_true", help="leave Kafka and SMTP running")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = load_settings()
+    configure_logging(settings.log_dir, args.log_level)
+    try:
+        code = args.handler(settings, args)
+    except FraudDagsterError as exc:
+        logger.error("%s", exc)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

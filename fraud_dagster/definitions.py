@@ -1,0 +1,21 @@
+"""Everything Dagster loads: assets, jobs, sensors and resources, assembled from `settings`."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from fraud_dagster.assets import fraud_model, transactions_topic
+from fraud_dagster.jobs import score_transactions_job
+from fraud_dagster.ops import transaction_batch_assets
+from fraud_dagster.resources import build_resources
+from fraud_dagster.sensors import build_kafka_transactions_sensor
+from fraud_dagster.settings import load_settings
+
+settings = load_settings()
+
+defs = dg.Definitions(
+    assets=[transactions_topic, fraud_model, transaction_batch_assets],
+    jobs=[score_transactions_job],
+    sensors=[build_kafka_transactions_sensor(settings)],
+    resources=build_resources(settings),
+)

@@ -1,0 +1,33 @@
+"""The project's exception family: each error says what was wrong and what to do."""
+
+
+class FraudDagsterError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigurationError(FraudDagsterError):
+    """A setting is missing or contradicts another one."""
+
+
+class KafkaUnavailableError(FraudDagsterError):
+    """The broker could not be reached or did not answer in time."""
+
+
+class OffsetRangeError(FraudDagsterError):
+    """An offset range cannot be read as asked (deleted by retention, or never written)."""
+
+
+class ModelIntegrityError(FraudDagsterError):
+    """A model file is missing, unreadable or does not match its recorded SHA-256."""
+
+
+class StorageError(FraudDagsterError):
+    """The application database refused or could not complete a write."""
+
+
+class AlertDeliveryError(FraudDagsterError):
+    """An alert email could not be handed to the SMTP server."""
+
+
+class LocalServiceError(FraudDagsterError):
+    """A local development service (Kafka, SMTP, PostgreSQL) could not be started or stopped."""

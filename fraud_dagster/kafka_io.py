@@ -1,0 +1,187 @@
+"""Kafka access with kafka-python: offsets, reading one offset range, committing, producing.
+
+The sensor only looks at offsets; a batch run reads exactly its range with a consumer that is
+assigned the partition (no group rebalancing, no auto-commit) and commits the range's end for the
+pipeline's consumer group once the batch is stored, so standard Kafka tooling shows real lag.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import closing
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewPartitions, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from fraud_dagster.errors import KafkaUnavailableError, OffsetRangeError
+from fraud_dagster.messages import RawBatch
+
+logger = logging.getLogger(__name__)
+
+# Large fetches: a batch run reads thousands of messages, not one at a time.
+_BATCH_CONSUMER_OPTIONS = {
+    "enable_auto_commit": False,
+    "auto_offset_reset": "none",
+    "max_poll_records": 10_000,
+    "fetch_max_bytes": 64 * 1024 * 1024,
+    "max_partition_fetch_bytes": 16 * 1024 * 1024,
+    "fetch_max_wait_ms": 100,
+}
+
+
+def _consumer(options: Mapping[str, Any], **extra: Any) -> KafkaConsumer:
+    try:
+        return KafkaConsumer(**{**options, **extra})
+    except KafkaError as exc:
+        raise KafkaUnavailableError(
+            f"cannot reach Kafka at {options.get('bootstrap_servers')}: {exc!r}"
+        ) from exc
+
+
+def partitions_of(consumer: KafkaConsumer, topic: str) -> list[int]:
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise KafkaUnavailableError(
+            f"topic {topic!r} does not exist on the broker (or has no partitions yet); "
+            "create it with `fraud-dagster topic create`"
+        )
+    return sorted(partitions)
+
+
+def offset_bounds(options: Mapping[str, Any], topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """(beginning, end) offsets of every partition; end is the next offset to be written."""
+    with closing(_consumer(options, enable_auto_commit=False)) as consumer:
+        try:
+            tps = [TopicPartition(topic, p) for p in partitions_of(consumer, topic)]
+            begin = consumer.beginning_offsets(tps)
+            end = consumer.end_offsets(tps)
+        except KafkaError as exc:
+            raise KafkaUnavailableError(f"cannot read offsets of {topic!r}: {exc!r}") from exc
+    return (
+        {tp.partition: offset for tp, offset in begin.items()},
+        {tp.partition: offset for tp, offset in end.items()},
+    )
+
+
+def committed_offsets(options: Mapping[str, Any], topic: str, group_id: str) -> dict[int, int]:
+    """The offsets `group_id` committed on `topic` (partitions without a commit are absent)."""
+    with closing(_consumer(options, group_id=group_id, enable_auto_commit=False)) as consumer:
+        try:
+            result = {}
+            for partition in partitions_of(consumer, topic):
+                offset = consumer.committed(TopicPartition(topic, partition))
+                if offset is not None:
+                    result[partition] = offset
+            return result
+        except KafkaError as exc:
+            raise KafkaUnavailableError(f"cannot read committed offsets: {exc!r}") from exc
+
+
+def read_range(
+    options: Mapping[str, Any],
+    topic: str,
+    partition: int,
+    first_offset: int,
+    last_offset: int,
+    timeout_seconds: float = 60.0,
+) -> RawBatch:
+    """Read offsets `first_offset..last_offset` (inclusive) of one partition, and nothing more.
+
+    Offsets without a message (transaction markers, compaction) are simply absent from the
+    result. Raises `OffsetRangeError` if the range was deleted by retention or not yet written,
+    and `KafkaUnavailableError` if it cannot be read within `timeout_seconds`.
+    """
+    batch = RawBatch(topic, partition, first_offset, last_offset)
+    if last_offset < first_offset:
+        return batch
+    tp = TopicPartition(topic, partition)
+    with closing(_consumer(options, **_BATCH_CONSUMER_OPTIONS)) as consumer:
+        try:
+            consumer.assign([tp])
+            begin = consumer.beginning_offsets([tp])[tp]
+            end = consumer.end_offsets([tp])[tp]
+            if first_offset < begin:
+                raise OffsetRangeError(
+                    f"offsets {first_offset}..{begin - 1} of {topic}/{partition} were deleted by "
+                    "retention before this batch read them; they cannot be scored. Record the gap "
+                    "and rerun with the remaining range."
+                )
+            if last_offset >= end:
+                raise OffsetRangeError(
+                    f"offset {last_offset} of {topic}/{partition} does not exist yet (end is {end})"
+                )
+            consumer.seek(tp, first_offset)
+            deadline = time.monotonic() + timeout_seconds
+            while consumer.position(tp) <= last_offset:
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailableError(
+                        f"read {len(batch)} messages of {topic}/{partition} "
+                        f"{first_offset}..{last_offset} in {timeout_seconds:.0f}s, then timed out"
+                    )
+                for record in consumer.poll(timeout_ms=500).get(tp, []):
+                    if record.offset > last_offset:
+                        break
+                    batch.offsets.append(record.offset)
+                    batch.timestamps_ms.append(record.timestamp)
+                    batch.values.append(record.value)
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"reading {topic}/{partition} {first_offset}..{last_offset} failed: {exc!r}"
+            ) from exc
+    return batch
+
+
+def commit_offset(
+    options: Mapping[str, Any], topic: str, partition: int, group_id: str, next_offset: int
+) -> None:
+    """Record `next_offset` as `group_id`'s position, without joining the group."""
+    tp = TopicPartition(topic, partition)
+    with closing(_consumer(options, group_id=group_id, enable_auto_commit=False)) as consumer:
+        try:
+            current = consumer.committed(tp)
+            if current is not None and current >= next_offset:
+                return  # never move a group backwards (a rerun of an older batch)
+            consumer.commit({tp: OffsetAndMetadata(next_offset, "", -1)})
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"committing {topic}/{partition}@{next_offset}: {exc!r}"
+            ) from exc
+
+
+def ensure_topic(options: Mapping[str, Any], topic: str, partitions: int) -> None:
+    """Create `topic` with `partitions` partitions, or grow it to that many."""
+    admin_options = {k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+    with closing(KafkaAdminClient(**admin_options)) as admin:
+        try:
+            admin.create_topics([NewTopic(topic, partitions, 1)])
+            logger.info("created topic %s with %d partition(s)", topic, partitions)
+        except TopicAlreadyExistsError:
+            described = admin.describe_topics([topic])[0]
+            current = len(described["partitions"])
+            if current < partitions:
+                admin.create_partitions({topic: NewPartitions(partitions)})
+                logger.info("grew topic %s from %d to %d partitions", topic, current, partitions)
+
+
+def producer(options: Mapping[str, Any]) -> KafkaProducer:
+    producer_options = {k: v for k, v in options.items() if k in KafkaProducer.DEFAULT_CONFIG}
+    return KafkaProducer(
+        **producer_options, acks="all", linger_ms=20, batch_size=256 * 1024, compression_type=None
+    )
+
+
+def send_all(
+    kafka_producer: KafkaProducer, topic: str, messages: Iterable[tuple[bytes | None, bytes]]
+) -> int:
+    """Send (key, value) pairs and wait until the broker acknowledged every one."""
+    count = 0
+    for key, value in messages:
+        kafka_producer.send(topic, key=key, value=value)
+        count += 1
+    kafka_producer.flush()
+    return count

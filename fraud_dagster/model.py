@@ -1,0 +1,187 @@
+"""Published models: the manifest, SHA-256 verification before unpickling, and scoring.
+
+`models/manifest.json` lists every published model file with its SHA-256, training data range,
+feature list, metrics and threshold. A file is unpickled only after its bytes hash to the
+recorded value: joblib files are pickles, and unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+
+from fraud_dagster.errors import ModelIntegrityError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One published model, as recorded in the manifest."""
+
+    version: str
+    file: str
+    sha256: str
+    threshold: float
+    features: tuple[str, ...]
+    created_at: str = ""
+    metrics: dict[str, float] | None = None
+    training_data: dict[str, Any] | None = None
+    score_histogram: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelEntry:
+        try:
+            return cls(
+                version=str(data["version"]),
+                file=str(data["file"]),
+                sha256=str(data["sha256"]).lower(),
+                threshold=float(data["threshold"]),
+                features=tuple(data["features"]),
+                created_at=str(data.get("created_at", "")),
+                metrics=data.get("metrics"),
+                training_data=data.get("training_data"),
+                score_histogram=data.get("score_histogram"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelIntegrityError(
+                f"manifest entry is incomplete or malformed: {exc!r}"
+            ) from exc
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "file": self.file,
+            "sha256": self.sha256,
+            "threshold": self.threshold,
+            "features": list(self.features),
+            "created_at": self.created_at,
+            "metrics": self.metrics,
+            "training_data": self.training_data,
+            "score_histogram": self.score_histogram,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The list of published models and the version to serve when none was promoted yet."""
+
+    entries: tuple[ModelEntry, ...]
+    default_version: str | None
+
+    def get(self, version: str) -> ModelEntry:
+        for entry in self.entries:
+            if entry.version == version:
+                return entry
+        known = ", ".join(e.version for e in self.entries) or "none"
+        raise ModelIntegrityError(
+            f"model version {version!r} is not in the manifest (known: {known})"
+        )
+
+    def newest(self) -> ModelEntry:
+        if not self.entries:
+            raise ModelIntegrityError(
+                "the model manifest lists no models; run `fraud-dagster train`"
+            )
+        return max(self.entries, key=lambda e: (e.created_at, e.version))
+
+
+def read_manifest(models_dir: Path) -> Manifest:
+    path = models_dir / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelIntegrityError(
+            f"no model manifest at {path}; run `fraud-dagster train` or set FRAUD_MODELS_DIR"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ModelIntegrityError(f"model manifest {path} is not valid JSON: {exc}") from exc
+    entries = tuple(ModelEntry.from_json(item) for item in data.get("models", []))
+    return Manifest(entries=entries, default_version=data.get("default_version"))
+
+
+def write_manifest(models_dir: Path, manifest: Manifest) -> None:
+    path = models_dir / MANIFEST_NAME
+    payload = {
+        "default_version": manifest.default_version,
+        "models": [entry.to_json() for entry in manifest.entries],
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified model ready to score feature matrices."""
+
+    entry: ModelEntry
+    estimator: Any
+    threshold: float
+
+    @property
+    def version(self) -> str:
+        return self.entry.version
+
+    def predict_proba(self, features: pd.DataFrame) -> np.ndarray:
+        """Fraud probability of every row, in one call for the whole batch."""
+        if features.empty:
+            return np.zeros(0, dtype=np.float64)
+        missing = [name for name in self.entry.features if name not in features.columns]
+        if missing:
+            raise ModelIntegrityError(
+                f"model {self.version} needs features the pipeline did not compute: {missing}"
+            )
+        matrix = features[list(self.entry.features)]
+        return np.asarray(self.estimator.predict_proba(matrix)[:, 1], dtype=np.float64)
+
+
+def load_verified(
+    models_dir: Path, entry: ModelEntry, threshold: float | None = None
+) -> LoadedModel:
+    """Unpickle `entry`'s file only if its SHA-256 matches the manifest."""
+    path = (models_dir / entry.file).resolve()
+    if models_dir.resolve() not in path.parents:
+        raise ModelIntegrityError(f"model file {entry.file!r} points outside {models_dir}")
+    try:
+        actual = sha256_of_file(path)
+    except OSError as exc:
+        raise ModelIntegrityError(f"model file {path} cannot be read: {exc}") from exc
+    if actual != entry.sha256:
+        raise ModelIntegrityError(
+            f"model file {path} has SHA-256 {actual}, but the manifest records {entry.sha256} "
+            f"for version {entry.version}: refusing to load it. Restore the file or publish it "
+            "again with `fraud-dagster train`."
+        )
+    try:
+        estimator = joblib.load(path)
+    except Exception as exc:  # unpickling can fail in many ways; all mean "unusable file"
+        raise ModelIntegrityError(f"model file {path} could not be unpickled: {exc!r}") from exc
+    if not hasattr(estimator, "predict_proba"):
+        raise ModelIntegrityError(
+            f"model file {path} holds {type(estimator).__name__}, not a classifier"
+        )
+    logger.info("loaded model %s from %s (sha256 %s)", entry.version, path, actual[:12])
+    return LoadedModel(
+        entry=entry,
+        estimator=estimator,
+        threshold=entry.threshold if threshold is None else threshold,
+    )

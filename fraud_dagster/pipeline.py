@@ -1,0 +1,231 @@
+"""The batch pipeline as plain functions: what each Dagster op does, callable without Dagster.
+
+fetch (Kafka) -> `prepare_batch` (validate, features) -> `score_batch` (one predict_proba call)
+-> `store_batch` (one database transaction) -> `deliver_alerts` (one SMTP session).
+Benchmarks and tests call these directly; `ops.py` wraps them for Dagster.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+from sqlalchemy.engine import Engine
+
+from fraud_dagster.alerts import SmtpMailer, SmtpSettings, render_alert
+from fraud_dagster.errors import AlertDeliveryError
+from fraud_dagster.features import (
+    ACCOUNT_HISTORY_DAYS,
+    FEATURE_COLUMNS,
+    MERCHANT_HISTORY_DAYS,
+    compute_batch_features,
+)
+from fraud_dagster.messages import RawBatch, Rejection, ValidationLimits, parse_batch
+from fraud_dagster.model import LoadedModel
+from fraud_dagster.storage.store import (
+    PersistResult,
+    claim_alerts,
+    classify_stored,
+    load_history,
+    load_labels,
+    mark_alert_sent,
+    mark_alerts_failed,
+    persist_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+SCORE_HISTOGRAM_BINS = 10
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """Which messages a batch run covers: one partition, offsets first..last inclusive."""
+
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.first_offset}-{self.last_offset}"
+
+
+@dataclass
+class PreparedBatch:
+    """Valid transactions with their features, and everything rejected on the way."""
+
+    ref: BatchRef
+    transactions: pd.DataFrame
+    features: pd.DataFrame
+    rejections: list[Rejection]
+    read_count: int
+    oldest_kafka_timestamp_ms: int | None = None
+
+
+@dataclass
+class ScoredBatch:
+    """Prepared transactions with fraud probability and the suspicious flag."""
+
+    ref: BatchRef
+    transactions: pd.DataFrame
+    rejections: list[Rejection]
+    read_count: int
+    model_version: str
+    threshold: float
+    oldest_kafka_timestamp_ms: int | None = None
+
+    @property
+    def suspicious_count(self) -> int:
+        return int(self.transactions["is_suspicious"].sum()) if len(self.transactions) else 0
+
+    def score_histogram(self) -> dict[str, int]:
+        counts, edges = np.histogram(
+            self.transactions["fraud_probability"], bins=SCORE_HISTOGRAM_BINS, range=(0.0, 1.0)
+        )
+        return {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(count) for i, count in enumerate(counts)}
+
+
+@dataclass
+class DeliveryReport:
+    """What one alert delivery attempt did."""
+
+    claimed: int = 0
+    sent: int = 0
+    failed: int = 0
+    error: str | None = None
+    sent_ids: list[str] = field(default_factory=list)
+
+
+def prepare_batch(
+    raw: RawBatch, engine: Engine, limits: ValidationLimits | None = None
+) -> PreparedBatch:
+    """Validate the batch, drop ids already stored elsewhere, compute features from history."""
+    ref = BatchRef(raw.topic, raw.partition, raw.first_offset, raw.last_offset)
+    parsed = parse_batch(raw, limits)
+    transactions = parsed.transactions
+    rejections = list(parsed.rejections)
+    history = None
+    with engine.connect() as conn:
+        _, duplicates = classify_stored(conn, transactions)
+        if duplicates:
+            duplicate_offsets = {r.offset for r in duplicates}
+            transactions = transactions.loc[~transactions["source_offset"].isin(duplicate_offsets)]
+            rejections.extend(duplicates)
+        if len(transactions):
+            dates = transactions["transaction_date"]
+            until = dates.max().to_pydatetime()
+            history = load_history(
+                conn,
+                accounts=transactions["account_id"].unique().tolist(),
+                merchants=transactions["merchant"].unique().tolist(),
+                account_since=(
+                    dates.min() - pd.Timedelta(days=ACCOUNT_HISTORY_DAYS)
+                ).to_pydatetime(),
+                merchant_since=(
+                    dates.min() - pd.Timedelta(days=MERCHANT_HISTORY_DAYS)
+                ).to_pydatetime(),
+                until=until,
+            )
+            labels = load_labels(conn, transactions["transaction_id"].tolist())
+    transactions = transactions.reset_index(drop=True)
+    if history is not None:
+        transactions["is_fraud"] = (
+            transactions["transaction_id"].map(labels).fillna(False).astype(float)
+        )
+        features = compute_batch_features(transactions, history)
+    else:
+        features = pd.DataFrame(columns=FEATURE_COLUMNS, dtype=float)
+    rejections.sort(key=lambda r: r.offset)
+    timestamps = [t for t in raw.timestamps_ms if t is not None and t >= 0]
+    return PreparedBatch(
+        ref=ref,
+        transactions=transactions,
+        features=features,
+        rejections=rejections,
+        read_count=len(raw),
+        oldest_kafka_timestamp_ms=min(timestamps) if timestamps else None,
+    )
+
+
+def score_batch(prepared: PreparedBatch, model: LoadedModel) -> ScoredBatch:
+    """Score every transaction of the batch with one `predict_proba` call."""
+    transactions = prepared.transactions.drop(columns=["is_fraud"], errors="ignore").copy()
+    probabilities = model.predict_proba(prepared.features)
+    transactions["fraud_probability"] = probabilities
+    transactions["is_suspicious"] = probabilities >= model.threshold
+    transactions["model_version"] = model.version
+    return ScoredBatch(
+        ref=prepared.ref,
+        transactions=transactions,
+        rejections=prepared.rejections,
+        read_count=prepared.read_count,
+        model_version=model.version,
+        threshold=model.threshold,
+        oldest_kafka_timestamp_ms=prepared.oldest_kafka_timestamp_ms,
+    )
+
+
+def store_batch(scored: ScoredBatch, engine: Engine, run_id: str | None) -> PersistResult:
+    """Write the scored batch, suspicious rows, alert outbox rows and rejections at once."""
+    return persist_batch(
+        engine, scored.transactions, scored.rejections, threshold=scored.threshold, run_id=run_id
+    )
+
+
+def retry_delay(
+    attempts: int, base_seconds: float = 30.0, max_seconds: float = 3600.0
+) -> timedelta:
+    """Exponential backoff for alert retries: 30 s, 1 min, 2 min, ... up to an hour."""
+    return timedelta(seconds=min(base_seconds * 2 ** max(attempts - 1, 0), max_seconds))
+
+
+def deliver_alerts(
+    engine: Engine,
+    smtp: SmtpSettings,
+    sender: str,
+    recipients: list[str],
+    token: str,
+    *,
+    batch: BatchRef | None = None,
+    limit: int | None = None,
+) -> DeliveryReport:
+    """Send the due alerts of `batch` (or every due alert) over one SMTP session.
+
+    Each alert is marked sent right after the server accepted it. If the session fails, the
+    alerts not yet sent are marked failed with the error and a backoff; they stay in the outbox
+    for the next attempt. Nothing is raised for an SMTP failure: the report says what happened.
+    """
+    source = (
+        (batch.topic, batch.partition, batch.first_offset, batch.last_offset) if batch else None
+    )
+    claimed = claim_alerts(engine, token, source_range=source, limit=limit)
+    report = DeliveryReport(claimed=len(claimed))
+    if not claimed:
+        return report
+    try:
+        with SmtpMailer(smtp) as mailer:
+            for alert in claimed:
+                message = render_alert(alert, sender, recipients)
+                mailer.send(message)
+                mark_alert_sent(engine, alert["transaction_id"], token, message["Message-ID"])
+                report.sent += 1
+                report.sent_ids.append(alert["transaction_id"])
+    except AlertDeliveryError as exc:
+        remaining = claimed[report.sent :]
+        attempts = max(int(alert["attempts"]) for alert in remaining)
+        mark_alerts_failed(
+            engine,
+            [alert["transaction_id"] for alert in remaining],
+            token,
+            str(exc),
+            retry_delay(attempts),
+        )
+        report.failed = len(remaining)
+        report.error = str(exc)
+        logger.warning("alert delivery stopped after %d sent: %s", report.sent, exc)
+    return report

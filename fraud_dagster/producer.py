@@ -1,0 +1,135 @@
+"""Sending transactions to the topic: synthetic ones, or a replay of a handbook-format CSV."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kafka.errors import KafkaError
+from tqdm import tqdm
+
+from fraud_dagster import kafka_io
+from fraud_dagster.errors import KafkaUnavailableError
+from fraud_dagster.messages import encode_transaction
+from fraud_dagster.simulator import SimulationConfig, simulate_transactions, to_messages
+
+logger = logging.getLogger(__name__)
+
+# Handbook CSV column -> message field; other columns (labels, scenario) are not sent.
+HANDBOOK_FIELDS = {
+    "TRANSACTION_ID": "transaction_id",
+    "CUSTOMER_ID": "account_id",
+    "TERMINAL_ID": "merchant",
+    "TX_AMOUNT": "transaction_amount",
+    "TX_DATETIME": "transaction_date",
+}
+
+
+@dataclass(frozen=True)
+class ProduceReport:
+    sent: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds > 0 else float("inf")
+
+
+def synthetic_transactions(count: int, seed: int = 0, end: datetime | None = None) -> pd.DataFrame:
+    """`count` simulated transactions (with labels) whose last one happens at `end` (now)."""
+    end = end or datetime.now(UTC).replace(tzinfo=None)
+    days = 30
+    while True:
+        config = SimulationConfig(n_customers=500, n_terminals=1000, n_days=days, seed=seed)
+        frame = simulate_transactions(config)
+        if len(frame) >= count or days >= 3650:
+            break
+        days *= 2
+    frame = frame.tail(count).reset_index(drop=True)
+    shift = pd.Timestamp(end) - frame["transaction_date"].max()
+    frame["transaction_date"] = frame["transaction_date"] + shift
+    frame["transaction_id"] = [f"S{seed}-{i:08d}" for i in range(len(frame))]
+    return frame
+
+
+def handbook_messages(
+    path: Path, limit: int | None = None, chunk_rows: int = 200_000
+) -> Iterator[dict]:
+    """Messages of a handbook-format CSV (plain or .gz), in file order."""
+    remaining = limit
+    for rows in pd.read_csv(path, usecols=list(HANDBOOK_FIELDS), chunksize=chunk_rows):
+        if remaining is not None:
+            rows = rows.head(remaining)  # noqa: PLW2901
+            remaining -= len(rows)
+        messages = rows.rename(columns=HANDBOOK_FIELDS)
+        messages["transaction_date"] = pd.to_datetime(messages["transaction_date"]).dt.strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
+        yield from messages.to_dict("records")
+        if remaining is not None and remaining <= 0:
+            return
+
+
+def count_csv_rows(path: Path) -> int:
+    return sum(
+        len(chunk) for chunk in pd.read_csv(path, usecols=["TRANSACTION_ID"], chunksize=500_000)
+    )
+
+
+def produce(
+    options: Mapping[str, Any],
+    topic: str,
+    messages: Iterable[Mapping[str, Any]],
+    total: int | None = None,
+    rate_per_second: float | None = None,
+    show_progress: bool = True,
+) -> ProduceReport:
+    """Send `messages` keyed by account_id and wait for every acknowledgement.
+
+    Any message the broker did not acknowledge fails the whole call: nothing is lost silently.
+    """
+    failures: list[BaseException] = []
+    started = time.monotonic()
+    sent = 0
+    client = kafka_io.producer(options)
+    try:
+        with tqdm(total=total, unit="tx", disable=not show_progress, mininterval=0.5) as bar:
+            for message in messages:
+                if rate_per_second:
+                    ahead = sent / rate_per_second - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                key = str(message.get("account_id", "")).encode("utf-8")
+                future = client.send(topic, key=key, value=encode_transaction(dict(message)))
+                future.add_errback(failures.append)
+                sent += 1
+                if sent % 1000 == 0:
+                    bar.update(1000)
+            bar.update(sent % 1000)
+            client.flush()
+    except KafkaError as exc:
+        raise KafkaUnavailableError(
+            f"producing to {topic} failed after {sent} messages: {exc!r}"
+        ) from exc
+    finally:
+        client.close()
+    if failures:
+        raise KafkaUnavailableError(
+            f"{len(failures)} of {sent} messages were not acknowledged; "
+            f"first error: {failures[0]!r}"
+        )
+    report = ProduceReport(sent=sent, seconds=time.monotonic() - started)
+    logger.info(
+        "sent %d messages to %s in %.1fs (%.0f/s)", sent, topic, report.seconds, report.rate
+    )
+    return report
+
+
+def synthetic_messages(count: int, seed: int = 0) -> list[dict]:
+    return to_messages(synthetic_transactions(count, seed))

@@ -1,0 +1,196 @@
+"""Dagster resources, one per external system: Kafka, the model, the database, SMTP.
+
+They are thin: configuration (defaults from `settings.py`, secrets through `dagster.EnvVar`) and
+a client built once per run. The work itself lives in plain modules (`kafka_io`, `model`,
+`storage`, `alerts`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+from sqlalchemy.engine import Engine
+
+from fraud_dagster import kafka_io
+from fraud_dagster.alerts import SmtpSettings
+from fraud_dagster.messages import RawBatch
+from fraud_dagster.model import LoadedModel, load_verified, read_manifest
+from fraud_dagster.settings import Settings
+from fraud_dagster.storage.store import active_model_version, create_engine, ensure_schema
+
+# Engines are expensive to build and safe to share: one per database URL per process.
+_ENGINES: dict[str, Engine] = {}
+
+
+class KafkaResource(dg.ConfigurableResource):
+    """The transaction topic on a Kafka cluster, and the consumer group that tracks the pipeline."""
+
+    bootstrap_servers: str = Field(description="Comma-separated host:port list of brokers.")
+    topic: str = Field(description="Topic carrying transaction messages (JSON objects).")
+    consumer_group: str = Field(
+        description="Group whose committed offsets show the pipeline's lag."
+    )
+    security_protocol: str = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: str | None = Field(
+        default=None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_password: str | None = Field(
+        default=None, description="SASL password (set through EnvVar)."
+    )
+    ssl_cafile: str | None = Field(default=None, description="CA bundle to verify the brokers.")
+    request_timeout_seconds: float = Field(
+        default=30.0, description="Timeout of one broker request."
+    )
+    fetch_timeout_seconds: float = Field(
+        default=120.0, description="Time allowed to read one batch."
+    )
+
+    def client_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": int(self.request_timeout_seconds * 1000),
+            "client_id": "fraud-dagster",
+        }
+        if self.sasl_mechanism:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password
+        if self.ssl_cafile:
+            options["ssl_cafile"] = self.ssl_cafile
+        return options
+
+    def offset_bounds(self) -> tuple[dict[int, int], dict[int, int]]:
+        return kafka_io.offset_bounds(self.client_options(), self.topic)
+
+    def committed_offsets(self) -> dict[int, int]:
+        return kafka_io.committed_offsets(self.client_options(), self.topic, self.consumer_group)
+
+    def read_range(self, topic: str, partition: int, first: int, last: int) -> RawBatch:
+        return kafka_io.read_range(
+            self.client_options(), topic, partition, first, last, self.fetch_timeout_seconds
+        )
+
+    def commit(self, topic: str, partition: int, next_offset: int) -> None:
+        kafka_io.commit_offset(
+            self.client_options(), topic, partition, self.consumer_group, next_offset
+        )
+
+
+class DatabaseResource(dg.ConfigurableResource):
+    """The application database (SQLite by default, PostgreSQL in production) via SQLAlchemy."""
+
+    url: str = Field(description="SQLAlchemy URL; may hold a password, so set it through EnvVar.")
+
+    def get_engine(self) -> Engine:
+        engine = _ENGINES.get(self.url)
+        if engine is None:
+            engine = create_engine(self.url)
+            ensure_schema(engine)
+            _ENGINES[self.url] = engine
+        return engine
+
+
+class ModelResource(dg.ConfigurableResource):
+    """Published scikit-learn models in a directory with a SHA-256 manifest."""
+
+    models_dir: str = Field(description="Directory holding manifest.json and the .joblib files.")
+    version: str | None = Field(
+        default=None, description="Pin a version; otherwise the promoted (active) one is used."
+    )
+    threshold: float | None = Field(
+        default=None, description="Override the manifest's decision threshold."
+    )
+    _loaded: LoadedModel | None = PrivateAttr(default=None)
+
+    def select_version(self, engine: Engine | None = None) -> str:
+        """Pinned version, else the last promoted one, else the manifest's default or newest."""
+        if self.version:
+            return self.version
+        promoted = active_model_version(engine) if engine is not None else None
+        if promoted:
+            return promoted
+        manifest = read_manifest(Path(self.models_dir))
+        return manifest.default_version or manifest.newest().version
+
+    def load(self, engine: Engine | None = None) -> LoadedModel:
+        """The verified model for this run; loaded once per run, however often it is asked for."""
+        if self._loaded is None:
+            models_dir = Path(self.models_dir)
+            entry = read_manifest(models_dir).get(self.select_version(engine))
+            self._loaded = load_verified(models_dir, entry, self.threshold)
+        return self._loaded
+
+
+class SmtpResource(dg.ConfigurableResource):
+    """The SMTP server that carries alert emails, and who receives them."""
+
+    host: str = Field(description="SMTP server host.")
+    port: int = Field(description="SMTP server port.")
+    security: str = Field(default="none", description="none, starttls or ssl.")
+    username: str | None = Field(default=None, description="Login user, if the server wants AUTH.")
+    password: str | None = Field(default=None, description="Login password (set through EnvVar).")
+    sender: str = Field(description="From address of alert emails.")
+    recipients: list[str] = Field(description="Risk analysts who receive transaction alerts.")
+    operator_recipients: list[str] = Field(description="Operators who receive run-failure emails.")
+    timeout_seconds: float = Field(default=10.0, description="Socket timeout of the SMTP session.")
+    verify_certificate: bool = Field(
+        default=True, description="Verify the server's TLS certificate."
+    )
+
+    def smtp_settings(self) -> SmtpSettings:
+        return SmtpSettings(
+            host=self.host,
+            port=self.port,
+            security=self.security,
+            username=self.username,
+            password=self.password,
+            timeout_seconds=self.timeout_seconds,
+            verify_certificate=self.verify_certificate,
+        )
+
+
+def _secret(settings: Settings, name: str) -> dg.EnvVar | None:
+    """An EnvVar reference when the variable is set: the UI shows the name, never the value."""
+    return dg.EnvVar(name) if settings.secret_is_set(name) else None
+
+
+def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """All resources for `settings`: the same function serves dev, tests and production."""
+    database_url = _secret(settings, "FRAUD_DATABASE_URL") or settings.default_database_url
+    return {
+        "kafka": KafkaResource(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            topic=settings.kafka_topic,
+            consumer_group=settings.kafka_consumer_group,
+            security_protocol=settings.kafka_security_protocol,
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_username=settings.kafka_sasl_username,
+            sasl_password=_secret(settings, "FRAUD_KAFKA_SASL_PASSWORD"),
+            ssl_cafile=settings.kafka_ssl_cafile,
+        ),
+        "database": DatabaseResource(url=database_url),
+        "model": ModelResource(
+            models_dir=str(settings.models_dir),
+            version=settings.model_version,
+            threshold=settings.model_threshold,
+        ),
+        "smtp": SmtpResource(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            security=settings.smtp_security,
+            username=settings.smtp_username,
+            password=_secret(settings, "FRAUD_SMTP_PASSWORD"),
+            sender=settings.smtp_sender,
+            recipients=list(settings.alert_recipients),
+            operator_recipients=list(settings.operator_recipients),
+            timeout_seconds=settings.smtp_timeout_seconds,
+            verify_certificate=settings.smtp_verify_certificate,
+        ),
+    }

@@ -1,0 +1,135 @@
+"""The application database: every table, as SQLAlchemy Core, in one place.
+
+The same definitions serve SQLite (the embedded default) and PostgreSQL. Times are stored as
+naive UTC `DateTime` values. Each message read from Kafka ends up in exactly one of
+`scored_transactions` or `rejected_transactions`; both are unique on their Kafka coordinates, so a
+rerun of a batch cannot write a row twice.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+TRANSACTION_ID = String(128)
+
+scored_transactions = Table(
+    "scored_transactions",
+    metadata,
+    Column("transaction_id", TRANSACTION_ID, primary_key=True),
+    Column("account_id", String(128), nullable=False),
+    Column("merchant", String(256), nullable=False),
+    Column("transaction_amount", Float, nullable=False),
+    Column("transaction_date", DateTime, nullable=False),
+    Column("extra_fields", Text, nullable=True, comment="JSON object of fields beyond the schema"),
+    Column("source_topic", String(249), nullable=False),
+    Column("source_partition", Integer, nullable=False),
+    Column("source_offset", Integer, nullable=False),
+    Column("kafka_timestamp", DateTime, nullable=True, comment="broker/producer timestamp"),
+    Column("fraud_probability", Float, nullable=False),
+    Column("is_suspicious", Boolean, nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("scored_at", DateTime, nullable=False),
+    Column("run_id", String(64), nullable=True),
+    UniqueConstraint("source_topic", "source_partition", "source_offset", name="uq_scored_source"),
+    Index("ix_scored_account_date", "account_id", "transaction_date"),
+    Index("ix_scored_merchant_date", "merchant", "transaction_date"),
+)
+
+suspicious_transactions = Table(
+    "suspicious_transactions",
+    metadata,
+    Column(
+        "transaction_id",
+        TRANSACTION_ID,
+        ForeignKey("scored_transactions.transaction_id"),
+        primary_key=True,
+    ),
+    Column("account_id", String(128), nullable=False),
+    Column("merchant", String(256), nullable=False),
+    Column("transaction_amount", Float, nullable=False),
+    Column("transaction_date", DateTime, nullable=False),
+    Column("fraud_probability", Float, nullable=False),
+    Column("threshold", Float, nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("detected_at", DateTime, nullable=False),
+    Column("run_id", String(64), nullable=True),
+    Index("ix_suspicious_detected_at", "detected_at"),
+)
+
+# The alert outbox: written in the same transaction as the suspicious row, sent afterwards.
+fraud_alerts = Table(
+    "fraud_alerts",
+    metadata,
+    Column(
+        "transaction_id",
+        TRANSACTION_ID,
+        ForeignKey("suspicious_transactions.transaction_id"),
+        primary_key=True,
+    ),
+    Column("status", String(16), nullable=False, comment="pending | sending | sent | failed"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("next_attempt_at", DateTime, nullable=True),
+    Column("claimed_by", String(64), nullable=True, comment="token of the sender holding it"),
+    Column("claimed_at", DateTime, nullable=True),
+    Column("sent_at", DateTime, nullable=True),
+    Column("message_id", String(255), nullable=True),
+    Index("ix_alerts_status_next", "status", "next_attempt_at"),
+)
+
+rejected_transactions = Table(
+    "rejected_transactions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("source_topic", String(249), nullable=False),
+    Column("source_partition", Integer, nullable=False),
+    Column("source_offset", Integer, nullable=False),
+    Column("raw_value", LargeBinary, nullable=True),
+    Column("reason", Text, nullable=False),
+    Column("transaction_id", TRANSACTION_ID, nullable=True),
+    Column("rejected_at", DateTime, nullable=False),
+    Column("run_id", String(64), nullable=True),
+    UniqueConstraint(
+        "source_topic", "source_partition", "source_offset", name="uq_rejected_source"
+    ),
+)
+
+# Confirmed outcomes recorded by analysts (or loaded by a replay): the source of merchant risk.
+fraud_labels = Table(
+    "fraud_labels",
+    metadata,
+    Column("transaction_id", TRANSACTION_ID, primary_key=True),
+    Column("is_fraud", Boolean, nullable=False),
+    Column("labeled_by", String(128), nullable=False),
+    Column("labeled_at", DateTime, nullable=False),
+    Column("source", String(32), nullable=False, comment="analyst | replay"),
+)
+
+# Which model version scores: the newest row wins; the history is the audit trail.
+model_promotions = Table(
+    "model_promotions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model_version", String(64), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("promoted_at", DateTime, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("run_id", String(64), nullable=True),
+)

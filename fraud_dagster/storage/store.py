@@ -1,0 +1,486 @@
+"""Reads and writes of the application database, one function per question or write.
+
+All SQL goes through SQLAlchemy Core with bound parameters; the only dialect-specific piece is
+`insert_ignoring_conflicts`, which picks SQLite's or PostgreSQL's `ON CONFLICT DO NOTHING`.
+Writes of a batch happen in one database transaction: a failure leaves nothing half-written,
+and a rerun of the same batch finds its rows stored and writes nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from fraud_dagster.errors import StorageError
+from fraud_dagster.messages import Rejection
+from fraud_dagster.storage.schema import (
+    fraud_alerts,
+    fraud_labels,
+    metadata,
+    model_promotions,
+    rejected_transactions,
+    scored_transactions,
+    suspicious_transactions,
+)
+
+logger = logging.getLogger(__name__)
+
+# Bound parameters per IN list; stays under SQLite's 32,766-variable limit with room to spare.
+IN_CHUNK = 5000
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: the convention of every DateTime column."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for `url`, with the settings each backend needs for concurrent batch runs."""
+    if url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create missing tables; existing ones are left as they are."""
+    try:
+        metadata.create_all(engine)
+    except SQLAlchemyError as exc:
+        raise StorageError(f"cannot create the schema on {engine.url!r}: {exc}") from exc
+
+
+def insert_ignoring_conflicts(table: sa.Table, dialect_name: str) -> sa.Insert:
+    """`INSERT ... ON CONFLICT DO NOTHING` for SQLite and PostgreSQL alike."""
+    if dialect_name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if dialect_name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    raise StorageError(f"unsupported database dialect {dialect_name!r}: use SQLite or PostgreSQL")
+
+
+def _chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+# --- history for online features ------------------------------------------------------------
+
+HISTORY_COLUMNS = [
+    "transaction_id",
+    "account_id",
+    "merchant",
+    "transaction_amount",
+    "transaction_date",
+    "is_fraud",
+]
+
+
+def _history_query(key_column: sa.Column, keys: Sequence[str], start: datetime, end: datetime):
+    s, labels = scored_transactions, fraud_labels
+    return (
+        sa.select(
+            s.c.transaction_id,
+            s.c.account_id,
+            s.c.merchant,
+            s.c.transaction_amount,
+            s.c.transaction_date,
+            labels.c.is_fraud,
+        )
+        .select_from(s.outerjoin(labels, labels.c.transaction_id == s.c.transaction_id))
+        .where(key_column.in_(keys), s.c.transaction_date > start, s.c.transaction_date <= end)
+    )
+
+
+def load_history(
+    conn: Connection,
+    accounts: Sequence[str],
+    merchants: Sequence[str],
+    account_since: datetime,
+    merchant_since: datetime,
+    until: datetime,
+) -> pd.DataFrame:
+    """Stored transactions (with their fraud labels) that the batch's windows can reach."""
+    rows: list[Any] = []
+    for keys in _chunks(list(accounts)):
+        rows.extend(
+            conn.execute(
+                _history_query(scored_transactions.c.account_id, keys, account_since, until)
+            ).all()
+        )
+    for keys in _chunks(list(merchants)):
+        rows.extend(
+            conn.execute(
+                _history_query(scored_transactions.c.merchant, keys, merchant_since, until)
+            ).all()
+        )
+    history = pd.DataFrame.from_records(rows, columns=HISTORY_COLUMNS)
+    history = history.drop_duplicates("transaction_id")
+    history["is_fraud"] = history["is_fraud"].fillna(False).astype(float)
+    history["transaction_date"] = pd.to_datetime(history["transaction_date"])
+    return history
+
+
+def load_labels(conn: Connection, transaction_ids: Sequence[str]) -> dict[str, bool]:
+    labels: dict[str, bool] = {}
+    for ids in _chunks(list(transaction_ids)):
+        query = sa.select(fraud_labels.c.transaction_id, fraud_labels.c.is_fraud).where(
+            fraud_labels.c.transaction_id.in_(ids)
+        )
+        labels.update({row.transaction_id: bool(row.is_fraud) for row in conn.execute(query)})
+    return labels
+
+
+def stored_sources(
+    conn: Connection, transaction_ids: Sequence[str]
+) -> dict[str, tuple[str, int, int]]:
+    """Where each already-stored transaction id came from: (topic, partition, offset)."""
+    s = scored_transactions
+    found: dict[str, tuple[str, int, int]] = {}
+    for ids in _chunks(list(transaction_ids)):
+        query = sa.select(
+            s.c.transaction_id, s.c.source_topic, s.c.source_partition, s.c.source_offset
+        ).where(s.c.transaction_id.in_(ids))
+        for row in conn.execute(query):
+            found[row.transaction_id] = (row.source_topic, row.source_partition, row.source_offset)
+    return found
+
+
+# --- persisting a scored batch ---------------------------------------------------------------
+
+
+@dataclass
+class PersistResult:
+    """What one batch write did."""
+
+    inserted: int = 0
+    already_stored: int = 0
+    suspicious_inserted: int = 0
+    rejected_inserted: int = 0
+    duplicates_rejected: int = 0
+    alerts_queued: list[str] = field(default_factory=list)
+    suspicious_ids: list[str] = field(default_factory=list)
+
+
+def _records(frame: pd.DataFrame, columns: Iterable[str]) -> list[dict[str, Any]]:
+    subset = frame[list(columns)]
+    records = subset.astype(object).where(subset.notna(), None).to_dict("records")
+    for record in records:
+        for key, value in record.items():
+            if isinstance(value, pd.Timestamp):
+                record[key] = value.to_pydatetime()
+    return records
+
+
+def _rejection_rows(
+    rejections: Iterable[Rejection], run_id: str | None, now: datetime
+) -> list[dict]:
+    return [
+        {
+            "source_topic": r.topic,
+            "source_partition": r.partition,
+            "source_offset": r.offset,
+            "raw_value": r.raw_value,
+            "reason": r.reason,
+            "transaction_id": r.transaction_id,
+            "rejected_at": now,
+            "run_id": run_id,
+        }
+        for r in rejections
+    ]
+
+
+SCORED_COLUMNS = [c.name for c in scored_transactions.columns]
+
+
+def persist_batch(
+    engine: Engine,
+    scored: pd.DataFrame,
+    rejections: Sequence[Rejection],
+    *,
+    threshold: float,
+    run_id: str | None,
+) -> PersistResult:
+    """Store a scored batch, its suspicious rows, their alert outbox rows and its rejections.
+
+    One transaction: either everything is written or nothing is. Rows whose Kafka coordinates
+    are already stored (a rerun) are left as they are, with their first score and alert. A
+    transaction id already stored from other coordinates is a duplicate: it goes to
+    `rejected_transactions` with the place it was first seen.
+    """
+    now = utcnow()
+    result = PersistResult()
+    dialect = engine.dialect.name
+    scored = scored.copy()
+    scored["scored_at"] = now
+    scored["run_id"] = run_id
+    try:
+        with engine.begin() as conn:
+            inserted_ids: set[str] = set()
+            if len(scored):
+                statement = insert_ignoring_conflicts(scored_transactions, dialect).returning(
+                    scored_transactions.c.transaction_id
+                )
+                inserted_ids = set(
+                    conn.execute(statement, _records(scored, SCORED_COLUMNS)).scalars().all()
+                )
+            result.inserted = len(inserted_ids)
+            not_inserted = scored.loc[~scored["transaction_id"].isin(inserted_ids)]
+            extra_rejections = _classify_conflicts(conn, not_inserted, result)
+            all_rejections = [*rejections, *extra_rejections]
+            if all_rejections:
+                statement = insert_ignoring_conflicts(rejected_transactions, dialect).returning(
+                    rejected_transactions.c.id
+                )
+                result.rejected_inserted = len(
+                    conn.execute(statement, _rejection_rows(all_rejections, run_id, now)).all()
+                )
+            fresh = scored.loc[scored["transaction_id"].isin(inserted_ids)]
+            suspicious = fresh.loc[fresh["is_suspicious"]].copy()
+            result.suspicious_ids = suspicious["transaction_id"].tolist()
+            if len(suspicious):
+                suspicious["threshold"] = threshold
+                suspicious["detected_at"] = now
+                columns = [c.name for c in suspicious_transactions.columns]
+                conn.execute(
+                    insert_ignoring_conflicts(suspicious_transactions, dialect),
+                    _records(suspicious, columns),
+                )
+                result.suspicious_inserted = len(suspicious)
+                conn.execute(
+                    insert_ignoring_conflicts(fraud_alerts, dialect),
+                    [
+                        {
+                            "transaction_id": tid,
+                            "status": "pending",
+                            "attempts": 0,
+                            "created_at": now,
+                            "next_attempt_at": now,
+                        }
+                        for tid in result.suspicious_ids
+                    ],
+                )
+                result.alerts_queued = list(result.suspicious_ids)
+    except SQLAlchemyError as exc:
+        raise StorageError(
+            f"writing the batch to {engine.url.render_as_string(hide_password=True)} failed "
+            f"and was rolled back; rerun the batch once the database is back: {exc}"
+        ) from exc
+    return result
+
+
+def classify_stored(conn: Connection, frame: pd.DataFrame) -> tuple[pd.Series, list[Rejection]]:
+    """Check `frame`'s rows against what is stored: (already stored here, duplicates).
+
+    A row whose transaction id is stored from the same Kafka coordinates is the same message
+    read again (a rerun): the boolean Series marks those. A row whose id is stored from other
+    coordinates, or whose coordinates hold another id (a recreated topic), is rejected.
+    Rows that match nothing stored are neither.
+    """
+    rerun = pd.Series(False, index=frame.index)
+    if frame.empty:
+        return rerun, []
+    sources = stored_sources(conn, frame["transaction_id"].tolist())
+    rejections = []
+    for pos, row in zip(frame.index, frame.itertuples(index=False), strict=True):
+        mine = (row.source_topic, int(row.source_partition), int(row.source_offset))
+        first = sources.get(row.transaction_id)
+        if first == mine:
+            rerun[pos] = True
+            continue
+        if first is None:
+            continue
+        reason = (
+            f"duplicate transaction_id, first stored from {first[0]}/{first[1]} offset {first[2]}"
+        )
+        rejections.append(
+            Rejection(mine[0], mine[1], mine[2], row.raw_value, reason, row.transaction_id)
+        )
+    return rerun, rejections
+
+
+def _classify_conflicts(
+    conn: Connection, not_inserted: pd.DataFrame, result: PersistResult
+) -> list[Rejection]:
+    """Split rows the insert skipped into reruns, duplicates and coordinate clashes."""
+    rerun, rejections = classify_stored(conn, not_inserted)
+    rejected_ids = {r.transaction_id for r in rejections}
+    clashes = not_inserted.loc[~rerun & ~not_inserted["transaction_id"].isin(rejected_ids)]
+    for row in clashes.itertuples(index=False):
+        reason = (
+            f"offset {row.source_offset} of {row.source_topic}/{row.source_partition} is already "
+            "stored under another transaction id (was the topic recreated?)"
+        )
+        rejections.append(
+            Rejection(
+                row.source_topic,
+                int(row.source_partition),
+                int(row.source_offset),
+                row.raw_value,
+                reason,
+                row.transaction_id,
+            )
+        )
+    result.already_stored = int(rerun.sum())
+    result.duplicates_rejected = len(rejections)
+    return rejections
+
+
+# --- the alert outbox -------------------------------------------------------------------------
+
+ALERT_VIEW_COLUMNS = (
+    suspicious_transactions.c.transaction_id,
+    suspicious_transactions.c.account_id,
+    suspicious_transactions.c.merchant,
+    suspicious_transactions.c.transaction_amount,
+    suspicious_transactions.c.transaction_date,
+    suspicious_transactions.c.fraud_probability,
+    suspicious_transactions.c.threshold,
+    suspicious_transactions.c.model_version,
+    fraud_alerts.c.attempts,
+)
+
+
+def claim_alerts(
+    engine: Engine,
+    token: str,
+    *,
+    source_range: tuple[str, int, int, int] | None = None,
+    stale_after: timedelta = timedelta(minutes=10),
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Mark due alerts as being sent by `token` and return them with what the email shows.
+
+    Due: pending, or failed with its next attempt time reached, or left `sending` by a sender
+    that died more than `stale_after` ago. `source_range` = (topic, partition, first, last)
+    restricts the claim to one batch's messages. The claim is a single UPDATE, so two senders
+    never hold the same alert.
+    """
+    now = utcnow()
+    a, s = fraud_alerts, scored_transactions
+    condition = sa.or_(
+        a.c.status == "pending",
+        sa.and_(a.c.status == "failed", a.c.next_attempt_at <= now),
+        sa.and_(a.c.status == "sending", a.c.claimed_at < now - stale_after),
+    )
+    if source_range is not None:
+        topic, partition, first, last = source_range
+        in_batch = sa.select(s.c.transaction_id).where(
+            s.c.source_topic == topic,
+            s.c.source_partition == partition,
+            s.c.source_offset.between(first, last),
+        )
+        condition = sa.and_(condition, a.c.transaction_id.in_(in_batch.scalar_subquery()))
+    if limit is not None:
+        candidates = (
+            sa.select(a.c.transaction_id).where(condition).order_by(a.c.created_at).limit(limit)
+        )
+        condition = a.c.transaction_id.in_(candidates.scalar_subquery())
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(a)
+            .where(condition)
+            .values(status="sending", claimed_by=token, claimed_at=now, attempts=a.c.attempts + 1)
+        )
+        query = (
+            sa.select(*ALERT_VIEW_COLUMNS)
+            .select_from(a.join(suspicious_transactions))
+            .where(a.c.claimed_by == token, a.c.status == "sending")
+            .order_by(suspicious_transactions.c.transaction_date)
+        )
+        return [dict(row._mapping) for row in conn.execute(query)]
+
+
+def mark_alert_sent(engine: Engine, transaction_id: str, token: str, message_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(fraud_alerts)
+            .where(
+                fraud_alerts.c.transaction_id == transaction_id, fraud_alerts.c.claimed_by == token
+            )
+            .values(status="sent", sent_at=utcnow(), message_id=message_id, last_error=None)
+        )
+
+
+def mark_alerts_failed(
+    engine: Engine, transaction_ids: Sequence[str], token: str, error: str, retry_in: timedelta
+) -> None:
+    now = utcnow()
+    with engine.begin() as conn:
+        for ids in _chunks(list(transaction_ids)):
+            conn.execute(
+                sa.update(fraud_alerts)
+                .where(fraud_alerts.c.transaction_id.in_(ids), fraud_alerts.c.claimed_by == token)
+                .values(status="failed", last_error=error[:2000], next_attempt_at=now + retry_in)
+            )
+
+
+def alert_status_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(fraud_alerts.c.status, sa.func.count()).group_by(fraud_alerts.c.status)
+        ).all()
+    return {status: count for status, count in rows}
+
+
+# --- labels and model promotions --------------------------------------------------------------
+
+
+def record_labels(engine: Engine, labels: Sequence[dict[str, Any]]) -> int:
+    """Insert or replace confirmed labels (transaction_id, is_fraud, labeled_by, source)."""
+    now = utcnow()
+    rows = [{**label, "labeled_at": label.get("labeled_at", now)} for label in labels]
+    with engine.begin() as conn:
+        for chunk in _chunks(rows):
+            ids = [row["transaction_id"] for row in chunk]
+            conn.execute(sa.delete(fraud_labels).where(fraud_labels.c.transaction_id.in_(ids)))
+            conn.execute(sa.insert(fraud_labels), list(chunk))
+    return len(rows)
+
+
+def active_model_version(engine: Engine) -> str | None:
+    """The most recently promoted model version, or None if none was promoted yet."""
+    query = (
+        sa.select(model_promotions.c.model_version)
+        .order_by(model_promotions.c.promoted_at.desc(), model_promotions.c.id.desc())
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        return conn.execute(query).scalar_one_or_none()
+
+
+def record_promotion(
+    engine: Engine, version: str, sha256: str, reason: str, run_id: str | None = None
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(model_promotions).values(
+                model_version=version,
+                sha256=sha256,
+                promoted_at=utcnow(),
+                reason=reason,
+                run_id=run_id,
+            )
+        )
