@@ -9,13 +9,17 @@ from fraud_dagster.jobs import score_transactions_job
 from fraud_dagster.ops import transaction_batch_assets
 from fraud_dagster.resources import build_resources
 from fraud_dagster.sensors import build_kafka_transactions_sensor
-from fraud_dagster.settings import load_settings
+from fraud_dagster.settings import Settings, load_settings
 
-settings = load_settings()
 
-defs = dg.Definitions(
-    assets=[transactions_topic, fraud_model, transaction_batch_assets],
-    jobs=[score_transactions_job],
-    sensors=[build_kafka_transactions_sensor(settings)],
-    resources=build_resources(settings),
-)
+def build_definitions(settings: Settings) -> dg.Definitions:
+    """The code location for `settings`; tests build their own with their services' settings."""
+    return dg.Definitions(
+        assets=[transactions_topic, fraud_model, transaction_batch_assets],
+        jobs=[score_transactions_job],
+        sensors=[build_kafka_transactions_sensor(settings)],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions(load_settings())

@@ -110,7 +110,7 @@ def compute_features(transactions: pd.DataFrame) -> pd.DataFrame:
 
     features = pd.DataFrame(index=frame.index)
     features["transaction_amount"] = amount
-    features["during_weekend"] = (dates.dt.weekday >= WEEKEND_FIRST_DAY).astype(np.int8)
+    features["during_weekend"] = (dates.dt.day_of_week >= WEEKEND_FIRST_DAY).astype(np.int8)
     features["during_night"] = (dates.dt.hour <= NIGHT_LAST_HOUR).astype(np.int8)
 
     account_windows = [(days * _SECONDS_PER_DAY, 0) for days in WINDOWS_DAYS]

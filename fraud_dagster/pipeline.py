@@ -135,7 +135,7 @@ def prepare_batch(
     transactions = transactions.reset_index(drop=True)
     if history is not None:
         transactions["is_fraud"] = (
-            transactions["transaction_id"].map(labels).fillna(False).astype(float)
+            transactions["transaction_id"].map(labels).astype(float).fillna(0.0)
         )
         features = compute_batch_features(transactions, history)
     else:

@@ -43,7 +43,7 @@ class ProduceReport:
 
 def synthetic_transactions(count: int, seed: int = 0, end: datetime | None = None) -> pd.DataFrame:
     """`count` simulated transactions (with labels) whose last one happens at `end` (now)."""
-    end = end or datetime.now(UTC).replace(tzinfo=None)
+    end = end or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     days = 30
     while True:
         config = SimulationConfig(n_customers=500, n_terminals=1000, n_days=days, seed=seed)

@@ -1,0 +1,103 @@
+"""Test helpers: reading the SMTP server's mail dir, producing, running sensor-requested batches."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+
+from fraud_dagster import producer
+from fraud_dagster.resources import build_resources
+from fraud_dagster.settings import Settings
+from fraud_dagster.storage import schema
+
+
+@dataclass
+class MailBox:
+    """The .eml files an aiosmtpd server wrote."""
+
+    directory: Path
+
+    def messages(self) -> list[EmailMessage]:
+        if not self.directory.exists():
+            return []
+        return [
+            email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            for path in sorted(self.directory.glob("*.eml"))
+        ]
+
+    def wait_for(self, count: int, timeout_seconds: float = 30.0) -> list[EmailMessage]:
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            messages = self.messages()
+            if len(messages) >= count:
+                return messages
+            time.sleep(0.2)
+        return self.messages()
+
+
+def produce(settings: Settings, messages: Iterable[Mapping[str, Any]]) -> int:
+    options = build_resources(settings)["kafka"].client_options()
+    return producer.produce(options, settings.kafka_topic, messages, show_progress=False).sent
+
+
+def produce_raw(settings: Settings, values: Iterable[bytes | None], key: bytes = b"k") -> int:
+    """Send raw values as they are (for malformed input)."""
+    from fraud_dagster.kafka_io import producer as kafka_producer
+
+    options = build_resources(settings)["kafka"].client_options()
+    client = kafka_producer(options)
+    futures = [client.send(settings.kafka_topic, key=key, value=value) for value in values]
+    client.flush()
+    for future in futures:
+        future.get(timeout=10)
+    client.close()
+    return len(futures)
+
+
+def evaluate_sensor(
+    defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance, cursor: str | None
+) -> dg.SensorResult:
+    sensor = defs.resolve_sensor_def("kafka_transactions_sensor")
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources=build_resources(settings)
+    )
+    return sensor.evaluate_tick(context)
+
+
+def execute_requests(
+    defs: dg.Definitions, instance: dg.DagsterInstance, result: Any
+) -> list[dg.ExecuteInProcessResult]:
+    """Execute the sensor's run requests in process, as the run worker would, in order."""
+    job = defs.resolve_job_def("score_transactions")
+    return [
+        job.execute_in_process(
+            run_config=request.run_config,
+            instance=instance,
+            tags={**request.tags, "dagster/run_key": request.run_key},
+        )
+        for request in result.run_requests
+    ]
+
+
+def table_rows(database_url: str, table: sa.Table) -> list[dict[str, Any]]:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(sa.select(table))]
+    finally:
+        engine.dispose()
+
+
+def suspicious_ids(database_url: str) -> set[str]:
+    return {
+        row["transaction_id"] for row in table_rows(database_url, schema.suspicious_transactions)
+    }

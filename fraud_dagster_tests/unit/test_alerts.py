@@ -1,0 +1,86 @@
+"""Alert rendering: fields, probability, and no way to inject headers."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from datetime import datetime
+
+import pytest
+
+from fraud_dagster.alerts import alert_message_id, header_safe, mask_account, render_alert
+
+ALERT = {
+    "transaction_id": "tx-1",
+    "account_id": "ACC-123456",
+    "merchant": "Coffee Shop",
+    "transaction_amount": 1234.5,
+    "transaction_date": datetime(2026, 3, 4, 5, 6, 7),
+    "fraud_probability": 0.91234567,
+    "threshold": 0.5,
+    "model_version": "v1",
+}
+
+
+def parsed(message) -> email.message.EmailMessage:
+    return email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+
+
+def test_email_carries_the_fields_and_probability() -> None:
+    message = parsed(render_alert(ALERT, "from@x", ["a@x", "b@x"]))
+    body = message.get_content()
+    for text in (
+        "tx-1",
+        "ACC-123456",
+        "Coffee Shop",
+        "1,234.50",
+        "2026-03-04 05:06:07",
+        "0.9123",
+        "v1",
+    ):
+        assert text in body
+    assert message["X-Fraud-Transaction-Id"] == "tx-1"
+    assert float(message["X-Fraud-Probability"]) == pytest.approx(0.912346)
+    assert message["To"] == "a@x, b@x"
+    assert "91%" in message["Subject"]
+
+
+@pytest.mark.parametrize("field", ["transaction_id", "merchant"])
+@pytest.mark.parametrize(
+    "payload", ["x\r\nBcc: victim@evil", "x\nSubject: pwned", "x\rX-Evil: 1", "x\u2028Bcc: y"]
+)
+def test_header_injection_is_neutralised(field: str, payload: str) -> None:
+    raw = render_alert({**ALERT, field: payload}, "from@x", ["a@x"]).as_bytes()
+    message = parsed(render_alert({**ALERT, field: payload}, "from@x", ["a@x"]))
+    assert message["Bcc"] is None
+    assert message["X-Evil"] is None
+    assert len(message.get_all("Subject")) == 1
+    header_lines = raw.split(b"\n\n", 1)[0].splitlines()
+    names = [line.split(b":", 1)[0] for line in header_lines if not line[:1].isspace()]
+    assert sorted(names) == sorted(
+        [
+            b"From",
+            b"To",
+            b"Subject",
+            b"Message-ID",
+            b"Date",
+            b"X-Fraud-Transaction-Id",
+            b"X-Fraud-Probability",
+            b"Content-Type",
+            b"Content-Transfer-Encoding",
+            b"MIME-Version",
+        ]
+    )
+
+
+def test_message_id_is_stable_per_transaction() -> None:
+    assert alert_message_id("tx-1") == alert_message_id("tx-1")
+    assert alert_message_id("tx-1") != alert_message_id("tx-2")
+    assert "\n" not in alert_message_id("a\nb")
+
+
+def test_helpers() -> None:
+    assert header_safe("a\r\nb\tc") == "a b c"
+    assert header_safe("x" * 200, 10).endswith("…")
+    assert mask_account("ACC-123456") == "******3456"
+    assert mask_account("12") == "**"

@@ -1,0 +1,53 @@
+"""Model files are unpickled only when their SHA-256 matches the manifest."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fraud_dagster.errors import ModelIntegrityError
+from fraud_dagster.model import load_verified, read_manifest
+from fraud_dagster.settings import PROJECT_ROOT
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "models"
+    shutil.copytree(PROJECT_ROOT / "models", target)
+    return target
+
+
+def test_shipped_model_loads_and_scores(models_dir: Path) -> None:
+    manifest = read_manifest(models_dir)
+    entry = manifest.get(manifest.default_version)
+    model = load_verified(models_dir, entry)
+    import pandas as pd
+
+    features = pd.DataFrame([[0.0] * len(entry.features)], columns=list(entry.features))
+    assert 0.0 <= model.predict_proba(features)[0] <= 1.0
+
+
+def test_tampered_file_is_refused_before_unpickling(models_dir: Path) -> None:
+    manifest = read_manifest(models_dir)
+    entry = manifest.get(manifest.default_version)
+    path = models_dir / entry.file
+    path.write_bytes(path.read_bytes() + b"tampered")
+    with pytest.raises(ModelIntegrityError, match="SHA-256"):
+        load_verified(models_dir, entry)
+
+
+def test_missing_file_and_unknown_version(models_dir: Path) -> None:
+    manifest = read_manifest(models_dir)
+    entry = manifest.get(manifest.default_version)
+    (models_dir / entry.file).unlink()
+    with pytest.raises(ModelIntegrityError, match="cannot be read"):
+        load_verified(models_dir, entry)
+    with pytest.raises(ModelIntegrityError, match="not in the manifest"):
+        manifest.get("no-such-version")
+
+
+def test_manifest_missing(tmp_path: Path) -> None:
+    with pytest.raises(ModelIntegrityError, match="fraud-dagster train"):
+        read_manifest(tmp_path)

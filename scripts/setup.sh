@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up everything a fresh machine needs, idempotently: system packages (Java, Maven,
+# PostgreSQL, Chromium), the virtualenv with the package and its dev tools, and the Kafka jars.
+# Usage: bash scripts/setup.sh            (re-running it is cheap when nothing is missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+missing=()
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ "${FRAUD_SKIP_BROWSER:-0}" != "1" ]; then
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != "0" ] && ! command -v sudo >/dev/null 2>&1; then
+    log "missing system packages: ${missing[*]} (install them, or run as root)"; exit 1
+  fi
+  SUDO=""; [ "$(id -u)" = "0" ] || SUDO=sudo
+  log "installing system packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  log "installing fraud_dagster and its dev tools into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -e '.[dev]'
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi
+
+log "making sure the Kafka jars are cached"
+"$VENV/bin/python" -c "from fraud_dagster.local_services.kafka import kafka_classpath; kafka_classpath()"
+log "ready"
