@@ -1,0 +1,186 @@
+"""A local PostgreSQL server (Debian's binaries) for the demo, the tests and the load test.
+
+`initdb` on first use with a random password (kept in the data directory, mode 0600), then
+`pg_ctl start` on 127.0.0.1 and a free or chosen port. PostgreSQL refuses to run as root, so
+when we are root the server runs as the `postgres` system user (created by Debian's package).
+Two databases are created: one for the application, one for the Dagster instance storage.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from fraud_dagster.errors import LocalServiceError
+from fraud_dagster.local_services.process import port_is_open
+
+logger = logging.getLogger(__name__)
+
+SUPERUSER = "fraud"
+APP_DATABASE = "fraud"
+DAGSTER_DATABASE = "dagster"
+
+
+def postgres_bin_dir() -> Path:
+    """Where initdb/pg_ctl live: Debian keeps them off PATH, in /usr/lib/postgresql/N/bin."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    if candidates:
+        return Path(candidates[0]).parent
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).resolve().parent
+    raise LocalServiceError(
+        "PostgreSQL server binaries not found; "
+        "install them (Debian: `apt-get install -y postgresql`)"
+    )
+
+
+@dataclass
+class LocalPostgres:
+    """One PostgreSQL cluster under `base_dir`, listening on 127.0.0.1:`port`."""
+
+    base_dir: Path
+    port: int = 5433
+    host: str = "127.0.0.1"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base_dir / "data"
+
+    @property
+    def _password_file(self) -> Path:
+        return self.base_dir / "password"
+
+    @property
+    def _log_file(self) -> Path:
+        return self.base_dir / "postgres.log"
+
+    def _run_as(self) -> str | None:
+        """The user the server must run as: `postgres` when we are root, else ourselves."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError as exc:
+            raise LocalServiceError(
+                "running as root, but there is no `postgres` user to run the server as; "
+                "install Debian's postgresql package"
+            ) from exc
+        return "postgres"
+
+    def _command(self, tool: str, *args: str) -> list[str]:
+        command = [str(postgres_bin_dir() / tool), *args]
+        user = self._run_as()
+        return ["runuser", "-u", user, "--", *command] if user else command
+
+    def _run(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            self._command(tool, *args), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise LocalServiceError(
+                f"{tool} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+            )
+        return result
+
+    def password(self) -> str:
+        return self._password_file.read_text().strip()
+
+    def url(self, database: str = APP_DATABASE, driver: str = "postgresql+psycopg2") -> str:
+        """SQLAlchemy URL with the password: treat it as a secret (set it through an env var)."""
+        password = quote(self.password(), safe="")
+        return f"{driver}://{SUPERUSER}:{password}@{self.host}:{self.port}/{database}"
+
+    def _initdb(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._password_file.write_text(secrets.token_urlsafe(24))
+        self._password_file.chmod(0o600)
+        user = self._run_as()
+        pwfile = self.base_dir / "initdb-pwfile"
+        shutil.copyfile(self._password_file, pwfile)
+        if user:
+            entry = pwd.getpwnam(user)
+            for path in (self.base_dir, pwfile):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        try:
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                SUPERUSER,
+                f"--pwfile={pwfile}",
+                "--auth-local=scram-sha-256",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def is_running(self) -> bool:
+        if not (self.data_dir / "postmaster.pid").exists():
+            return False
+        result = subprocess.run(
+            self._command("pg_ctl", "status", "-D", str(self.data_dir)),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return result.returncode == 0
+
+    def start(self, timeout_seconds: int = 60) -> None:
+        if self.is_running():
+            logger.info("PostgreSQL already running on %s:%d", self.host, self.port)
+            return
+        if port_is_open(self.host, self.port):
+            raise LocalServiceError(f"port {self.port} on {self.host} is taken by another process")
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        options = (
+            f"-p {self.port} -c listen_addresses={self.host} -c unix_socket_directories='' "
+            "-c max_connections=200 -c fsync=on"
+        )
+        self._run(
+            "pg_ctl",
+            "start",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self._log_file),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(timeout_seconds),
+        )
+        self._create_databases()
+        logger.info("PostgreSQL is up on %s:%d (data in %s)", self.host, self.port, self.data_dir)
+
+    def _create_databases(self) -> None:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                existing = set(conn.execute(sa.text("SELECT datname FROM pg_database")).scalars())
+                for name in (APP_DATABASE, DAGSTER_DATABASE):
+                    if name not in existing:
+                        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+
+    def stop(self) -> bool:
+        if not self.is_running():
+            return False
+        self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "fast", "-w")
+        logger.info("stopped PostgreSQL on %s:%d", self.host, self.port)
+        return True
