@@ -19,9 +19,9 @@ logger = logging.getLogger("fraud_dagster.cli")
 
 
 def _kafka_options(settings: Settings) -> dict:
-    from fraud_dagster.resources import build_resources
+    from fraud_dagster.resources import resolved_resources
 
-    return build_resources(settings)["kafka"].client_options()
+    return resolved_resources(settings)["kafka"].client_options()
 
 
 def _local_kafka(settings: Settings, args: argparse.Namespace):
@@ -142,10 +142,10 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_label(settings: Settings, args: argparse.Namespace) -> int:
-    from fraud_dagster.resources import build_resources
+    from fraud_dagster.resources import resolved_resources
     from fraud_dagster.storage.store import record_labels
 
-    engine = build_resources(settings)["database"].get_engine()
+    engine = resolved_resources(settings)["database"].get_engine()
     record_labels(
         engine,
         [
@@ -164,9 +164,9 @@ def cmd_label(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
-    from fraud_dagster.resources import build_resources
+    from fraud_dagster.resources import resolved_resources
 
-    engine = build_resources(settings)["database"].get_engine()
+    engine = resolved_resources(settings)["database"].get_engine()
     print_line(f"schema ready on {engine.url.render_as_string(hide_password=True)}")
     return 0
 

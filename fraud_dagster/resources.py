@@ -194,3 +194,12 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             verify_certificate=settings.smtp_verify_certificate,
         ),
     }
+
+
+def resolved_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """`build_resources` with EnvVar references resolved, for use outside a Dagster run (CLI,
+    benchmarks, tests). Inside Dagster, resources are resolved by Dagster itself."""
+    return {
+        key: resource.process_config_and_initialize()
+        for key, resource in build_resources(settings).items()
+    }

@@ -15,7 +15,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from fraud_dagster import producer
-from fraud_dagster.resources import build_resources
+from fraud_dagster.resources import build_resources, resolved_resources
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage import schema
 
@@ -45,7 +45,7 @@ class MailBox:
 
 
 def produce(settings: Settings, messages: Iterable[Mapping[str, Any]]) -> int:
-    options = build_resources(settings)["kafka"].client_options()
+    options = resolved_resources(settings)["kafka"].client_options()
     return producer.produce(options, settings.kafka_topic, messages, show_progress=False).sent
 
 
@@ -53,7 +53,7 @@ def produce_raw(settings: Settings, values: Iterable[bytes | None], key: bytes =
     """Send raw values as they are (for malformed input)."""
     from fraud_dagster.kafka_io import producer as kafka_producer
 
-    options = build_resources(settings)["kafka"].client_options()
+    options = resolved_resources(settings)["kafka"].client_options()
     client = kafka_producer(options)
     futures = [client.send(settings.kafka_topic, key=key, value=value) for value in values]
     client.flush()
