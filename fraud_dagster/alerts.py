@@ -84,6 +84,49 @@ def render_alert(alert: Mapping[str, Any], sender: str, recipients: Sequence[str
 
 
 @dataclass(frozen=True)
+class RunFailureNotice:
+    """What operators need to act on a failed run: which run, which offsets, what went wrong."""
+
+    run_id: str
+    job_name: str
+    offset_range: str | None
+    errors: tuple[str, ...]
+    retry_note: str
+
+
+def render_run_failure(
+    notice: RunFailureNotice, sender: str, recipients: Sequence[str]
+) -> EmailMessage:
+    """The email the operators (not the analysts) receive when a run fails."""
+    what = f" ({notice.offset_range})" if notice.offset_range else ""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
+    message["Subject"] = header_safe(
+        f"[fraud-dagster] run failed: {notice.job_name}{what} - run {notice.run_id[:8]}",
+        max_length=160,
+    )
+    message["Date"] = format_datetime(datetime.now(UTC))
+    message["X-Fraud-Run-Id"] = header_safe(notice.run_id, 64)
+    lines = [
+        f"A {notice.job_name} run failed.",
+        "",
+        f"Run id:        {notice.run_id}",
+        f"Job:           {notice.job_name}",
+        f"Offset range:  {notice.offset_range or '-'}",
+        f"Retry:         {notice.retry_note}",
+        "",
+        "Error:",
+        *(f"  {line}" for error in notice.errors for line in error.splitlines()),
+        "",
+        "Fix the cause, then re-execute the run from the Dagster UI (Runs > this run > "
+        "Re-execute > From failure); see docs/operations.md.",
+    ]
+    message.set_content("\n".join(lines) + "\n")
+    return message
+
+
+@dataclass(frozen=True)
 class SmtpSettings:
     host: str
     port: int
@@ -142,14 +185,25 @@ class SmtpMailer:
         self._client = client
         return self
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: EmailMessage) -> list[str]:
+        """Hand `message` to the server; return the recipients it refused.
+
+        The server accepted the message when this returns, even with some recipients refused
+        (resending it would duplicate it for the others). If every recipient is refused, or the
+        session breaks, `AlertDeliveryError` is raised and nothing was accepted.
+        """
         assert self._client is not None, "use SmtpMailer as a context manager"
         try:
             refused = self._client.send_message(message)
         except (OSError, smtplib.SMTPException) as exc:
             raise AlertDeliveryError(f"SMTP server refused the message: {exc!r}") from exc
         if refused:
-            raise AlertDeliveryError(f"SMTP server refused recipients: {sorted(refused)}")
+            logger.warning(
+                "SMTP server accepted %s but refused recipients %s",
+                message["Message-ID"],
+                sorted(refused),
+            )
+        return sorted(refused)
 
     def __exit__(
         self,

@@ -5,10 +5,14 @@ from __future__ import annotations
 import dagster as dg
 
 from fraud_dagster.assets import fraud_model, transactions_topic
-from fraud_dagster.jobs import score_transactions_job
+from fraud_dagster.jobs import score_transactions_job, send_pending_alerts_job
 from fraud_dagster.ops import transaction_batch_assets
 from fraud_dagster.resources import build_resources
-from fraud_dagster.sensors import build_kafka_transactions_sensor
+from fraud_dagster.sensors import (
+    build_kafka_transactions_sensor,
+    build_retry_alerts_sensor,
+    build_run_failure_sensor,
+)
 from fraud_dagster.settings import Settings, load_settings
 
 
@@ -16,8 +20,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     """The code location for `settings`; tests build their own with their services' settings."""
     return dg.Definitions(
         assets=[transactions_topic, fraud_model, transaction_batch_assets],
-        jobs=[score_transactions_job],
-        sensors=[build_kafka_transactions_sensor(settings)],
+        jobs=[score_transactions_job, send_pending_alerts_job],
+        sensors=[
+            build_kafka_transactions_sensor(settings),
+            build_retry_alerts_sensor(settings),
+            build_run_failure_sensor(settings),
+        ],
         resources=build_resources(settings),
     )
 

@@ -7,9 +7,12 @@ from typing import Any
 import dagster as dg
 
 from fraud_dagster.batching import PlannedBatch
-from fraud_dagster.ops import transaction_batch_assets
+from fraud_dagster.ops import send_due_alerts, transaction_batch_assets
 
 SCORE_TRANSACTIONS_JOB = "score_transactions"
+SEND_PENDING_ALERTS_JOB = "send_pending_alerts"
+# At most one alert-retry run at a time (dagster.yaml limits this tag to 1).
+TAG_ALERT_SENDER = "fraud_dagster/alert_sender"
 
 score_transactions_job = dg.define_asset_job(
     name=SCORE_TRANSACTIONS_JOB,
@@ -20,6 +23,21 @@ score_transactions_job = dg.define_asset_job(
         "Launched by kafka_transactions_sensor; safe to re-execute (nothing is written twice)."
     ),
 )
+
+
+@dg.job(
+    name=SEND_PENDING_ALERTS_JOB,
+    executor_def=dg.in_process_executor,
+    # The retry_alerts sensor is this job's retry (with backoff); run retries would only hit a
+    # still-down SMTP server again at once.
+    tags={TAG_ALERT_SENDER: "outbox", "dagster/max_retries": "0"},
+    description=(
+        "Send the alert outbox's due emails: failed ones whose backoff has passed and pending "
+        "ones no batch run sent. Launched by the retry_alerts sensor; fails while SMTP does."
+    ),
+)
+def send_pending_alerts_job() -> None:
+    send_due_alerts()
 
 
 def batch_run_config(batch: PlannedBatch) -> dict[str, Any]:

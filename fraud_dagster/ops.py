@@ -8,6 +8,7 @@ batch run materializes them with the batch's metadata (offsets, counts, model ve
 
 import time
 import uuid
+from datetime import timedelta
 
 import dagster as dg
 
@@ -16,6 +17,9 @@ from fraud_dagster.assets import GROUP
 from fraud_dagster.errors import FraudDagsterError
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.resources import DatabaseResource, KafkaResource, ModelResource, SmtpResource
+from fraud_dagster.storage.store import outbox_status
+
+FRAUD_ALERTS_KEY = dg.AssetKey("fraud_alerts")
 
 # Kafka and the database can blink; a few retries with backoff absorb that without a rerun.
 IO_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=2.0, backoff=dg.Backoff.EXPONENTIAL)
@@ -147,8 +151,10 @@ def alert(
 ):
     """Email every due alert of the batch from the outbox: one email per suspicious transaction.
 
-    An SMTP outage does not fail the run: the data is stored, the alerts stay in the outbox with
-    their error and are retried by `retry_alerts_sensor`. The metadata shows what is pending.
+    An SMTP outage does not fail the run: the batch's data is stored and its offset committed,
+    so failing would only make run retries redo finished work against a server that is still
+    down. The alerts stay in the outbox with their error and are sent by the `retry_alerts`
+    sensor once SMTP is back; this run shows a warning and `pending_retry`/`last_error` metadata.
     """
     report = pipeline.deliver_alerts(
         database.get_engine(),
@@ -157,10 +163,13 @@ def alert(
         smtp.recipients,
         token=f"{context.run_id}:{uuid.uuid4().hex[:8]}",
         batch=batch,
+        retry_base_seconds=smtp.retry_base_seconds,
+        retry_max_seconds=smtp.retry_max_seconds,
     )
     if report.error:
         context.log.warning(
-            f"{report.failed} alert(s) stay in the outbox for retry: {report.error}"
+            f"{report.failed} alert(s) stay in the outbox for the retry_alerts sensor: "
+            f"{report.error}"
         )
     context.log.info(f"sent {report.sent} alert email(s) for {batch.label}")
     return dg.Output(
@@ -170,11 +179,67 @@ def alert(
             "partition": batch.partition,
             "first_offset": batch.first_offset,
             "last_offset": batch.last_offset,
-            "sent": report.sent,
+            "alerted": report.sent,
             "pending_retry": report.failed,
             "last_error": report.error or "",
         },
     )
+
+
+class AlertRetryConfig(dg.Config):
+    """Which outbox alerts a retry run takes: due ones, at most `max_alerts`."""
+
+    pending_grace_seconds: float = 120.0
+    max_alerts: int = 500
+
+
+@dg.op(out=dg.Out(dg.Nothing))
+def send_due_alerts(
+    context: dg.OpExecutionContext,
+    config: AlertRetryConfig,
+    database: DatabaseResource,
+    smtp: SmtpResource,
+):
+    """Send the outbox's due alerts (failed ones past their backoff, pending ones left behind).
+
+    Unlike a batch run, this run exists only to send: if SMTP still fails it fails, so the
+    operator sees it; the alerts stay in the outbox with a longer backoff.
+    """
+    engine = database.get_engine()
+    report = pipeline.deliver_alerts(
+        engine,
+        smtp.smtp_settings(),
+        smtp.sender,
+        smtp.recipients,
+        token=f"{context.run_id}:{uuid.uuid4().hex[:8]}",
+        limit=config.max_alerts,
+        pending_grace=timedelta(seconds=config.pending_grace_seconds),
+        retry_base_seconds=smtp.retry_base_seconds,
+        retry_max_seconds=smtp.retry_max_seconds,
+    )
+    status = outbox_status(engine)
+    metadata = {
+        "claimed": report.claimed,
+        "alerted": report.sent,
+        "pending_retry": report.failed,
+        "last_error": report.error or "",
+        "outbox_unsent": status.unsent,
+        "outbox_by_status": dg.MetadataValue.json(status.counts),
+        "next_attempt_at": status.next_attempt_at.isoformat() + "Z"
+        if status.next_attempt_at
+        else "",
+    }
+    context.log_event(dg.AssetObservation(asset_key=FRAUD_ALERTS_KEY, metadata=metadata))
+    if report.error:
+        raise dg.Failure(
+            description=(
+                f"sent {report.sent} of {report.claimed} due alert(s); {report.failed} stay in "
+                f"the outbox for the next retry: {report.error}"
+            ),
+            metadata=metadata,
+            allow_retries=False,
+        )
+    context.log.info(f"sent {report.sent} due alert email(s); {status.unsent} still unsent")
 
 
 @dg.graph(

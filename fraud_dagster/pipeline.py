@@ -14,9 +14,10 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.alerts import SmtpMailer, SmtpSettings, render_alert
-from fraud_dagster.errors import AlertDeliveryError
+from fraud_dagster.errors import AlertDeliveryError, StorageError
 from fraud_dagster.features import (
     ACCOUNT_HISTORY_DAYS,
     FEATURE_COLUMNS,
@@ -110,7 +111,14 @@ def prepare_batch(
     transactions = parsed.transactions
     rejections = list(parsed.rejections)
     history = None
-    with engine.connect() as conn:
+    try:
+        conn = engine.connect()
+    except SQLAlchemyError as exc:
+        raise StorageError(
+            f"cannot read history from {engine.url.render_as_string(hide_password=True)}: the "
+            f"database is unavailable; the batch is not scored (rerun it once it is back): {exc}"
+        ) from exc
+    with conn:
         _, duplicates = classify_stored(conn, transactions)
         if duplicates:
             duplicate_offsets = {r.offset for r in duplicates}
@@ -193,17 +201,27 @@ def deliver_alerts(
     *,
     batch: BatchRef | None = None,
     limit: int | None = None,
+    pending_grace: timedelta | None = None,
+    retry_base_seconds: float = 30.0,
+    retry_max_seconds: float = 3600.0,
 ) -> DeliveryReport:
     """Send the due alerts of `batch` (or every due alert) over one SMTP session.
 
     Each alert is marked sent right after the server accepted it. If the session fails, the
     alerts not yet sent are marked failed with the error and a backoff; they stay in the outbox
     for the next attempt. Nothing is raised for an SMTP failure: the report says what happened.
+
+    Guarantee: an alert is marked sent only after the server accepted it, and two senders never
+    hold it at once, so it is sent once. The one gap is a sender dying (or the database failing)
+    between the server's acceptance and the UPDATE: the claim then expires and the alert is
+    sent again, with the same Message-ID, which mail clients use to drop the copy.
     """
     source = (
         (batch.topic, batch.partition, batch.first_offset, batch.last_offset) if batch else None
     )
-    claimed = claim_alerts(engine, token, source_range=source, limit=limit)
+    claimed = claim_alerts(
+        engine, token, source_range=source, limit=limit, pending_grace=pending_grace
+    )
     report = DeliveryReport(claimed=len(claimed))
     if not claimed:
         return report
@@ -211,8 +229,16 @@ def deliver_alerts(
         with SmtpMailer(smtp) as mailer:
             for alert in claimed:
                 message = render_alert(alert, sender, recipients)
-                mailer.send(message)
-                mark_alert_sent(engine, alert["transaction_id"], token, message["Message-ID"])
+                refused = mailer.send(message)
+                note = (
+                    f"accepted, but recipients refused: {', '.join(refused)}" if refused else None
+                )
+                if not mark_alert_sent(
+                    engine, alert["transaction_id"], token, message["Message-ID"], note
+                ):
+                    logger.warning(
+                        "alert %s was sent, but its claim had expired", alert["transaction_id"]
+                    )
                 report.sent += 1
                 report.sent_ids.append(alert["transaction_id"])
     except AlertDeliveryError as exc:
@@ -223,7 +249,7 @@ def deliver_alerts(
             [alert["transaction_id"] for alert in remaining],
             token,
             str(exc),
-            retry_delay(attempts),
+            retry_delay(attempts, retry_base_seconds, retry_max_seconds),
         )
         report.failed = len(remaining)
         report.error = str(exc)

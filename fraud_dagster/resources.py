@@ -143,6 +143,10 @@ class SmtpResource(dg.ConfigurableResource):
     verify_certificate: bool = Field(
         default=True, description="Verify the server's TLS certificate."
     )
+    retry_base_seconds: float = Field(
+        default=30.0, description="First backoff after a failed delivery; doubles per attempt."
+    )
+    retry_max_seconds: float = Field(default=3600.0, description="Longest backoff between tries.")
 
     def smtp_settings(self) -> SmtpSettings:
         return SmtpSettings(
@@ -192,6 +196,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             operator_recipients=list(settings.operator_recipients),
             timeout_seconds=settings.smtp_timeout_seconds,
             verify_certificate=settings.smtp_verify_certificate,
+            retry_base_seconds=settings.alert_retry_base_seconds,
+            retry_max_seconds=settings.alert_retry_max_seconds,
         ),
     }
 

@@ -1,14 +1,37 @@
-"""Sensors: the Kafka poller that launches batch runs."""
+"""Sensors: the Kafka poller that launches batch runs, the alert retrier, the failure mailer."""
 
 from __future__ import annotations
 
-import dagster as dg
+from datetime import timedelta
 
-from fraud_dagster.batching import SensorCursor, plan_batches
+import dagster as dg
+from sqlalchemy.exc import SQLAlchemyError
+
+from fraud_dagster.alerts import RunFailureNotice, SmtpMailer, render_run_failure
+from fraud_dagster.batching import (
+    TAG_OFFSET_RANGE,
+    TAG_PARTITION,
+    TAG_TOPIC,
+    SensorCursor,
+    plan_batches,
+)
 from fraud_dagster.errors import FraudDagsterError
-from fraud_dagster.jobs import batch_run_config, score_transactions_job
-from fraud_dagster.resources import KafkaResource
+from fraud_dagster.jobs import (
+    SEND_PENDING_ALERTS_JOB,
+    batch_run_config,
+    score_transactions_job,
+    send_pending_alerts_job,
+)
+from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.settings import Settings
+from fraud_dagster.storage.store import outbox_status
+
+_IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
 def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
@@ -69,3 +92,108 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
         )
 
     return kafka_transactions_sensor
+
+
+def build_retry_alerts_sensor(settings: Settings) -> dg.SensorDefinition:
+    """Launch a `send_pending_alerts` run whenever outbox alerts are due.
+
+    Due: failed alerts whose backoff has passed, pending alerts older than the grace period (a
+    batch run died before its alert step), claims abandoned by a dead sender. One retry run at
+    a time; claims keep it from sending what a batch run is sending.
+    """
+    grace = settings.alert_pending_grace_seconds
+
+    @dg.sensor(
+        name="retry_alerts",
+        job=send_pending_alerts_job,
+        minimum_interval_seconds=settings.alert_retry_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Resends alert emails that SMTP refused or never got (outbox rows failed past their "
+            "backoff, or pending for more than the grace period)."
+        ),
+    )
+    def retry_alerts(
+        context: dg.SensorEvaluationContext, database: DatabaseResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        running = context.instance.get_runs(
+            filters=dg.RunsFilter(job_name=SEND_PENDING_ALERTS_JOB, statuses=_IN_FLIGHT), limit=1
+        )
+        if running:
+            return dg.SkipReason(f"run {running[0].run_id} is already sending alerts")
+        try:
+            status = outbox_status(database.get_engine(), pending_grace=timedelta(seconds=grace))
+        except (SQLAlchemyError, FraudDagsterError) as exc:
+            return dg.SkipReason(f"database unavailable, alerts not checked: {exc}")
+        if not status.due:
+            waiting = (
+                f"; {status.unsent} unsent, next attempt at {status.next_attempt_at:%H:%M:%S} UTC"
+                if status.next_attempt_at
+                else ""
+            )
+            return dg.SkipReason(f"no alert due{waiting}")
+        return dg.RunRequest(
+            run_config={
+                "ops": {
+                    "send_due_alerts": {
+                        "config": {
+                            "pending_grace_seconds": grace,
+                            "max_alerts": settings.alert_retry_max_per_run,
+                        }
+                    }
+                }
+            },
+        )
+
+    return retry_alerts
+
+
+def _error_chain(error: object) -> str:
+    """A step's error and its causes, innermost last, without tracebacks."""
+    parts = []
+    while error is not None:
+        parts.append(getattr(error, "message", str(error)).strip())
+        error = getattr(error, "cause", None)
+    return "\ncaused by: ".join(parts)
+
+
+def build_run_failure_sensor(settings: Settings) -> dg.SensorDefinition:
+    """Email the operators (not the analysts) when any run of this code location fails."""
+
+    @dg.run_failure_sensor(
+        name="email_operators_on_run_failure",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=settings.sensor_interval_seconds,
+        description=(
+            "Emails FRAUD_OPERATOR_RECIPIENTS the run id, offset range and error of every "
+            "failed run."
+        ),
+    )
+    def email_operators_on_run_failure(
+        context: dg.RunFailureSensorContext, smtp: SmtpResource
+    ) -> None:
+        run = context.dagster_run
+        tags = run.tags
+        offset_range = (
+            f"{tags[TAG_TOPIC]}/{tags[TAG_PARTITION]} offsets {tags[TAG_OFFSET_RANGE]}"
+            if TAG_OFFSET_RANGE in tags
+            else None
+        )
+        errors = [
+            _error_chain(event.step_failure_data.error)
+            for event in context.get_step_failure_events()
+            if event.step_failure_data.error is not None
+        ] or [context.failure_event.message or "the run failed (see its event log)"]
+        attempt = int(tags.get("dagster/retry_number", "0"))
+        max_retries = int(tags.get("dagster/max_retries", context.instance.run_retries_max_retries))
+        if context.instance.run_retries_enabled and attempt < max_retries:
+            retry_note = f"attempt {attempt + 1} of {max_retries + 1}; Dagster retries it"
+        else:
+            retry_note = f"attempt {attempt + 1}; no automatic retry left, rerun it by hand"
+        notice = RunFailureNotice(run.run_id, run.job_name, offset_range, tuple(errors), retry_note)
+        message = render_run_failure(notice, smtp.sender, smtp.operator_recipients)
+        with SmtpMailer(smtp.smtp_settings()) as mailer:
+            mailer.send(message)
+        context.log.info(f"emailed the operators about failed run {run.run_id}")
+
+    return email_operators_on_run_failure

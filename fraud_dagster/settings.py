@@ -58,6 +58,11 @@ class Settings:
     operator_recipients: tuple[str, ...] = ("fraud-operators@localhost",)
     smtp_timeout_seconds: float = 10.0
     smtp_verify_certificate: bool = True
+    alert_retry_interval_seconds: int = 30
+    alert_retry_base_seconds: float = 30.0
+    alert_retry_max_seconds: float = 3600.0
+    alert_pending_grace_seconds: float = 120.0
+    alert_retry_max_per_run: int = 500
     reload_model_cron: str = "*/15 * * * *"
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -113,6 +118,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         smtp_timeout_seconds=float(get("FRAUD_SMTP_TIMEOUT_SECONDS", "10")),
         smtp_verify_certificate=_flag(get("FRAUD_SMTP_VERIFY_CERTIFICATE", "true")),
+        alert_retry_interval_seconds=int(get("FRAUD_ALERT_RETRY_INTERVAL_SECONDS", "30")),
+        alert_retry_base_seconds=float(get("FRAUD_ALERT_RETRY_BASE_SECONDS", "30")),
+        alert_retry_max_seconds=float(get("FRAUD_ALERT_RETRY_MAX_SECONDS", "3600")),
+        alert_pending_grace_seconds=float(get("FRAUD_ALERT_PENDING_GRACE_SECONDS", "120")),
+        alert_retry_max_per_run=int(get("FRAUD_ALERT_RETRY_MAX_PER_RUN", "500")),
         reload_model_cron=get("FRAUD_RELOAD_MODEL_CRON", "*/15 * * * *"),
         env=env,
     )

@@ -50,7 +50,9 @@ def create_engine(url: str) -> Engine:
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 60})
+        # hide_parameters: driver errors must not echo transaction data (account ids) into
+        # logs, run failures or operator emails.
+        engine = sa.create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -61,7 +63,7 @@ def create_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    return sa.create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -363,28 +365,44 @@ ALERT_VIEW_COLUMNS = (
 )
 
 
+STALE_CLAIM_AFTER = timedelta(minutes=10)
+
+
+def _due_condition(
+    now: datetime, stale_after: timedelta, pending_grace: timedelta | None
+) -> sa.ColumnElement[bool]:
+    """Alerts a sender may take now (see `claim_alerts`)."""
+    a = fraud_alerts
+    pending = a.c.status == "pending"
+    if pending_grace is not None:
+        pending = sa.and_(pending, a.c.created_at <= now - pending_grace)
+    return sa.or_(
+        pending,
+        sa.and_(a.c.status == "failed", a.c.next_attempt_at <= now),
+        sa.and_(a.c.status == "sending", a.c.claimed_at < now - stale_after),
+    )
+
+
 def claim_alerts(
     engine: Engine,
     token: str,
     *,
     source_range: tuple[str, int, int, int] | None = None,
-    stale_after: timedelta = timedelta(minutes=10),
+    stale_after: timedelta = STALE_CLAIM_AFTER,
+    pending_grace: timedelta | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Mark due alerts as being sent by `token` and return them with what the email shows.
 
     Due: pending, or failed with its next attempt time reached, or left `sending` by a sender
     that died more than `stale_after` ago. `source_range` = (topic, partition, first, last)
-    restricts the claim to one batch's messages. The claim is a single UPDATE, so two senders
-    never hold the same alert.
+    restricts the claim to one batch's messages. `pending_grace` leaves pending alerts younger
+    than that to the batch run that wrote them (the retry sender uses it). The claim is a
+    single UPDATE, so two senders never hold the same alert.
     """
     now = utcnow()
     a, s = fraud_alerts, scored_transactions
-    condition = sa.or_(
-        a.c.status == "pending",
-        sa.and_(a.c.status == "failed", a.c.next_attempt_at <= now),
-        sa.and_(a.c.status == "sending", a.c.claimed_at < now - stale_after),
-    )
+    condition = _due_condition(now, stale_after, pending_grace)
     if source_range is not None:
         topic, partition, first, last = source_range
         in_batch = sa.select(s.c.transaction_id).where(
@@ -413,15 +431,19 @@ def claim_alerts(
         return [dict(row._mapping) for row in conn.execute(query)]
 
 
-def mark_alert_sent(engine: Engine, transaction_id: str, token: str, message_id: str) -> None:
+def mark_alert_sent(
+    engine: Engine, transaction_id: str, token: str, message_id: str, note: str | None = None
+) -> bool:
+    """Record that the SMTP server accepted the alert; False if `token` no longer held it."""
     with engine.begin() as conn:
-        conn.execute(
+        result = conn.execute(
             sa.update(fraud_alerts)
             .where(
                 fraud_alerts.c.transaction_id == transaction_id, fraud_alerts.c.claimed_by == token
             )
-            .values(status="sent", sent_at=utcnow(), message_id=message_id, last_error=None)
+            .values(status="sent", sent_at=utcnow(), message_id=message_id, last_error=note)
         )
+    return result.rowcount == 1
 
 
 def mark_alerts_failed(
@@ -435,6 +457,59 @@ def mark_alerts_failed(
                 .where(fraud_alerts.c.transaction_id.in_(ids), fraud_alerts.c.claimed_by == token)
                 .values(status="failed", last_error=error[:2000], next_attempt_at=now + retry_in)
             )
+
+
+@dataclass
+class OutboxStatus:
+    """The outbox at a glance: what the retry sensor and the run metadata report."""
+
+    counts: dict[str, int]
+    due: int
+    next_attempt_at: datetime | None
+    oldest_unsent_at: datetime | None
+    last_error: str | None
+
+    @property
+    def unsent(self) -> int:
+        return sum(n for status, n in self.counts.items() if status != "sent")
+
+
+def outbox_status(
+    engine: Engine,
+    *,
+    stale_after: timedelta = STALE_CLAIM_AFTER,
+    pending_grace: timedelta | None = None,
+) -> OutboxStatus:
+    """Counts per status, how many are due now, and when the next failed one is due."""
+    now = utcnow()
+    a = fraud_alerts
+    unsent = a.c.status != "sent"
+    with engine.connect() as conn:
+        counts = dict(
+            conn.execute(sa.select(a.c.status, sa.func.count()).group_by(a.c.status)).all()
+        )
+        due = conn.execute(
+            sa.select(sa.func.count()).where(_due_condition(now, stale_after, pending_grace))
+        ).scalar_one()
+        next_attempt_at, oldest = conn.execute(
+            sa.select(
+                sa.func.min(sa.case((a.c.status == "failed", a.c.next_attempt_at))),
+                sa.func.min(a.c.created_at),
+            ).where(unsent)
+        ).one()
+        last_error = conn.execute(
+            sa.select(a.c.last_error)
+            .where(unsent, a.c.last_error.is_not(None))
+            .order_by(a.c.claimed_at.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+    return OutboxStatus(
+        counts={str(k): int(v) for k, v in counts.items()},
+        due=int(due),
+        next_attempt_at=next_attempt_at,
+        oldest_unsent_at=oldest,
+        last_error=last_error,
+    )
 
 
 def alert_status_counts(engine: Engine) -> dict[str, int]:
