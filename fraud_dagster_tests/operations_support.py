@@ -1,0 +1,176 @@
+"""Shared pieces of the operations tests: reconstructable jobs, accounting, fault injection.
+
+Reconstructable jobs let the tests run batches with `dagster.execute_job` on a real instance
+(outputs in the instance's storage, as a daemon-launched run keeps them), which is what Dagster's
+re-execution ("from failure", "all steps") needs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+
+from fraud_dagster.definitions import build_definitions
+from fraud_dagster.local_services.postgres import LocalPostgres
+from fraud_dagster.local_services.process import free_port
+from fraud_dagster.resources import build_resources
+from fraud_dagster.settings import Settings, load_settings
+from fraud_dagster.storage import schema
+from fraud_dagster_tests.helpers import table_rows
+
+
+def score_transactions_job() -> dg.JobDefinition:
+    """The batch job as the code location builds it from the environment (reconstructable)."""
+    return build_definitions(load_settings()).resolve_job_def("score_transactions")
+
+
+def send_pending_alerts_job() -> dg.JobDefinition:
+    return build_definitions(load_settings()).resolve_job_def("send_pending_alerts")
+
+
+def run_request(
+    request: dg.RunRequest, instance: dg.DagsterInstance, **kwargs: Any
+) -> dg.JobExecutionResult:
+    """Execute a sensor's batch RunRequest the way a run worker does (storage on the instance)."""
+    with dg.execute_job(
+        dg.reconstructable(score_transactions_job),
+        instance=instance,
+        run_config=request.run_config,
+        tags={**request.tags, "dagster/run_key": request.run_key},
+        **kwargs,
+    ) as result:
+        return result
+
+
+def reexecute(
+    instance: dg.DagsterInstance, parent_run_id: str, *, from_failure: bool
+) -> dg.JobExecutionResult:
+    """What the UI's "Re-execute from failure" / "Re-execute all" buttons do (the UI also
+    carries the parent's own tags over, as here)."""
+    options = (
+        dg.ReexecutionOptions.from_failure(parent_run_id, instance)
+        if from_failure
+        else dg.ReexecutionOptions(parent_run_id=parent_run_id)
+    )
+    parent = instance.get_run_by_id(parent_run_id)
+    assert parent is not None
+    tags = {k: v for k, v in parent.tags.items() if not k.startswith("dagster/")}
+    with dg.execute_job(
+        dg.reconstructable(score_transactions_job),
+        instance=instance,
+        reexecution_options=options,
+        tags=tags,
+    ) as result:
+        return result
+
+
+def retry_alerts_tick(
+    defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance
+) -> dg.RunRequest | dg.SkipReason:
+    sensor = defs.resolve_sensor_def("retry_alerts")
+    context = dg.build_sensor_context(instance=instance, resources=build_resources(settings))
+    result = sensor.evaluate_tick(context)
+    if result.run_requests:
+        (request,) = result.run_requests
+        return request
+    return dg.SkipReason(result.skip_message)
+
+
+def run_retry_job(
+    defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest
+) -> dg.ExecuteInProcessResult:
+    job = defs.resolve_job_def("send_pending_alerts")
+    return job.execute_in_process(
+        run_config=request.run_config, instance=instance, raise_on_error=False
+    )
+
+
+def materializations(instance: dg.DagsterInstance, run_id: str, asset: str) -> list[dict[str, Any]]:
+    """Metadata of every materialization (or observation) of `asset` in a run, as plain values."""
+    found = []
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if event is None or event.event_type_value not in (
+            "ASSET_MATERIALIZATION",
+            "ASSET_OBSERVATION",
+        ):
+            continue
+        data = event.event_specific_data
+        item = getattr(data, "materialization", None) or getattr(data, "asset_observation", None)
+        if item.asset_key.to_user_string() == asset:
+            found.append({key: value.value for key, value in item.metadata.items()})
+    return found
+
+
+def executed_steps(instance: dg.DagsterInstance, run_id: str) -> set[str]:
+    return {
+        record.dagster_event.step_key.rsplit(".", 1)[-1]
+        for record in instance.all_logs(run_id)
+        if record.dagster_event and record.dagster_event.event_type_value == "STEP_START"
+    }
+
+
+def accounting(database_url: str, topic: str) -> Counter[tuple[int, int]]:
+    """How often each (partition, offset) of `topic` is stored, scored and rejected together."""
+    counts: Counter[tuple[int, int]] = Counter()
+    for table in (schema.scored_transactions, schema.rejected_transactions):
+        for row in table_rows(database_url, table):
+            if row["source_topic"] == topic:
+                counts[(row["source_partition"], row["source_offset"])] += 1
+    return counts
+
+
+def emails_by_transaction(messages: list) -> Counter[str]:
+    return Counter(message["X-Fraud-Transaction-Id"] for message in messages)
+
+
+def wait_for(check: Callable[[], bool], timeout_seconds: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not happen within {timeout_seconds:.0f}s")
+
+
+def tampered_models_dir(source: Path, destination: Path) -> Path:
+    """A copy of the published models whose joblib files were changed after publication."""
+    shutil.copytree(source, destination)
+    for path in destination.glob("*.joblib"):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    return destination
+
+
+@contextmanager
+def local_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL server of our own (so a test may stop it); its directory is outside the
+    pytest tmp dir, which the `postgres` user cannot enter when the tests run as root."""
+    base = Path(tempfile.mkdtemp(prefix="fraud-pg-"))
+    server = LocalPostgres(base_dir=base / "pg", port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def execute_sql(url: str, statement: str) -> None:
+    """Fault injection through the database itself (test-only DDL, no user data in it)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(statement))
+    finally:
+        engine.dispose()

@@ -1,0 +1,118 @@
+"""Rerunning a failed batch through Dagster's own re-execution: same offsets, nothing twice.
+
+The fault is real: a trigger in the database refuses the outbox insert, the last write of the
+persist transaction, so the scored, rejected and suspicious rows of that transaction were
+already written when it fails: the test shows they were rolled back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+
+from fraud_dagster.definitions import build_definitions
+from fraud_dagster.settings import Settings
+from fraud_dagster.storage import schema
+from fraud_dagster.storage.store import create_engine, ensure_schema
+from fraud_dagster_tests.helpers import (
+    evaluate_sensor,
+    produce,
+    produce_raw,
+    suspicious_ids,
+    table_rows,
+)
+from fraud_dagster_tests.operations_support import (
+    accounting,
+    emails_by_transaction,
+    execute_sql,
+    executed_steps,
+    materializations,
+    reexecute,
+    run_request,
+)
+from fraud_dagster_tests.test_end_to_end import known_transactions
+
+pytestmark = pytest.mark.services
+
+BLOCK_OUTBOX = (
+    "CREATE TRIGGER inject_fault BEFORE INSERT ON fraud_alerts "
+    "BEGIN SELECT RAISE(ABORT, 'injected fault: outbox insert refused'); END"
+)
+
+
+def test_failed_batch_reexecuted_from_failure_then_all_steps_processes_the_same_offsets_once(
+    settings: Settings, instance: dg.DagsterInstance, mailbox, database_url: str
+) -> None:
+    defs = build_definitions(settings)
+    messages, obvious_frauds, _ = known_transactions()
+    produce(settings, messages)
+    produce_raw(settings, [b"{not json", json.dumps(messages[0]).encode()])  # bad + duplicate
+    total = len(messages) + 2
+    tick = evaluate_sensor(defs, settings, instance, cursor=None)
+    (request,) = tick.run_requests
+    assert request.tags["fraud_dagster/offset_range"] == f"0-{total - 1}"
+
+    ensure_schema(create_engine(database_url))
+    execute_sql(database_url, BLOCK_OUTBOX)
+    failed = run_request(request, instance)
+
+    assert not failed.success
+    failure = next(event for event in failed.all_events if event.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "transaction_batch.persist"
+    error = failure.step_failure_data.error
+    assert "rolled back" in error.cause.message
+    assert "injected fault" in error.cause.message
+    for table in (
+        schema.scored_transactions,
+        schema.rejected_transactions,
+        schema.suspicious_transactions,
+        schema.fraud_alerts,
+    ):
+        assert table_rows(database_url, table) == [], f"{table.name} was half-written"
+    resources = build_definitions(settings).resources
+    assert resources["kafka"].committed_offsets() == {}  # offset not committed for a failed batch
+    assert mailbox.messages() == []
+
+    execute_sql(database_url, "DROP TRIGGER inject_fault")
+    from_failure = reexecute(instance, failed.run_id, from_failure=True)
+
+    assert from_failure.success
+    assert executed_steps(instance, from_failure.run_id) == {"persist", "alert"}
+    (scored_meta,) = materializations(instance, from_failure.run_id, "scored_transactions")
+    assert (scored_meta["first_offset"], scored_meta["last_offset"]) == (0, total - 1)
+    assert scored_meta["read"] == total
+    assert (scored_meta["scored"], scored_meta["rejected"]) == (len(messages), 2)
+    assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(total)}
+    suspicious = suspicious_ids(database_url)
+    assert obvious_frauds <= suspicious
+    emails = mailbox.wait_for(len(suspicious))
+    assert emails_by_transaction(emails) == dict.fromkeys(suspicious, 1)
+    assert resources["kafka"].committed_offsets() == {0: total}
+    run = instance.get_run_by_id(from_failure.run_id)
+    assert run.tags["fraud_dagster/offset_range"] == f"0-{total - 1}"
+    assert run.parent_run_id == failed.run_id
+
+    # An operator re-executes the whole (original) run: every step runs again, same offsets.
+    all_steps = reexecute(instance, failed.run_id, from_failure=False)
+
+    assert all_steps.success
+    assert executed_steps(instance, all_steps.run_id) == {
+        "fetch",
+        "preprocess",
+        "score",
+        "persist",
+        "alert",
+    }
+    (again,) = materializations(instance, all_steps.run_id, "scored_transactions")
+    assert (again["first_offset"], again["last_offset"], again["read"]) == (0, total - 1, total)
+    assert again["inserted"] == 0
+    assert again["already_stored"] == len(messages)
+    (alert_meta,) = materializations(instance, all_steps.run_id, "fraud_alerts")
+    assert alert_meta["alerted"] == 0
+    assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(total)}
+    assert len(table_rows(database_url, schema.fraud_alerts)) == len(suspicious)
+    assert emails_by_transaction(mailbox.wait_for(len(suspicious) + 1, 3)) == dict.fromkeys(
+        suspicious, 1
+    )
