@@ -180,7 +180,11 @@ class LocalKafka:
             cluster_id = _random_cluster_id()
             result = subprocess.run(
                 self._java(
-                    "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)
+                    "kafka.tools.StorageTool",
+                    "format",
+                    f"--cluster-id={cluster_id}",
+                    "-c",
+                    str(config),
                 ),
                 capture_output=True,
                 text=True,
