@@ -1,0 +1,239 @@
+"""The alert outbox under SMTP faults: server down, login refused, concurrent senders.
+
+Faults are real: the aiosmtpd server is stopped (connection refused) or started with STARTTLS
+and AUTH while the pipeline holds a wrong password. The `retry_alerts` sensor and the
+`send_pending_alerts` job are evaluated and executed on a real Dagster instance.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import dagster as dg
+import pytest
+
+from fraud_dagster import pipeline
+from fraud_dagster.definitions import build_definitions
+from fraud_dagster.local_services.smtp import LocalSmtpServer
+from fraud_dagster.resources import resolved_resources
+from fraud_dagster.settings import Settings, load_settings
+from fraud_dagster.storage import schema
+from fraud_dagster.storage.store import create_engine
+from fraud_dagster_tests.helpers import (
+    MailBox,
+    evaluate_sensor,
+    execute_requests,
+    produce,
+    suspicious_ids,
+    table_rows,
+)
+from fraud_dagster_tests.operations_support import (
+    emails_by_transaction,
+    materializations,
+    retry_alerts_tick,
+    run_retry_job,
+    wait_for,
+)
+from fraud_dagster_tests.test_end_to_end import known_transactions
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def fast_retries(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Backoff of 1 s, 2 s, 4 s... and no grace for pending alerts, so the test runs in seconds."""
+    monkeypatch.setenv("FRAUD_ALERT_RETRY_BASE_SECONDS", "1")
+    monkeypatch.setenv("FRAUD_ALERT_PENDING_GRACE_SECONDS", "0")
+    return load_settings()
+
+
+def outbox(database_url: str) -> dict[str, dict]:
+    return {row["transaction_id"]: row for row in table_rows(database_url, schema.fraud_alerts)}
+
+
+def backoff(row: dict) -> float:
+    """Seconds between a failed attempt's claim and the next attempt it was given."""
+    return (row["next_attempt_at"] - row["claimed_at"]).total_seconds()
+
+
+def run_batches(settings: Settings, instance: dg.DagsterInstance) -> list:
+    defs = build_definitions(settings)
+    produce(settings, known_transactions()[0])
+    results = execute_requests(defs, instance, evaluate_sensor(defs, settings, instance, None))
+    assert all(result.success for result in results)
+    return results
+
+
+def test_smtp_down_keeps_alerts_in_the_outbox_and_retry_alerts_sends_each_once_when_back(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+) -> None:
+    settings = fast_retries
+    defs = build_definitions(settings)
+    smtp_server.stop()  # connection refused from now on
+
+    (batch,) = run_batches(settings, instance)
+
+    suspicious = suspicious_ids(database_url)
+    assert suspicious
+    (alert_meta,) = materializations(instance, batch.run_id, "fraud_alerts")
+    assert alert_meta["alerted"] == 0
+    assert alert_meta["pending_retry"] == len(suspicious)
+    assert "cannot open an SMTP session" in alert_meta["last_error"]
+    warnings = [
+        record.user_message
+        for record in instance.all_logs(batch.run_id)
+        if record.level >= 30 and "retry_alerts" in record.user_message
+    ]
+    assert warnings, "the batch run must show the SMTP failure as a warning"
+    rows = outbox(database_url)
+    assert set(rows) == suspicious
+    for row in rows.values():
+        assert (row["status"], row["attempts"], row["sent_at"]) == ("failed", 1, None)
+        assert "Connection refused" in row["last_error"] or "111" in row["last_error"]
+        assert backoff(row) == pytest.approx(1, abs=0.5)
+
+    # Still down: the retry run fails (visible to the operator) and the backoff doubles.
+    wait_for(
+        lambda: isinstance(retry_alerts_tick(defs, settings, instance), dg.RunRequest), 10, "due"
+    )
+    request = retry_alerts_tick(defs, settings, instance)
+    failed = run_retry_job(defs, instance, request)
+    assert not failed.success
+    (observed,) = materializations(instance, failed.run_id, "fraud_alerts")
+    assert observed["alerted"] == 0
+    assert observed["outbox_unsent"] == len(suspicious)
+    for row in outbox(database_url).values():
+        assert (row["status"], row["attempts"]) == ("failed", 2)
+        assert backoff(row) == pytest.approx(2, abs=0.5)
+    skipped = retry_alerts_tick(defs, settings, instance)
+    assert isinstance(skipped, dg.SkipReason)
+    assert "no alert due" in skipped.skip_message
+    assert mailbox.messages() == []
+
+    smtp_server.start()  # back, same port
+    wait_for(
+        lambda: isinstance(retry_alerts_tick(defs, settings, instance), dg.RunRequest), 10, "due"
+    )
+    sent = run_retry_job(defs, instance, retry_alerts_tick(defs, settings, instance))
+
+    assert sent.success
+    (observed,) = materializations(instance, sent.run_id, "fraud_alerts")
+    assert (observed["alerted"], observed["outbox_unsent"]) == (len(suspicious), 0)
+    assert emails_by_transaction(mailbox.wait_for(len(suspicious))) == dict.fromkeys(suspicious, 1)
+    for row in outbox(database_url).values():
+        assert (row["status"], row["attempts"], row["last_error"]) == ("sent", 3, None)
+        assert row["sent_at"] is not None
+        assert row["message_id"].startswith("<fraud-alert.")
+    assert "no alert due" in retry_alerts_tick(defs, settings, instance).skip_message
+    time.sleep(1)
+    assert emails_by_transaction(mailbox.messages()) == dict.fromkeys(suspicious, 1)
+
+
+def test_smtp_refusing_the_login_keeps_alerts_pending_then_sends_them_with_the_right_password(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mail_dir,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    smtp_server.stop()  # replaced, on the same port, by a server with STARTTLS and AUTH
+    server = LocalSmtpServer(
+        mail_dir=mail_dir,
+        port=smtp_server.port,
+        starttls=True,
+        username="fraud-alerts",
+        password="the-right-one",
+        cert_dir=mail_dir.parent / "tls",
+    )
+    mailbox = MailBox(mail_dir)
+    for name, value in {
+        "FRAUD_SMTP_SECURITY": "starttls",
+        "FRAUD_SMTP_VERIFY_CERTIFICATE": "false",  # the local server's certificate is self-signed
+        "FRAUD_SMTP_USERNAME": "fraud-alerts",
+        "FRAUD_SMTP_PASSWORD": "a-wrong-password",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    server.start()
+    try:
+        (batch,) = run_batches(settings, instance)
+        suspicious = suspicious_ids(database_url)
+        (alert_meta,) = materializations(instance, batch.run_id, "fraud_alerts")
+        assert alert_meta["alerted"] == 0
+        assert "535" in alert_meta["last_error"]  # authentication failed
+        assert "a-wrong-password" not in alert_meta["last_error"]
+        assert {row["status"] for row in outbox(database_url).values()} == {"failed"}
+        assert mailbox.messages() == []
+
+        monkeypatch.setenv("FRAUD_SMTP_PASSWORD", "the-right-one")
+        defs = build_definitions(load_settings())
+        wait_for(
+            lambda: isinstance(retry_alerts_tick(defs, settings, instance), dg.RunRequest),
+            10,
+            "due",
+        )
+        sent = run_retry_job(defs, instance, retry_alerts_tick(defs, settings, instance))
+        assert sent.success
+        assert emails_by_transaction(mailbox.wait_for(len(suspicious))) == dict.fromkeys(
+            suspicious, 1
+        )
+        assert {row["status"] for row in outbox(database_url).values()} == {"sent"}
+    finally:
+        server.stop()
+
+
+def test_concurrent_senders_never_send_an_alert_twice(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+) -> None:
+    settings = fast_retries
+    smtp_server.stop()
+    run_batches(settings, instance)  # every alert now failed, due after 1 s
+    suspicious = suspicious_ids(database_url)
+    smtp_server.start()
+    time.sleep(1.1)
+    smtp = resolved_resources(settings)["smtp"]
+    engine = create_engine(database_url)
+    reports: list[pipeline.DeliveryReport] = []
+    start = threading.Barrier(4)
+
+    def sender(name: str) -> None:
+        start.wait()
+        reports.append(
+            pipeline.deliver_alerts(
+                engine,
+                smtp.smtp_settings(),
+                smtp.sender,
+                smtp.recipients,
+                token=name,
+                limit=2,
+                pending_grace=timedelta(0),
+            )
+        )
+
+    threads = [threading.Thread(target=sender, args=(f"sender-{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    while (
+        report := pipeline.deliver_alerts(
+            engine, smtp.smtp_settings(), smtp.sender, smtp.recipients, token="sweeper"
+        )
+    ).claimed:
+        reports.append(report)
+
+    sent_ids = [tid for report in reports for tid in report.sent_ids]
+    assert sorted(sent_ids) == sorted(suspicious)
+    assert emails_by_transaction(mailbox.wait_for(len(suspicious))) == dict.fromkeys(suspicious, 1)
+    engine.dispose()
