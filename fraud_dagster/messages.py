@@ -133,6 +133,9 @@ def _identifier(obj: dict, name: str) -> tuple[str | None, str | None]:
         return None, f"'{name}' is longer than {MAX_IDENTIFIER_LENGTH[name]} characters"
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
         return None, f"'{name}' contains control characters"
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+        # A lone "\\ud800" escape is valid JSON but cannot be stored as UTF-8 text.
+        return None, f"'{name}' contains an unpaired UTF-16 surrogate escape"
     return text, None
 
 
@@ -250,7 +253,8 @@ def parse_batch(raw: RawBatch, limits: ValidationLimits | None = None) -> Parsed
                 ids["merchant"],
                 amount,
                 date_value,
-                json.dumps(extras, ensure_ascii=False, sort_keys=True) if extras else None,
+                # ASCII-escaped: any JSON string (NUL, lone surrogates) stores in any database.
+                json.dumps(extras, sort_keys=True) if extras else None,
                 raw.topic,
                 raw.partition,
                 raw.offsets[i],
