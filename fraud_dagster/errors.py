@@ -21,6 +21,10 @@ class ModelIntegrityError(FraudDagsterError):
     """A model file is missing, unreadable or does not match its recorded SHA-256."""
 
 
+class LabelError(FraudDagsterError):
+    """A label refers to a transaction the system never scored, or its source is unusable."""
+
+
 class StorageError(FraudDagsterError):
     """The application database refused or could not complete a write."""
 

@@ -535,6 +535,12 @@ def record_labels(engine: Engine, labels: Sequence[dict[str, Any]]) -> int:
     return len(rows)
 
 
+def latest_transaction_date(engine: Engine) -> datetime | None:
+    """When the most recent stored transaction happened: the stream's "now" in a replay."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.max(scored_transactions.c.transaction_date))).scalar()
+
+
 def active_model_version(engine: Engine) -> str | None:
     """The most recently promoted model version, or None if none was promoted yet."""
     query = (
