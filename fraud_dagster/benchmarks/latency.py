@@ -1,0 +1,395 @@
+"""Streaming latency through the real dagster-daemon, at fixed produce rates.
+
+For each rate: a fresh topic and database, a real `dagster-daemon` (QueuedRunCoordinator and run
+launcher from the repo's dagster.yaml) loading the production code location, a producer sending
+at the rate for a bounded time. Latencies come from the stores themselves: the Kafka message
+timestamp (producer time) against `scored_transactions.scored_at` (row stored) and against the
+time the SMTP server wrote the alert (email received). Lag (messages produced but not yet stored)
+is sampled every second. Before the first rate, the daemon runs a sample of trivial runs (four
+no-op ops, same code location and launcher) requested by a sensor: that request -> success time is
+the floor Dagster puts under every batch run.
+
+Reproduce: python -m fraud_dagster.benchmarks.latency --rates 200 1000 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import email
+import email.policy
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import sqlalchemy as sa
+
+from fraud_dagster import kafka_io, producer
+from fraud_dagster.batching import TAG_TOPIC
+from fraud_dagster.benchmarks.harness import (
+    Services,
+    emit_json,
+    local_services,
+    machine_description,
+)
+from fraud_dagster.benchmarks.latency_location import FLOOR_TAG
+from fraud_dagster.kafka_io import ensure_topic
+from fraud_dagster.settings import PROJECT_ROOT
+from fraud_dagster.simulator import to_messages
+from fraud_dagster.storage.schema import scored_transactions
+
+logger = logging.getLogger(__name__)
+COMMAND = "python -m fraud_dagster.benchmarks.latency"
+FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+
+
+@dataclass
+class Phase:
+    rate: int
+    seconds: int
+    produced: int = 0
+    lag_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, lag)
+    started_at: float = 0.0
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    array = np.asarray(values)
+    return {
+        "p50": float(np.percentile(array, 50)),
+        "p95": float(np.percentile(array, 95)),
+        "p99": float(np.percentile(array, 99)),
+        "max": float(array.max()),
+    }
+
+
+def start_daemon(home: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    workspace = home / "workspace.yaml"
+    workspace.write_text(
+        "load_from:\n  - python_module:\n"
+        "      module_name: fraud_dagster.benchmarks.latency_location\n"
+        f"      location_name: fraud_dagster\n      working_directory: {PROJECT_ROOT}\n"
+    )
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(workspace)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env, "DAGSTER_HOME": str(home)},
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_daemon(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def run_durations(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[dict]:
+    """create -> end seconds of finished runs with `tags`."""
+    records = instance.get_run_records(filters=dg.RunsFilter(tags=tags))
+    return [
+        {
+            "status": record.dagster_run.status.value,
+            "request_to_end_seconds": record.end_time - record.create_timestamp.timestamp(),
+            "start_to_end_seconds": record.end_time - record.start_time
+            if record.start_time
+            else None,
+        }
+        for record in records
+        if record.dagster_run.status in FINISHED and record.end_time
+    ]
+
+
+def measure_floor(instance: dg.DagsterInstance, runs: int, timeout_seconds: float) -> list[dict]:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        finished = run_durations(instance, {FLOOR_TAG: "1"})
+        if len(finished) >= runs:
+            return finished
+        time.sleep(1)
+    raise SystemExit(
+        f"only {len(run_durations(instance, {FLOOR_TAG: '1'}))} of {runs} floor runs finished"
+    )
+
+
+def stored_count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(sa.func.count()).select_from(scored_transactions)
+        ).scalar_one()
+
+
+def produce_at_rate(services: Services, topic: str, phase: Phase, engine: sa.Engine) -> None:
+    """Send `rate` messages per second for `seconds`, sampling lag every second meanwhile."""
+    count = phase.rate * phase.seconds
+    messages = to_messages(producer.synthetic_transactions(count, seed=phase.rate))
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            lag = phase.produced - stored_count(engine)
+            phase.lag_samples.append((time.time() - phase.started_at, max(lag, 0)))
+            stop.wait(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    phase.started_at = time.time()
+    sampler.start()
+    client = kafka_io.producer(services.kafka_options())
+    try:
+        for i, message in enumerate(messages):
+            due = phase.started_at + i / phase.rate
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            message["transaction_date"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            client.send(
+                topic, key=str(message["account_id"]).encode(), value=json.dumps(message).encode()
+            )
+            phase.produced = i + 1
+        client.flush()
+    finally:
+        client.close()
+    deadline = time.time() + 300
+    while stored_count(engine) < count and time.time() < deadline:
+        time.sleep(1)
+    stop.set()
+    sampler.join()
+    phase.lag_samples.append((time.time() - phase.started_at, max(count - stored_count(engine), 0)))
+
+
+def email_latencies(mail_dir: Path, produced_ms: dict[str, float]) -> list[float]:
+    latencies = []
+    for path in mail_dir.glob("*.eml"):
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        tid = message["X-Fraud-Transaction-Id"]
+        if tid in produced_ms:
+            received = datetime.strptime(path.name.split("-")[0], "%Y%m%dT%H%M%S%f").replace(
+                tzinfo=UTC
+            )
+            latencies.append(received.timestamp() - produced_ms[tid] / 1000)
+    return latencies
+
+
+def run_phase(
+    services: Services, home: Path, phase: Phase, args: argparse.Namespace, floor_runs: int
+) -> dict:
+    topic = f"latency-{phase.rate}"
+    database_url = services.sqlite_url(f"latency-{phase.rate}")
+    ensure_topic(services.kafka_options(), topic, args.partitions)
+    env = services.env(
+        topic,
+        database_url,
+        FRAUD_SENSOR_INTERVAL_SECONDS=str(args.sensor_interval),
+        FRAUD_MAX_BATCH_SIZE=str(args.max_batch_size),
+        FRAUD_FLOOR_RUNS=str(floor_runs),
+    )
+    mail_dir = services.mail_dir
+    shutil.rmtree(mail_dir, ignore_errors=True)
+    mail_dir.mkdir(parents=True)
+    daemon = start_daemon(home, env, services.work_dir / "daemon.log")
+    engine = sa.create_engine(database_url)
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            floor = measure_floor(instance, floor_runs, 600) if floor_runs else []
+            _wait_for_schema(engine)
+            produce_at_rate(services, topic, phase, engine)
+            time.sleep(args.sensor_interval + 5)  # let the last alerts go out
+            runs = run_durations(instance, {TAG_TOPIC: topic})
+    finally:
+        stop_daemon(daemon)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                scored_transactions.c.transaction_id,
+                scored_transactions.c.kafka_timestamp,
+                scored_transactions.c.scored_at,
+            )
+        ).all()
+    engine.dispose()
+    produced_ms = {
+        row.transaction_id: row.kafka_timestamp.replace(tzinfo=UTC).timestamp() * 1000
+        for row in rows
+    }
+    stored = [(row.scored_at - row.kafka_timestamp).total_seconds() for row in rows]
+    emails = email_latencies(mail_dir, produced_ms)
+    produce_end = phase.seconds
+    lag = phase.lag_samples
+    during = [value for t, value in lag if t <= produce_end]
+    third = max(len(during) // 3, 1)
+    result = {
+        "rate": phase.rate,
+        "seconds": phase.seconds,
+        "produced": phase.produced,
+        "stored": len(rows),
+        "emails": len(emails),
+        "stored_latency_seconds": percentiles(stored),
+        "email_latency_seconds": percentiles(emails),
+        "sustained_tx_per_second": len(rows) / max(max(t for t, _ in lag) if lag else 1, 1),
+        "lag_first_third_mean": float(np.mean(during[:third])) if during else None,
+        "lag_last_third_mean": float(np.mean(during[-third:])) if during else None,
+        "lag_max": max((v for _, v in lag), default=0),
+        "batch_runs": len(runs),
+        "batch_run_request_to_end_seconds": percentiles(
+            [r["request_to_end_seconds"] for r in runs]
+        ),
+        "failed_runs": sum(1 for r in runs if r["status"] != "SUCCESS"),
+        "lag_samples": lag,
+        "floor": floor,
+    }
+    if args.plot_dir:
+        _plot(
+            args.plot_dir / f"latency-{phase.rate}.png", phase, rows, emails, produced_ms, mail_dir
+        )
+    return result
+
+
+def _wait_for_schema(engine: sa.Engine) -> None:
+    from fraud_dagster.storage.store import ensure_schema
+
+    ensure_schema(engine)
+
+
+def _plot(path: Path, phase: Phase, rows, email_values, produced_ms, mail_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = phase.started_at
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    produced_at = [row.kafka_timestamp.replace(tzinfo=UTC).timestamp() - start for row in rows]
+    stored_latency = [(row.scored_at - row.kafka_timestamp).total_seconds() for row in rows]
+    top.scatter(produced_at, stored_latency, s=2, alpha=0.3, label="produce -> row stored")
+    email_points = []
+    for file in mail_dir.glob("*.eml"):
+        message = email.message_from_bytes(file.read_bytes(), policy=email.policy.default)
+        tid = message["X-Fraud-Transaction-Id"]
+        if tid in produced_ms:
+            received = datetime.strptime(file.name.split("-")[0], "%Y%m%dT%H%M%S%f").replace(
+                tzinfo=UTC
+            )
+            email_points.append(
+                (produced_ms[tid] / 1000 - start, received.timestamp() - produced_ms[tid] / 1000)
+            )
+    if email_points:
+        xs, ys = zip(*email_points, strict=True)
+        top.scatter(xs, ys, s=8, color="tab:red", label="produce -> email received")
+    top.set_ylabel("latency (s)")
+    top.set_title(f"{phase.rate} tx/s for {phase.seconds} s through dagster-daemon")
+    top.legend(loc="upper left")
+    times, lags = zip(*phase.lag_samples, strict=True) if phase.lag_samples else ([], [])
+    bottom.plot(times, lags, color="tab:green")
+    bottom.axvline(phase.seconds, color="grey", linestyle="--", label="producer stops")
+    bottom.set_xlabel("seconds since the producer started")
+    bottom.set_ylabel("lag (messages not yet stored)")
+    bottom.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
+    parser.add_argument("--seconds", type=int, default=60, help="producing time per rate")
+    parser.add_argument("--sensor-interval", type=int, default=5)
+    parser.add_argument("--max-batch-size", type=int, default=5000)
+    parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument("--floor-runs", type=int, default=20)
+    parser.add_argument("--plot-dir", type=Path, default=PROJECT_ROOT / "docs")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = []
+    with local_services() as services:
+        home = services.work_dir / "dagster_home"
+        home.mkdir()
+        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+        for i, rate in enumerate(args.rates):
+            phase = Phase(rate=rate, seconds=args.seconds)
+            results.append(run_phase(services, home, phase, args, args.floor_runs if i == 0 else 0))
+    floor = results[0]["floor"] if results else []
+    floor_stats = percentiles([r["request_to_end_seconds"] for r in floor])
+    _print(args, results, floor_stats)
+    emit_json(
+        args.json,
+        {
+            "machine": machine_description(),
+            "command": COMMAND,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "floor_request_to_end_seconds": floor_stats,
+            "results": results,
+        },
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.2f}"
+
+
+def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
+    lines = [
+        f"machine: {machine_description()}",
+        f"sensor interval {args.sensor_interval} s, max batch {args.max_batch_size}, "
+        f"{args.partitions} partition(s), {args.seconds} s per rate",
+        f"floor (trivial run, request -> success): p50 {_fmt(floor['p50'])} s, "
+        f"p95 {_fmt(floor['p95'])} s",
+        " | ".join(
+            [
+                f"{'rate':>6} {'sent':>7} {'stored':>7} {'emails':>6}",
+                f"{'stored p50':>10} {'p95':>6} {'p99':>6}",
+                f"{'email p50':>9} {'p95':>6} {'p99':>6}",
+                f"{'tx/s':>7} {'lag 1st/3':>9} {'lag last/3':>10} {'runs':>5}",
+            ]
+        ),
+    ]
+    for r in results:
+        s, e = r["stored_latency_seconds"], r["email_latency_seconds"]
+        lines.append(
+            " | ".join(
+                [
+                    f"{r['rate']:>6} {r['produced']:>7} {r['stored']:>7} {r['emails']:>6}",
+                    f"{_fmt(s['p50']):>10} {_fmt(s['p95'])} {_fmt(s['p99'])}",
+                    f"{_fmt(e['p50']):>9} {_fmt(e['p95'])} {_fmt(e['p99'])}",
+                    f"{r['sustained_tx_per_second']:>7.0f} {r['lag_first_third_mean'] or 0:>9.0f} "
+                    f"{r['lag_last_third_mean'] or 0:>10.0f} {r['batch_runs']:>5}",
+                ]
+            )
+        )
+    for r in results:
+        email_p95 = r["email_latency_seconds"]["p95"]
+        if r["rate"] == 200 and email_p95 is not None and floor["p95"] is not None:
+            budget = floor["p95"] + args.sensor_interval + 2
+            verdict = "met" if email_p95 <= budget else "MISSED"
+            lines.append(
+                f"target at 200 tx/s: email p95 {email_p95:.2f} s <= floor p95 {floor['p95']:.2f} "
+                f"+ interval {args.sensor_interval} + 2 = {budget:.2f} s: {verdict}"
+            )
+    rates = " ".join(str(r["rate"]) for r in results)
+    lines.append(
+        f"reproduce: {COMMAND} --rates {rates} --seconds {args.seconds} "
+        f"--sensor-interval {args.sensor_interval} --max-batch-size {args.max_batch_size}"
+    )
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
