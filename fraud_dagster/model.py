@@ -38,6 +38,7 @@ class ModelEntry:
     metrics: dict[str, float] | None = None
     training_data: dict[str, Any] | None = None
     score_histogram: dict[str, Any] | None = None
+    kind: str = ""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelEntry:
@@ -52,6 +53,7 @@ class ModelEntry:
                 metrics=data.get("metrics"),
                 training_data=data.get("training_data"),
                 score_histogram=data.get("score_histogram"),
+                kind=str(data.get("kind", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelIntegrityError(
@@ -69,6 +71,7 @@ class ModelEntry:
             "metrics": self.metrics,
             "training_data": self.training_data,
             "score_histogram": self.score_histogram,
+            "kind": self.kind,
         }
 
 

@@ -1,0 +1,222 @@
+"""Training and evaluation: the handbook's protocol pieces, the shared training path, publishing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
+from fraud_dagster.features import FEATURE_COLUMNS
+from fraud_dagster.model import load_verified, read_manifest, sha256_of_file
+from fraud_dagster.simulator import SimulationConfig, simulate_transactions
+from fraud_dagster.training import (
+    MODEL_KINDS,
+    Periods,
+    build_estimator,
+    card_precision_at_k,
+    evaluation_rows,
+    load_labelled_csv,
+    prepare_training_frame,
+    publish_model,
+    train_model,
+)
+
+
+def tx(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
+    """(date, account, is_fraud) rows as a transaction frame."""
+    return pd.DataFrame(
+        {
+            "transaction_id": [f"t{i}" for i in range(len(rows))],
+            "transaction_date": pd.to_datetime([r[0] for r in rows]),
+            "account_id": [r[1] for r in rows],
+            "merchant": "m",
+            "transaction_amount": 10.0,
+            "is_fraud": [r[2] for r in rows],
+        }
+    )
+
+
+def reference_card_precision(frame: pd.DataFrame, scores: np.ndarray, k: int) -> float:
+    """The handbook's definition written out with plain Python, for comparison."""
+    days = sorted(set(frame["transaction_date"].dt.normalize()))
+    detected: set[str] = set()
+    precisions = []
+    for day in days:
+        best: dict[str, float] = {}
+        fraud: dict[str, int] = {}
+        for date, account, label, score in zip(
+            frame["transaction_date"], frame["account_id"], frame["is_fraud"], scores, strict=True
+        ):
+            if date.normalize() != day or account in detected:
+                continue
+            best[account] = max(best.get(account, -1.0), score)
+            fraud[account] = max(fraud.get(account, 0), int(label))
+        top = sorted(best, key=lambda a: -best[a])[:k]
+        found = [a for a in top if fraud[a]]
+        precisions.append(len(found) / k)
+        detected.update(found)
+    return float(np.mean(precisions))
+
+
+def test_card_precision_counts_a_card_once_and_divides_by_k() -> None:
+    frame = tx(
+        [
+            ("2024-01-01 10:00", "A", 1),
+            ("2024-01-01 11:00", "A", 0),  # same card: max score, max label
+            ("2024-01-01 12:00", "B", 0),
+            ("2024-01-01 13:00", "C", 1),
+            ("2024-01-02 10:00", "A", 1),  # detected on day 1: left out on day 2
+            ("2024-01-02 11:00", "C", 1),
+            ("2024-01-02 12:00", "D", 0),
+        ]
+    )
+    scores = np.array([0.2, 0.9, 0.8, 0.1, 0.99, 0.7, 0.6])
+    # Day 1: cards A (0.9, fraud), B (0.8): 1 of 2. Day 2 without A: C (fraud), D: 1 of 2.
+    assert card_precision_at_k(frame, scores, k=2) == pytest.approx(0.5)
+    # Fewer cards than k still divide by k: day 1 has A, B, C -> 2 frauds / 5.
+    assert card_precision_at_k(frame.iloc[:4], scores[:4], k=5) == pytest.approx(0.4)
+
+
+def test_card_precision_matches_the_written_out_definition() -> None:
+    rng = np.random.default_rng(3)
+    n = 600
+    frame = tx(
+        [
+            (
+                f"2024-01-0{1 + i % 4} {rng.integers(0, 24):02d}:00",
+                f"c{rng.integers(0, 80)}",
+                int(rng.random() < 0.15),
+            )
+            for i in range(n)
+        ]
+    )
+    scores = rng.random(n)
+    for k in (5, 20, 100):
+        assert card_precision_at_k(frame, scores, k) == pytest.approx(
+            reference_card_precision(frame, scores, k)
+        )
+
+
+def test_periods_follow_the_handbook_calendar() -> None:
+    periods = Periods.starting("2018-07-25")
+    assert (periods.train_start, periods.train_end) == (
+        pd.Timestamp("2018-07-25"),
+        pd.Timestamp("2018-07-31"),
+    )
+    assert (periods.test_start, periods.test_end) == (
+        pd.Timestamp("2018-08-08"),
+        pd.Timestamp("2018-08-14"),
+    )
+    dates = pd.Series(pd.to_datetime(["2018-05-01 00:00", "2018-08-14 23:00"]))
+    assert Periods.last_days(dates, train_days=7, test_days=7) == periods
+
+
+def test_test_selection_drops_cards_known_to_be_compromised() -> None:
+    periods = Periods.starting("2024-01-01")  # train 01-01..07, test 01-15..21
+    frame = tx(
+        [
+            ("2023-12-20 10:00", "OLD", 1),  # fraud before the training period: not counted
+            ("2024-01-03 10:00", "TRAIN", 1),  # fraud in training: known all test long
+            ("2024-01-09 10:00", "DELAY", 1),  # known from 01-09 + 8 days = 01-17
+            ("2024-01-15 10:00", "OLD", 0),
+            ("2024-01-15 11:00", "TRAIN", 0),
+            ("2024-01-16 10:00", "DELAY", 1),
+            ("2024-01-17 10:00", "DELAY", 0),
+            ("2024-01-21 10:00", "NEW", 1),
+            ("2024-01-22 10:00", "NEW", 1),  # after the test period
+        ]
+    )
+    kept = frame.loc[evaluation_rows(frame, periods), ["account_id", "transaction_date"]]
+    assert list(kept["account_id"]) == ["OLD", "DELAY", "NEW"]
+    assert list(kept["transaction_date"].dt.day) == [15, 16, 21]
+
+
+@pytest.fixture(scope="module")
+def simulated() -> pd.DataFrame:
+    config = SimulationConfig(n_customers=600, n_terminals=1200, n_days=70, seed=5)
+    return prepare_training_frame(simulate_transactions(config))
+
+
+def test_train_model_fits_on_train_and_measures_on_later_test(simulated: pd.DataFrame) -> None:
+    lines: list[str] = []
+    result = train_model(simulated, kind="gradient_boosting", progress=lines.append)
+    periods = result.periods
+    assert periods.test_end == simulated["transaction_date"].max().normalize()
+    assert periods.test_start - periods.train_end == pd.Timedelta(days=8)
+    in_train = periods.mask(simulated["transaction_date"], "train")
+    assert result.train_rows == int(in_train.sum())
+    assert result.train_frauds == int(simulated.loc[in_train, "is_fraud"].sum())
+    assert 0 < result.test_rows < int(periods.mask(simulated["transaction_date"], "test").sum())
+    assert len(result.test_scores) == result.test_rows
+    assert result.metrics["auc_roc"] > 0.8
+    assert 0 < result.metrics["average_precision"] <= 1
+    assert 0 < result.metrics["card_precision_at_100"] <= 1
+    assert 0 < result.threshold < 1
+    assert sum(result.score_histogram["counts"]) == result.test_rows
+    assert [line[:5] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+
+
+def test_training_needs_frauds_in_both_periods(simulated: pd.DataFrame) -> None:
+    genuine = simulated.assign(is_fraud=0)
+    with pytest.raises(ModelIntegrityError, match="both need frauds"):
+        train_model(genuine, kind="logistic")
+
+
+def test_every_kind_builds_and_unknown_kinds_are_refused() -> None:
+    for kind in MODEL_KINDS:
+        assert hasattr(build_estimator(kind), "predict_proba")
+    with pytest.raises(ConfigurationError, match="forest_boosting"):
+        build_estimator("deep_magic")
+
+
+def test_publish_writes_file_and_manifest_entry(tmp_path: Path, simulated: pd.DataFrame) -> None:
+    result = train_model(simulated, kind="logistic")
+    first = publish_model(tmp_path, result, source="unit test")
+    second = publish_model(tmp_path, result, source="unit test")  # same second: distinct version
+    assert first.version != second.version
+    manifest = read_manifest(tmp_path)
+    assert [e.version for e in manifest.entries] == [first.version, second.version]
+    assert manifest.default_version == first.version  # the first model serves until a promotion
+    assert manifest.newest().version == second.version
+    raw = json.loads((tmp_path / "manifest.json").read_text())["models"][0]
+    for key in ("version", "file", "sha256", "created_at", "features", "metrics", "threshold"):
+        assert raw[key], key
+    assert raw["kind"] == "logistic"
+    assert raw["features"] == FEATURE_COLUMNS
+    assert raw["training_data"]["train_start"] == result.periods.train_start.date().isoformat()
+    assert raw["training_data"]["test_rows"] == result.test_rows
+    assert sha256_of_file(tmp_path / first.file) == first.sha256
+    loaded = load_verified(tmp_path, first)
+    assert loaded.threshold == pytest.approx(result.threshold, abs=1e-6)
+
+
+def test_labelled_csv_in_handbook_or_project_columns(tmp_path: Path) -> None:
+    frame = simulate_transactions(SimulationConfig(n_customers=20, n_terminals=40, n_days=3))
+    handbook = pd.DataFrame(
+        {
+            "TRANSACTION_ID": range(len(frame)),
+            "TX_DATETIME": frame["transaction_date"].dt.strftime("%Y-%m-%d %H:%M:%S"),
+            "CUSTOMER_ID": frame["account_id"].str[1:].astype(int),
+            "TERMINAL_ID": frame["merchant"].str[1:].astype(int),
+            "TX_AMOUNT": frame["transaction_amount"],
+            "TX_TIME_SECONDS": 0,
+            "TX_TIME_DAYS": 0,
+            "TX_FRAUD": frame["is_fraud"],
+            "TX_FRAUD_SCENARIO": frame["fraud_scenario"],
+        }
+    )
+    handbook.to_csv(tmp_path / "handbook.csv.gz", index=False)
+    frame.to_csv(tmp_path / "own.csv", index=False)
+    from_handbook = load_labelled_csv(tmp_path / "handbook.csv.gz")
+    own = load_labelled_csv(tmp_path / "own.csv")
+    assert len(from_handbook) == len(own) == len(frame)
+    assert from_handbook["transaction_id"].tolist() == [str(i) for i in range(len(frame))]
+    assert from_handbook["is_fraud"].tolist() == own["is_fraud"].tolist()
+    assert own["transaction_date"].dtype.kind == "M"
+    with pytest.raises(ConfigurationError, match="lacks the columns"):
+        frame.drop(columns=["is_fraud"]).to_csv(tmp_path / "bad.csv", index=False)
+        load_labelled_csv(tmp_path / "bad.csv")
