@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fraud_dagster.errors import FraudDagsterError
@@ -115,18 +116,19 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from fraud_dagster.simulator import SimulationConfig, simulate_transactions
-    from fraud_dagster.training import publish_model, train_model
+    from fraud_dagster.training import (
+        DEFAULT_MODEL_KIND,
+        load_labelled_csv,
+        publish_model,
+        simulated_training_data,
+        train_model,
+    )
 
     if args.data:
-        frame = pd.read_csv(args.data)
-        source = str(args.data)
+        frame, source = load_labelled_csv(Path(args.data)), str(args.data)
     else:
-        frame = simulate_transactions(SimulationConfig(n_days=args.days, seed=args.seed))
-        source = f"simulator(days={args.days}, seed={args.seed})"
-    result = train_model(frame)
+        frame, source = simulated_training_data(args.days, args.seed)
+    result = train_model(frame, kind=args.kind or DEFAULT_MODEL_KIND)
     entry = publish_model(
         Path(args.models_dir) if args.models_dir else settings.models_dir,
         result,
@@ -135,30 +137,34 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     )
     metrics = ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items())
     print_line(
-        f"published model {entry.version} ({entry.file}); {metrics}; "
-        f"threshold {entry.threshold:.3f}"
+        f"published model {entry.version} ({entry.file}, {entry.kind}); {metrics}; "
+        f"threshold {entry.threshold:.3f}; reload_model promotes it once validated"
     )
     return 0
 
 
 def cmd_label(settings: Settings, args: argparse.Namespace) -> int:
+    from fraud_dagster.labels import record_analyst_label
     from fraud_dagster.resources import resolved_resources
-    from fraud_dagster.storage.store import record_labels
 
     engine = resolved_resources(settings)["database"].get_engine()
-    record_labels(
-        engine,
-        [
-            {
-                "transaction_id": args.transaction_id,
-                "is_fraud": args.fraud,
-                "labeled_by": args.by,
-                "source": "analyst",
-            }
-        ],
-    )
+    record_analyst_label(engine, args.transaction_id, args.fraud, args.by)
     print_line(
         f"recorded {args.transaction_id} as {'fraud' if args.fraud else 'genuine'} (by {args.by})"
+    )
+    return 0
+
+
+def cmd_load_labels(settings: Settings, args: argparse.Namespace) -> int:
+    from fraud_dagster.labels import load_replay_labels
+    from fraud_dagster.resources import resolved_resources
+
+    engine = resolved_resources(settings)["database"].get_engine()
+    report = load_replay_labels(engine, Path(args.from_csv), args.as_of, args.delay_days)
+    print_line(
+        f"loaded {report.loaded} labels ({report.frauds} frauds) of transactions up to "
+        f"{report.known_until:%Y-%m-%d %H:%M:%S} (as of {report.as_of:%Y-%m-%d %H:%M:%S}, "
+        f"{args.delay_days}-day delay); {report.already_labelled} were labelled already"
     )
     return 0
 
@@ -245,6 +251,17 @@ def print_line(text: str) -> None:
     sys.stdout.flush()
 
 
+def _utc_datetime(text: str) -> datetime:
+    """An ISO 8601 argument as naive UTC (the database's convention)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date/time: {text!r}") from None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fraud-dagster", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("FRAUD_LOG_LEVEL", "INFO"))
@@ -284,10 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train, evaluate and publish a model to models/")
     train.add_argument("--data", default=None, help="labelled CSV; default: the simulator")
-    train.add_argument("--days", type=int, default=60, help="simulated days")
+    train.add_argument("--days", type=int, default=90, help="simulated days")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--models-dir", default=None)
     train.add_argument("--default", action="store_true", help="serve it when nothing is promoted")
+    train.add_argument(
+        "--kind",
+        default=None,
+        help="estimator: forest_boosting (default), gradient_boosting, random_forest, logistic",
+    )
     train.set_defaults(handler=cmd_train)
 
     label = sub.add_parser("label", help="record a confirmed outcome of a transaction")
@@ -297,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     verdict.add_argument("--genuine", dest="fraud", action="store_false")
     label.add_argument("--by", default=os.environ.get("USER", "analyst"), help="who confirmed it")
     label.set_defaults(handler=cmd_label)
+
+    load_labels = sub.add_parser(
+        "load-labels", help="replay: load a handbook CSV's labels known after the delay"
+    )
+    load_labels.add_argument("--from-csv", required=True, help="handbook-format CSV (.csv/.gz)")
+    load_labels.add_argument(
+        "--as-of",
+        type=_utc_datetime,
+        default=None,
+        help="the replay's now (ISO 8601; UTC without an offset); default: the latest stored "
+        "transaction's time",
+    )
+    load_labels.add_argument(
+        "--delay-days", type=int, default=7, help="days until a label is known (default 7)"
+    )
+    load_labels.set_defaults(handler=cmd_load_labels)
 
     db = sub.add_parser("db", help="application database")
     db.add_argument("action", choices=["init"])
