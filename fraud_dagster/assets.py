@@ -2,7 +2,8 @@
 
 transactions_topic (Kafka) -> scored_transactions -> suspicious_transactions -> fraud_alerts,
 with fraud_model feeding the scoring. The three tables are written by each batch run of the
-`transaction_batch` graph (see `ops.py`); the topic and the model are declared here.
+`transaction_batch` graph (see `ops.py`); the topic is declared here; the model is trained and
+published by the `fraud_model` asset of `model_ops.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,4 @@ transactions_topic = dg.AssetSpec(
     ),
     group_name=GROUP,
     kinds={"kafka"},
-)
-
-fraud_model = dg.AssetSpec(
-    key="fraud_model",
-    description=(
-        "The published scikit-learn fraud model: a joblib file in models/ whose SHA-256 and "
-        "metrics are recorded in models/manifest.json. Scoring uses the promoted version."
-    ),
-    group_name=GROUP,
-    kinds={"scikitlearn"},
 )

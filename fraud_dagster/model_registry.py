@@ -1,0 +1,226 @@
+"""Which model serves, and what a newly published model must pass before it does.
+
+Batch runs load the *active* version: the last one promoted into `model_promotions`, or the
+manifest's `default_version` before any promotion (the shipped model). Publishing a model
+(`fraud-dagster train`, the `fraud_model` asset) does not put it in service. `reload_model` takes
+the newest manifest entry, verifies its SHA-256 and unpickles it, scores a fixed sanity batch,
+checks that its recorded metrics are not worse than the active model's beyond a tolerance, and
+only then records the promotion. A refused model changes nothing: the model in service stays in
+service, because every batch run (a fresh process) loads the active version, which did not move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+from sqlalchemy.engine import Engine
+
+from fraud_dagster.errors import ModelIntegrityError
+from fraud_dagster.features import FEATURE_COLUMNS, compute_features
+from fraud_dagster.model import LoadedModel, Manifest, ModelEntry, load_verified, sha256_of_file
+from fraud_dagster.simulator import SimulationConfig, simulate_transactions
+from fraud_dagster.storage.store import active_model_version, record_promotion
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METRIC_TOLERANCE = 0.02
+COMPARED_METRICS = ("auc_roc", "average_precision", "card_precision_at_100")
+# The sanity batch: a fixed simulated history; its last days are scored by every candidate.
+SANITY_SIMULATION = SimulationConfig(n_days=40, seed=20_240_101, id_prefix="SANITY")
+SANITY_SCORED_DAYS = 3
+SANITY_MIN_AUC = 0.75
+SANITY_MAX_ALERT_RATE = 0.10
+
+PROMOTED, UNCHANGED, REFUSED = "promoted", "unchanged", "refused"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One validation step of a candidate model and what it found."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class ReloadDecision:
+    """What `reload_model` decided, and why: promoted, unchanged or refused."""
+
+    outcome: str
+    reason: str
+    candidate: ModelEntry | None
+    previous_version: str | None
+    active_version: str | None
+    checks: tuple[Check, ...] = field(default=())
+
+    @property
+    def failed_checks(self) -> list[Check]:
+        return [check for check in self.checks if not check.passed]
+
+
+def active_version(engine: Engine, manifest: Manifest) -> str | None:
+    """The version batch runs load: the last promoted one, else the manifest's default."""
+    promoted = active_model_version(engine)
+    if promoted:
+        return promoted
+    if manifest.default_version:
+        return manifest.default_version
+    return manifest.newest().version if manifest.entries else None
+
+
+def candidate_fingerprint(models_dir: Path, candidate: ModelEntry, active: str | None) -> str:
+    """Identifies one validation question: this entry, these file bytes, against this active
+    version. The schedule does not ask a question again once it was answered with a refusal."""
+    try:
+        actual = sha256_of_file(models_dir / candidate.file)
+    except OSError:
+        actual = "unreadable"
+    text = f"{candidate.version}|{candidate.sha256}|{actual}|{active}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def sanity_batch() -> tuple[pd.DataFrame, np.ndarray]:
+    """Features and labels of the fixed sanity batch (built once per process)."""
+    history = simulate_transactions(SANITY_SIMULATION)
+    features = compute_features(history)
+    dates = pd.to_datetime(history["transaction_date"])
+    scored = (
+        dates >= dates.max().normalize() - pd.Timedelta(days=SANITY_SCORED_DAYS - 1)
+    ).to_numpy()
+    return features.loc[scored].reset_index(drop=True), history["is_fraud"].to_numpy()[scored]
+
+
+def check_sanity(model: LoadedModel) -> list[Check]:
+    """Score the sanity batch: valid probabilities, frauds ranked first, few alerts."""
+    features, labels = sanity_batch()
+    scores = model.predict_proba(features)
+    if len(scores) != len(features) or not np.all(np.isfinite(scores)):
+        return [
+            Check("sanity_scores", False, "predict_proba returned missing or non-finite values")
+        ]
+    if scores.min() < 0 or scores.max() > 1:
+        return [
+            Check("sanity_scores", False, f"scores outside [0, 1]: {scores.min()}..{scores.max()}")
+        ]
+    checks = [Check("sanity_scores", True, f"{len(scores):,} valid probabilities")]
+    auc = float(roc_auc_score(labels, scores))
+    checks.append(
+        Check(
+            "sanity_auc",
+            auc >= SANITY_MIN_AUC,
+            f"AUC {auc:.3f} on the sanity batch ({int(labels.sum())} frauds), "
+            f"minimum {SANITY_MIN_AUC}",
+        )
+    )
+    alert_rate = float(np.mean(scores >= model.threshold))
+    checks.append(
+        Check(
+            "sanity_alert_rate",
+            alert_rate <= SANITY_MAX_ALERT_RATE,
+            f"{alert_rate:.2%} of the sanity batch at or above threshold {model.threshold:.3f} "
+            f"(fraud rate {labels.mean():.2%}), maximum {SANITY_MAX_ALERT_RATE:.0%}",
+        )
+    )
+    return checks
+
+
+def compare_metrics(
+    candidate: ModelEntry, active: ModelEntry | None, tolerance: float
+) -> list[Check]:
+    """Each recorded metric of the candidate must be >= the active model's minus `tolerance`."""
+    if active is None:
+        return [Check("metrics", True, "no active model in the manifest to compare with")]
+    checks = []
+    for name in COMPARED_METRICS:
+        theirs = (active.metrics or {}).get(name)
+        ours = (candidate.metrics or {}).get(name)
+        if theirs is None:
+            checks.append(Check(f"metric_{name}", True, f"active {active.version} records none"))
+        elif ours is None:
+            checks.append(Check(f"metric_{name}", False, "the candidate's manifest entry has none"))
+        else:
+            checks.append(
+                Check(
+                    f"metric_{name}",
+                    ours >= theirs - tolerance,
+                    f"{ours:.4f} vs active {theirs:.4f} (tolerance {tolerance})",
+                )
+            )
+    return checks
+
+
+def validate_candidate(
+    models_dir: Path, candidate: ModelEntry, active: ModelEntry | None, tolerance: float
+) -> list[Check]:
+    """All checks of `candidate`; stops after the first one that makes the rest meaningless."""
+    try:
+        model = load_verified(models_dir, candidate)
+    except ModelIntegrityError as exc:
+        return [Check("integrity", False, str(exc))]
+    checks = [Check("integrity", True, f"SHA-256 {candidate.sha256[:12]}… matches; unpickled")]
+    unknown = sorted(set(candidate.features) - set(FEATURE_COLUMNS))
+    if unknown:
+        checks.append(
+            Check("features", False, f"features the pipeline does not compute: {unknown}")
+        )
+        return checks
+    checks.append(Check("features", True, f"{len(candidate.features)} known features"))
+    try:
+        checks.extend(check_sanity(model))
+    except Exception as exc:  # a model that cannot score the batch is refused, whatever the cause
+        checks.append(Check("sanity_scores", False, f"scoring the sanity batch failed: {exc!r}"))
+        return checks
+    checks.extend(compare_metrics(candidate, active, tolerance))
+    return checks
+
+
+def reload_model(
+    models_dir: Path,
+    manifest: Manifest,
+    engine: Engine,
+    tolerance: float = DEFAULT_METRIC_TOLERANCE,
+    run_id: str | None = None,
+) -> ReloadDecision:
+    """Validate the newest manifest entry and promote it if it passes every check."""
+    previous = active_version(engine, manifest)
+    candidate = manifest.newest()
+    if candidate.version == previous:
+        return ReloadDecision(
+            UNCHANGED,
+            f"the newest model {previous} is already active",
+            candidate,
+            previous,
+            previous,
+        )
+    try:
+        active_entry = manifest.get(previous) if previous else None
+    except ModelIntegrityError:
+        active_entry = None  # the active version left the manifest: nothing to compare with
+    checks = tuple(validate_candidate(models_dir, candidate, active_entry, tolerance))
+    failed = [check for check in checks if not check.passed]
+    if failed:
+        reason = f"model {candidate.version} refused, {previous} stays active: " + "; ".join(
+            f"{check.name}: {check.detail}" for check in failed
+        )
+        logger.warning("%s", reason)
+        return ReloadDecision(REFUSED, reason, candidate, previous, previous, checks)
+    reason = f"validated against {previous or 'nothing'}: " + ", ".join(c.name for c in checks)
+    record_promotion(engine, candidate.version, candidate.sha256, reason, run_id)
+    logger.info("promoted model %s (was %s)", candidate.version, previous)
+    return ReloadDecision(
+        PROMOTED,
+        f"model {candidate.version} promoted, replacing {previous}",
+        candidate,
+        previous,
+        candidate.version,
+        checks,
+    )

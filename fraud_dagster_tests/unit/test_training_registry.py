@@ -1,0 +1,80 @@
+"""The promotion checks as plain functions: sanity batch, metric comparison, fingerprints."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sklearn.dummy import DummyClassifier
+
+from fraud_dagster import model_registry
+from fraud_dagster.model import LoadedModel, load_verified, read_manifest
+from fraud_dagster.settings import PROJECT_ROOT
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "models"
+    shutil.copytree(PROJECT_ROOT / "models", target)
+    return target
+
+
+@pytest.fixture
+def shipped(models_dir: Path) -> LoadedModel:
+    manifest = read_manifest(models_dir)
+    return load_verified(models_dir, manifest.get(manifest.default_version))
+
+
+def test_shipped_model_passes_the_sanity_batch(shipped: LoadedModel) -> None:
+    checks = model_registry.check_sanity(shipped)
+    assert [c.name for c in checks] == ["sanity_scores", "sanity_auc", "sanity_alert_rate"]
+    assert all(c.passed for c in checks), checks
+
+
+def test_sanity_batch_refuses_a_model_that_cannot_rank_frauds(shipped: LoadedModel) -> None:
+    features, labels = model_registry.sanity_batch()
+    constant = DummyClassifier(strategy="prior").fit(features, labels)
+    checks = {c.name: c for c in model_registry.check_sanity(replace(shipped, estimator=constant))}
+    assert checks["sanity_scores"].passed
+    assert not checks["sanity_auc"].passed
+    assert "AUC 0.500" in checks["sanity_auc"].detail
+
+
+def test_sanity_batch_refuses_a_threshold_that_alerts_on_everything(
+    shipped: LoadedModel,
+) -> None:
+    checks = {c.name: c for c in model_registry.check_sanity(replace(shipped, threshold=0.0))}
+    assert checks["sanity_auc"].passed
+    assert not checks["sanity_alert_rate"].passed
+    assert "100.00%" in checks["sanity_alert_rate"].detail
+
+
+def test_metrics_may_drop_only_within_the_tolerance(shipped: LoadedModel) -> None:
+    active = shipped.entry
+    metrics = dict(active.metrics or {})
+    slightly_worse = replace(active, metrics={k: v - 0.015 for k, v in metrics.items()})
+    assert all(c.passed for c in model_registry.compare_metrics(slightly_worse, active, 0.02))
+    worse_ap = replace(
+        active, metrics={**metrics, "average_precision": metrics["average_precision"] - 0.05}
+    )
+    checks = {c.name: c for c in model_registry.compare_metrics(worse_ap, active, 0.02)}
+    assert not checks["metric_average_precision"].passed
+    assert checks["metric_auc_roc"].passed
+    no_metrics = replace(active, metrics=None)
+    assert not any(c.passed for c in model_registry.compare_metrics(no_metrics, active, 0.02))
+    assert all(c.passed for c in model_registry.compare_metrics(active, no_metrics, 0.02))
+    assert model_registry.compare_metrics(active, None, 0.02)[0].passed
+
+
+def test_fingerprint_changes_with_the_file_bytes_and_the_active_version(models_dir: Path) -> None:
+    entry = read_manifest(models_dir).newest()
+    first = model_registry.candidate_fingerprint(models_dir, entry, "v1")
+    assert model_registry.candidate_fingerprint(models_dir, entry, "v1") == first
+    assert model_registry.candidate_fingerprint(models_dir, entry, "v2") != first
+    path = models_dir / entry.file
+    path.write_bytes(path.read_bytes() + b"x")
+    assert model_registry.candidate_fingerprint(models_dir, entry, "v1") != first
+    path.unlink()
+    assert model_registry.candidate_fingerprint(models_dir, entry, "v1") != first
