@@ -47,6 +47,10 @@ class KafkaResource(dg.ConfigurableResource):
     request_timeout_seconds: float = Field(
         default=30.0, description="Timeout of one broker request."
     )
+    connect_timeout_seconds: float = Field(
+        default=10.0,
+        description="How long to try to reach a broker before calling Kafka unavailable.",
+    )
     fetch_timeout_seconds: float = Field(
         default=120.0, description="Time allowed to read one batch."
     )
@@ -56,6 +60,7 @@ class KafkaResource(dg.ConfigurableResource):
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "security_protocol": self.security_protocol,
             "request_timeout_ms": int(self.request_timeout_seconds * 1000),
+            "bootstrap_timeout_ms": int(self.connect_timeout_seconds * 1000),
             "client_id": "fraud-dagster",
         }
         if self.sasl_mechanism:
@@ -178,6 +183,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             sasl_username=settings.kafka_sasl_username,
             sasl_password=_secret(settings, "FRAUD_KAFKA_SASL_PASSWORD"),
             ssl_cafile=settings.kafka_ssl_cafile,
+            connect_timeout_seconds=settings.kafka_connect_timeout_seconds,
         ),
         "database": DatabaseResource(url=database_url),
         "model": ModelResource(

@@ -44,6 +44,7 @@ class Settings:
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
     kafka_ssl_cafile: str | None = None
+    kafka_connect_timeout_seconds: float = 10.0
     sensor_interval_seconds: int = 5
     max_batch_size: int = 5000
     max_runs_per_tick: int = 50
@@ -102,6 +103,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kafka_sasl_mechanism=get("FRAUD_KAFKA_SASL_MECHANISM"),
         kafka_sasl_username=get("FRAUD_KAFKA_SASL_USERNAME"),
         kafka_ssl_cafile=get("FRAUD_KAFKA_SSL_CAFILE"),
+        kafka_connect_timeout_seconds=float(get("FRAUD_KAFKA_CONNECT_TIMEOUT_SECONDS", "10")),
         sensor_interval_seconds=int(get("FRAUD_SENSOR_INTERVAL_SECONDS", "5")),
         max_batch_size=int(get("FRAUD_MAX_BATCH_SIZE", "5000")),
         max_runs_per_tick=int(get("FRAUD_MAX_RUNS_PER_TICK", "50")),

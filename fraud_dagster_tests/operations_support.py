@@ -18,6 +18,7 @@ from typing import Any
 
 import dagster as dg
 import sqlalchemy as sa
+from dagster._core.definitions.reconstruct import ReconstructableJob
 
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.postgres import LocalPostgres
@@ -25,6 +26,7 @@ from fraud_dagster.local_services.process import free_port
 from fraud_dagster.resources import build_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema
+from fraud_dagster.storage.store import create_engine, ensure_schema
 from fraud_dagster_tests.helpers import table_rows
 
 
@@ -37,12 +39,24 @@ def send_pending_alerts_job() -> dg.JobDefinition:
     return build_definitions(load_settings()).resolve_job_def("send_pending_alerts")
 
 
+def fresh_reconstructable() -> ReconstructableJob:
+    """`reconstructable(score_transactions_job)` built from today's environment.
+
+    Dagster keeps the last reconstructed job in a process-wide cache keyed by the code pointer,
+    which is the same for every test; a test that points the project at other services (its own
+    broker, database or models) must not run the previous test's job.
+    """
+    ReconstructableJob.get_definition.cache_clear()
+    ReconstructableJob.get_repository_definition.cache_clear()
+    return dg.reconstructable(score_transactions_job)
+
+
 def run_request(
     request: dg.RunRequest, instance: dg.DagsterInstance, **kwargs: Any
 ) -> dg.JobExecutionResult:
     """Execute a sensor's batch RunRequest the way a run worker does (storage on the instance)."""
     with dg.execute_job(
-        dg.reconstructable(score_transactions_job),
+        fresh_reconstructable(),
         instance=instance,
         run_config=request.run_config,
         tags={**request.tags, "dagster/run_key": request.run_key},
@@ -65,7 +79,7 @@ def reexecute(
     assert parent is not None
     tags = {k: v for k, v in parent.tags.items() if not k.startswith("dagster/")}
     with dg.execute_job(
-        dg.reconstructable(score_transactions_job),
+        fresh_reconstructable(),
         instance=instance,
         reexecution_options=options,
         tags=tags,
@@ -122,6 +136,7 @@ def executed_steps(instance: dg.DagsterInstance, run_id: str) -> set[str]:
 def accounting(database_url: str, topic: str) -> Counter[tuple[int, int]]:
     """How often each (partition, offset) of `topic` is stored, scored and rejected together."""
     counts: Counter[tuple[int, int]] = Counter()
+    ensure_schema(create_engine(database_url))
     for table in (schema.scored_transactions, schema.rejected_transactions):
         for row in table_rows(database_url, table):
             if row["source_topic"] == topic:
@@ -157,6 +172,7 @@ def local_postgres() -> Iterator[LocalPostgres]:
     """A PostgreSQL server of our own (so a test may stop it); its directory is outside the
     pytest tmp dir, which the `postgres` user cannot enter when the tests run as root."""
     base = Path(tempfile.mkdtemp(prefix="fraud-pg-"))
+    base.chmod(0o755)  # the server's user must reach its data directory below
     server = LocalPostgres(base_dir=base / "pg", port=free_port())
     server.start()
     try:

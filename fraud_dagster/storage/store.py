@@ -71,7 +71,10 @@ def ensure_schema(engine: Engine) -> None:
     try:
         metadata.create_all(engine)
     except SQLAlchemyError as exc:
-        raise StorageError(f"cannot create the schema on {engine.url!r}: {exc}") from exc
+        raise StorageError(
+            f"cannot create the schema on {engine.url!r} (is the database running and "
+            f"reachable?); batches fail until it is, rerun them afterwards: {exc}"
+        ) from exc
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect_name: str) -> sa.Insert:

@@ -1,0 +1,287 @@
+"""Outages, injected for real: a broker we stop and start again, a PostgreSQL server we stop,
+a tampered model file, a dagster-daemon killed with SIGKILL in the middle of the stream.
+
+The broker and the database are this test's own (free ports, temporary directories), so the
+session's broker stays up for the other tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from fraud_dagster.definitions import build_definitions
+from fraud_dagster.kafka_io import ensure_topic
+from fraud_dagster.local_services.kafka import LocalKafka
+from fraud_dagster.local_services.process import free_port
+from fraud_dagster.local_services.smtp import LocalSmtpServer
+from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.resources import build_resources, resolved_resources
+from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
+from fraud_dagster.simulator import to_messages
+from fraud_dagster.storage import schema
+from fraud_dagster_tests.helpers import MailBox, evaluate_sensor, produce, table_rows
+from fraud_dagster_tests.operations_support import (
+    accounting,
+    local_postgres,
+    reexecute,
+    retry_alerts_tick,
+    run_request,
+    tampered_models_dir,
+    wait_for,
+)
+from fraud_dagster_tests.test_daemon import start_daemon, stop
+
+pytestmark = pytest.mark.services
+
+
+def set_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return load_settings()
+
+
+def stored_ids(database_url: str) -> Counter[str]:
+    return Counter(
+        row["transaction_id"] for row in table_rows(database_url, schema.scored_transactions)
+    )
+
+
+def test_broker_down_sensor_skips_then_catches_up_without_gap_or_duplicate(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = LocalKafka(
+        data_dir=tmp_path / "own-kafka", port=free_port(), controller_port=free_port(), heap="512m"
+    )
+    broker.start()
+    try:
+        topic = f"outage-{uuid.uuid4().hex[:6]}"
+        ensure_topic({"bootstrap_servers": [broker.bootstrap_servers]}, topic, 1)
+        settings = set_env(
+            monkeypatch,
+            FRAUD_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+            FRAUD_KAFKA_TOPIC=topic,
+            FRAUD_KAFKA_CONSUMER_GROUP=f"group-{topic}",
+            FRAUD_KAFKA_CONNECT_TIMEOUT_SECONDS="2",
+        )
+        defs = build_definitions(settings)
+        first = to_messages(synthetic_transactions(30, seed=21))
+        produce(settings, first)
+        before = evaluate_sensor(defs, settings, instance, cursor=None)
+        (pending,) = before.run_requests  # planned, not yet run when the broker goes down
+
+        broker.stop()
+        down = run_request(pending, instance)
+        skipped = evaluate_sensor(defs, settings, instance, cursor=before.cursor)
+
+        assert not down.success
+        (failure,) = down.get_step_failure_events()
+        assert failure.step_key == "transaction_batch.fetch"
+        assert "KafkaUnavailableError" in failure.step_failure_data.error.cause.cls_name
+        assert skipped.run_requests == []
+        assert "Kafka unavailable, cursor unchanged" in skipped.skip_message
+        assert skipped.cursor is None or skipped.cursor == before.cursor
+        assert sum(accounting(database_url, topic).values()) == 0
+
+        broker.start()
+        second = to_messages(synthetic_transactions(25, seed=22))
+        for message in second:
+            message["transaction_id"] = f"second-{message['transaction_id']}"
+        produce(settings, second)
+        after = evaluate_sensor(defs, settings, instance, cursor=before.cursor)
+        (request,) = after.run_requests
+        assert request.run_key == f"{topic}/0/30-54"
+
+        assert reexecute(instance, down.run_id, from_failure=True).success
+        assert run_request(request, instance).success
+        assert accounting(database_url, topic) == {(0, o): 1 for o in range(55)}
+        assert stored_ids(database_url) == Counter(m["transaction_id"] for m in [*first, *second])
+        assert resolved_resources(settings)["kafka"].committed_offsets() == {0: 55}
+    finally:
+        broker.stop()
+
+
+@pytest.mark.postgres
+def test_database_down_fails_the_run_clearly_and_a_rerun_succeeds(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with local_postgres() as server:
+        monkeypatch.setenv("FRAUD_DATABASE_URL", server.url())
+        settings = load_settings()
+        defs = build_definitions(settings)
+        messages = to_messages(synthetic_transactions(40, seed=31))
+        produce(settings, messages)
+        (request,) = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
+
+        server.stop()
+        failed = run_request(request, instance)
+        tick = retry_alerts_tick(defs, settings, instance)
+
+        assert not failed.success
+        (failure,) = failed.get_step_failure_events()
+        assert failure.step_key == "transaction_batch.preprocess"
+        error = failure.step_failure_data.error.cause
+        assert error.cls_name == "StorageError"
+        assert "Connection refused" in error.message
+        assert "rerun" in error.message
+        assert server.password() not in error.message
+        assert isinstance(tick, dg.SkipReason)
+        assert "database unavailable" in tick.skip_message
+        assert server.password() not in tick.skip_message
+
+        server.start()
+        url = server.url()
+        assert sum(accounting(url, settings.kafka_topic).values()) == 0  # nothing half-written
+        rerun = reexecute(instance, failed.run_id, from_failure=True)
+        assert rerun.success
+        assert accounting(url, settings.kafka_topic) == {(0, o): 1 for o in range(40)}
+        assert resolved_resources(settings)["kafka"].committed_offsets() == {0: 40}
+
+
+def test_tampered_model_is_refused_the_run_says_so_and_the_operators_are_emailed(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    models = tampered_models_dir(settings.models_dir, tmp_path / "models")
+    settings = set_env(
+        monkeypatch,
+        FRAUD_MODELS_DIR=str(models),
+        FRAUD_ALERT_RECIPIENTS="analysts@bank.example",
+        FRAUD_OPERATOR_RECIPIENTS="ops-oncall@bank.example,ops-lead@bank.example",
+    )
+    defs = build_definitions(settings)
+    produce(settings, to_messages(synthetic_transactions(20, seed=41)))
+    (request,) = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
+
+    failed = run_request(request, instance)
+
+    assert not failed.success
+    (failure,) = failed.get_step_failure_events()
+    assert failure.step_key == "transaction_batch.score"
+    cause = failure.step_failure_data.error.cause
+    assert cause.cls_name == "ModelIntegrityError"
+    assert "SHA-256" in cause.message
+    assert "refusing to load" in cause.message
+    assert sum(accounting(database_url, settings.kafka_topic).values()) == 0
+
+    sensor = defs.resolve_sensor_def("email_operators_on_run_failure")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name,
+        dagster_event=failed.get_run_failure_event(),
+        dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(failed.run_id),
+        resources={"smtp": build_resources(settings)["smtp"]},
+    )
+    sensor(context)
+
+    (email,) = mailbox.wait_for(1)
+    assert email["To"] == "ops-oncall@bank.example, ops-lead@bank.example"
+    assert "analysts@bank.example" not in str(email)
+    assert email["X-Fraud-Run-Id"] == failed.run_id
+    body = email.get_content()
+    assert failed.run_id in body
+    assert f"{settings.kafka_topic}/0 offsets 0-19" in body
+    assert "refusing to load" in body
+    assert "attempt 1 of 3; Dagster retries it" in body
+    assert "0-19" in email["Subject"]
+
+    for path in settings.models_dir.glob("*.joblib"):  # the operator restores the file
+        shutil.copyfile(PROJECT_ROOT / "models" / path.name, path)
+    assert reexecute(instance, failed.run_id, from_failure=True).success
+    assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(20)}
+
+
+@pytest.mark.slow
+def test_daemon_killed_mid_stream_and_restarted_leaves_no_gap_and_no_duplicate(
+    env: dict[str, str],
+    settings: Settings,
+    dagster_home: Path,
+    instance: dg.DagsterInstance,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    env = {**env, "FRAUD_MAX_BATCH_SIZE": "15", "FRAUD_SENSOR_INTERVAL_SECONDS": "1"}
+    chunks = [to_messages(synthetic_transactions(30, seed=50 + i)) for i in range(4)]
+    for i, chunk in enumerate(chunks):
+        for message in chunk:
+            message["transaction_id"] = f"c{i}-{message['transaction_id']}"
+    total = sum(len(chunk) for chunk in chunks)
+    topic = settings.kafka_topic
+
+    def batch_runs() -> list[dg.DagsterRun]:
+        return list(instance.get_runs(filters=dg.RunsFilter(tags={"fraud_dagster/topic": topic})))
+
+    produce(settings, chunks[0])
+    first = start_daemon(dagster_home, env, tmp_path / "daemon-1.log")
+    second = None
+    try:
+        wait_for(lambda: len(batch_runs()) >= 1, 180, "the first batch run")
+        produce(settings, chunks[1])
+        time.sleep(1.5)  # let a tick start on the new messages
+        os.kill(first.pid, signal.SIGKILL)  # the daemon only; what it started may live on
+        first.wait()
+        produce(settings, chunks[2])
+        launched_by_first = len(batch_runs())
+        second = start_daemon(dagster_home, env, tmp_path / "daemon-2.log")
+        produce(settings, chunks[3])
+        wait_for(
+            lambda: sum(accounting(database_url, topic).values()) >= total,
+            300,
+            "every message stored",
+        )
+        wait_for(lambda: all(run.is_finished for run in batch_runs()), 120, "runs to finish")
+    finally:
+        if second is not None:
+            stop(second)
+            _kill_group(second)
+        _kill_group(first)
+
+    assert accounting(database_url, topic) == {(0, o): 1 for o in range(total)}
+    assert stored_ids(database_url) == Counter(
+        m["transaction_id"] for chunk in chunks for m in chunk
+    )
+    runs = batch_runs()
+    assert len(runs) > launched_by_first, "the restarted daemon must launch the rest"
+    keys = Counter(run.tags["dagster/run_key"] for run in runs if "dagster/run_key" in run.tags)
+    assert all(count == 1 for count in keys.values()), f"a range was launched twice: {keys}"
+    covered = sorted(
+        tuple(int(x) for x in run.tags["fraud_dagster/offset_range"].split("-"))
+        for run in runs
+        if "dagster/parent_run_id" not in run.tags
+    )
+    assert covered[0][0] == 0
+    for (_, last), (first, _) in itertools.pairwise(covered):
+        assert first == last + 1, f"gap or overlap between ranges: {covered}"
+    assert covered[-1][1] == total - 1
+    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), json.dumps(
+        {run.run_id: str(run.status) for run in runs}
+    )
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """The daemon runs in its own session: end whatever it started (code server, run workers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
