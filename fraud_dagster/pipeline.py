@@ -16,7 +16,7 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from fraud_dagster.alerts import SmtpMailer, SmtpSettings, render_alert
+from fraud_dagster.alerts import SmtpMailer, SmtpSettings, mask_account, render_alert
 from fraud_dagster.errors import AlertDeliveryError, StorageError
 from fraud_dagster.features import (
     ACCOUNT_HISTORY_DAYS,
@@ -241,6 +241,11 @@ def deliver_alerts(
                     )
                 report.sent += 1
                 report.sent_ids.append(alert["transaction_id"])
+                logger.info(
+                    "alert sent for transaction %s (account %s)",
+                    alert["transaction_id"],
+                    mask_account(alert["account_id"]),
+                )
     except AlertDeliveryError as exc:
         remaining = claimed[report.sent :]
         attempts = max(int(alert["attempts"]) for alert in remaining)
