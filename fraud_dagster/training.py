@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +39,6 @@ from sklearn.preprocessing import StandardScaler
 from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
 from fraud_dagster.features import DELAY_DAYS, FEATURE_COLUMNS, compute_features
 from fraud_dagster.model import (
-    MANIFEST_NAME,
     Manifest,
     ModelEntry,
     read_manifest,
@@ -390,13 +390,16 @@ def simulated_training_data(days: int = 90, seed: int = 0) -> tuple[pd.DataFrame
 
 @contextmanager
 def _manifest_lock(models_dir: Path) -> Iterator[None]:
-    """Serialise read-modify-write of the manifest between publishers (CLI, asset runs)."""
-    with (models_dir / f".{MANIFEST_NAME}.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Serialise read-modify-write of the manifest between publishers (CLI, asset runs).
+
+    The lock is held on the directory itself, so no lock file is left next to the models.
+    """
+    descriptor = os.open(models_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def publish_model(
