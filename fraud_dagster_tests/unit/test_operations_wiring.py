@@ -1,0 +1,57 @@
+"""Wiring and pure logic of the operations features: retry sensors, backoff, operator email."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from datetime import timedelta
+
+import dagster as dg
+import yaml
+
+from fraud_dagster.alerts import RunFailureNotice, render_run_failure
+from fraud_dagster.definitions import defs
+from fraud_dagster.pipeline import retry_delay
+from fraud_dagster.settings import PROJECT_ROOT
+
+
+def test_retry_and_failure_sensors_are_on_by_default() -> None:
+    for name in ("retry_alerts", "email_operators_on_run_failure"):
+        assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
+    assert defs.resolve_sensor_def("retry_alerts").job_name == "send_pending_alerts"
+
+
+def test_alert_retry_job_opts_out_of_run_retries_and_is_limited_to_one_at_a_time() -> None:
+    job = defs.resolve_job_def("send_pending_alerts")
+    assert job.tags["dagster/max_retries"] == "0"
+    assert job.executor_def.name == "in_process"
+    config = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    limits = config["run_coordinator"]["config"]["tag_concurrency_limits"]
+    assert {"key": "fraud_dagster/alert_sender", "limit": 1} in limits
+    assert config["run_retries"] == {"enabled": True, "max_retries": 2}
+
+
+def test_backoff_doubles_up_to_the_maximum() -> None:
+    assert [retry_delay(n).total_seconds() for n in (1, 2, 3, 4)] == [30, 60, 120, 240]
+    assert retry_delay(30) == timedelta(hours=1)
+    assert retry_delay(3, base_seconds=1, max_seconds=3) == timedelta(seconds=3)
+
+
+def test_operator_email_carries_run_offsets_error_and_no_injected_header() -> None:
+    notice = RunFailureNotice(
+        run_id="0123456789abcdef",
+        job_name="score_transactions",
+        offset_range="tx/1 offsets 10-19\r\nBcc: someone@evil.example",
+        errors=("ModelIntegrityError: refusing to load it\nsecond line",),
+        retry_note="attempt 3; no automatic retry left, rerun it by hand",
+    )
+    raw = render_run_failure(notice, "from@x", ["ops@x"]).as_bytes()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert message["To"] == "ops@x"
+    assert message["Bcc"] is None
+    assert message["X-Fraud-Run-Id"] == "0123456789abcdef"
+    assert "tx/1 offsets 10-19" in message["Subject"]
+    body = message.get_content()
+    assert "0123456789abcdef" in body
+    assert "refusing to load it" in body and "  second line" in body
+    assert "no automatic retry left" in body
