@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -320,7 +321,8 @@ def train_model(
         f"of {periods.train_start.date()}..{periods.train_end.date()}"
     )
     started = time.monotonic()
-    estimator.fit(features.loc[train, FEATURE_COLUMNS], labels[train])
+    with _heartbeat(report, f"fitting {kind}"):
+        estimator.fit(features.loc[train, FEATURE_COLUMNS], labels[train])
     fit_seconds = time.monotonic() - started
     report(
         f"[3/4] fitted in {fit_seconds:.1f}s; scoring {test.sum():,} test transactions "
@@ -346,6 +348,25 @@ def train_model(
         score_histogram={"edges": edges.round(3).tolist(), "counts": counts.tolist()},
         fit_seconds=fit_seconds,
     )
+
+
+@contextmanager
+def _heartbeat(report: Progress, what: str, every_seconds: float = 30.0) -> Iterator[None]:
+    """Report every `every_seconds` that `what` is still going: a fit can take minutes."""
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(every_seconds):
+            report(f"      still {what}: {time.monotonic() - started:.0f}s")
+
+    thread = threading.Thread(target=beat, name="training-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # --- training data ----------------------------------------------------------------------------
