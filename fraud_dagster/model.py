@@ -91,6 +91,14 @@ class Manifest:
             f"model version {version!r} is not in the manifest (known: {known})"
         )
 
+    def serving_version(self, promoted: str | None) -> str:
+        """The version batch runs load: the last promoted one, else the default, else the newest.
+
+        A published model serves only once `reload_model` promoted it; before any promotion the
+        manifest's `default_version` (the shipped model) serves.
+        """
+        return promoted or self.default_version or self.newest().version
+
     def newest(self) -> ModelEntry:
         if not self.entries:
             raise ModelIntegrityError(

@@ -66,14 +66,9 @@ class ReloadDecision:
         return [check for check in self.checks if not check.passed]
 
 
-def active_version(engine: Engine, manifest: Manifest) -> str | None:
-    """The version batch runs load: the last promoted one, else the manifest's default."""
-    promoted = active_model_version(engine)
-    if promoted:
-        return promoted
-    if manifest.default_version:
-        return manifest.default_version
-    return manifest.newest().version if manifest.entries else None
+def active_version(engine: Engine, manifest: Manifest) -> str:
+    """The version batch runs load (see `Manifest.serving_version`), pins aside."""
+    return manifest.serving_version(active_model_version(engine))
 
 
 def candidate_fingerprint(models_dir: Path, candidate: ModelEntry, active: str | None) -> str:

@@ -119,10 +119,7 @@ class ModelResource(dg.ConfigurableResource):
         if self.version:
             return self.version
         promoted = active_model_version(engine) if engine is not None else None
-        if promoted:
-            return promoted
-        manifest = read_manifest(Path(self.models_dir))
-        return manifest.default_version or manifest.newest().version
+        return read_manifest(Path(self.models_dir)).serving_version(promoted)
 
     def load(self, engine: Engine | None = None) -> LoadedModel:
         """The verified model for this run; loaded once per run, however often it is asked for."""

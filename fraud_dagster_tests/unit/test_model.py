@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fraud_dagster.errors import ModelIntegrityError
-from fraud_dagster.model import load_verified, read_manifest
+from fraud_dagster.model import Manifest, load_verified, read_manifest
 from fraud_dagster.settings import PROJECT_ROOT
 
 
@@ -51,3 +52,16 @@ def test_missing_file_and_unknown_version(models_dir: Path) -> None:
 def test_manifest_missing(tmp_path: Path) -> None:
     with pytest.raises(ModelIntegrityError, match="fraud-dagster train"):
         read_manifest(tmp_path)
+
+
+def test_serving_version_prefers_promotion_then_default_then_newest(models_dir: Path) -> None:
+    manifest = read_manifest(models_dir)
+    shipped = manifest.default_version
+    assert manifest.serving_version("promoted-v") == "promoted-v"
+    assert manifest.serving_version(None) == shipped
+    newer = replace(manifest.get(shipped), version="newer", created_at="2100-01-01T00:00:00+00:00")
+    unvalidated = Manifest(entries=(*manifest.entries, newer), default_version=shipped)
+    assert unvalidated.serving_version(None) == shipped  # published is not promoted
+    assert Manifest(entries=unvalidated.entries, default_version=None).serving_version(None) == (
+        "newer"
+    )
