@@ -118,17 +118,20 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from fraud_dagster.training import (
         DEFAULT_MODEL_KIND,
+        build_estimator,
         load_labelled_csv,
         publish_model,
         simulated_training_data,
         train_model,
     )
 
+    kind = args.kind or DEFAULT_MODEL_KIND
+    build_estimator(kind)  # an unknown kind fails before minutes of data preparation
     if args.data:
         frame, source = load_labelled_csv(Path(args.data)), str(args.data)
     else:
         frame, source = simulated_training_data(args.days, args.seed)
-    result = train_model(frame, kind=args.kind or DEFAULT_MODEL_KIND)
+    result = train_model(frame, kind=kind)
     entry = publish_model(
         Path(args.models_dir) if args.models_dir else settings.models_dir,
         result,
