@@ -1,4 +1,5 @@
-"""reload_model on a real Dagster instance and a real SQLite database, and what scoring uses after.
+"""reload_model on a real Dagster instance and a real SQLite database, and what scoring uses after;
+last, the schedule launching it from a real dagster-daemon.
 
 Candidate models are published into a per-test copy of models/: copies of the shipped model's
 bytes under new versions with chosen recorded metrics (the gate compares recorded metrics), a
@@ -9,6 +10,7 @@ trained by materializing the `fraud_model` asset.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster_tests.helpers import evaluate_sensor, execute_requests, produce, table_rows
+from fraud_dagster_tests.test_daemon import start_daemon, stop
 
 
 @pytest.fixture
@@ -247,3 +250,40 @@ def test_fraud_model_asset_trains_publishes_and_can_be_promoted(
     promoted = run_reload(defs, instance, tolerance=1.0)
     assert output_metadata(promoted)["outcome"] == "promoted"
     assert promotions(database_url) == [newest.version]
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_real_daemon_schedule_promotes_a_published_model(
+    env: dict[str, str],
+    dagster_home: Path,
+    instance: dg.DagsterInstance,
+    database_url: str,
+    models_dir: Path,
+    tmp_path: Path,
+) -> None:
+    publish_copy(models_dir, "better", order=1, metrics_delta=0.01)
+    daemon_env = {
+        **env,
+        "FRAUD_MODELS_DIR": str(models_dir),
+        "FRAUD_RELOAD_MODEL_CRON": "* * * * *",  # the next minute, not the next quarter hour
+    }
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(dagster_home, daemon_env, log)
+    runs: list[dg.DagsterRun] = []
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            runs = list(instance.get_runs(filters=dg.RunsFilter(job_name="reload_model")))
+            if runs and runs[0].is_finished:
+                break
+            time.sleep(1)
+    finally:
+        stop(daemon)
+    output = log.read_text(errors="replace")[-3000:]
+    assert runs, f"no reload_model run within 150 s; daemon log:\n{output}"
+    run = runs[-1]  # the first one the schedule launched
+    assert run.status == dg.DagsterRunStatus.SUCCESS, output
+    assert run.tags["dagster/schedule_name"] == "reload_model_schedule"
+    assert run.tags[TAG_OUTCOME] == "promoted"
+    assert promotions(database_url)[0] == "better"
