@@ -126,7 +126,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     )
 
     kind = args.kind or DEFAULT_MODEL_KIND
-    build_estimator(kind)  # an unknown kind fails before minutes of data preparation
+    build_estimator(kind)  # an unknown kind fails before the data is prepared
     if args.data:
         frame, source = load_labelled_csv(Path(args.data)), str(args.data)
     else:
