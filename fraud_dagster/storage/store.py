@@ -418,7 +418,9 @@ def claim_alerts(
         candidates = (
             sa.select(a.c.transaction_id).where(condition).order_by(a.c.created_at).limit(limit)
         )
-        condition = a.c.transaction_id.in_(candidates.scalar_subquery())
+        # The due condition stays in the outer WHERE: PostgreSQL re-checks it on a row another
+        # sender claimed meanwhile (a sub-select alone would not be re-evaluated).
+        condition = sa.and_(condition, a.c.transaction_id.in_(candidates.scalar_subquery()))
     with engine.begin() as conn:
         conn.execute(
             sa.update(a)
