@@ -61,10 +61,6 @@ class ReloadDecision:
     active_version: str | None
     checks: tuple[Check, ...] = field(default=())
 
-    @property
-    def failed_checks(self) -> list[Check]:
-        return [check for check in self.checks if not check.passed]
-
 
 def active_version(engine: Engine, manifest: Manifest) -> str:
     """The version batch runs load (see `Manifest.serving_version`), pins aside."""
@@ -197,7 +193,7 @@ def reload_model(
             previous,
         )
     try:
-        active_entry = manifest.get(previous) if previous else None
+        active_entry = manifest.get(previous)
     except ModelIntegrityError:
         active_entry = None  # the active version left the manifest: nothing to compare with
     checks = tuple(validate_candidate(models_dir, candidate, active_entry, tolerance))
@@ -208,7 +204,7 @@ def reload_model(
         )
         logger.warning("%s", reason)
         return ReloadDecision(REFUSED, reason, candidate, previous, previous, checks)
-    reason = f"validated against {previous or 'nothing'}: " + ", ".join(c.name for c in checks)
+    reason = f"validated against {previous}: " + ", ".join(c.name for c in checks)
     record_promotion(engine, candidate.version, candidate.sha256, reason, run_id)
     logger.info("promoted model %s (was %s)", candidate.version, previous)
     return ReloadDecision(
