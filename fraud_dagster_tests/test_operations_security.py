@@ -16,7 +16,6 @@ from typing import Any
 import dagster as dg
 import pytest
 from aiosmtpd.controller import Controller
-from dagster._serdes import serialize_value
 
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.process import free_port, wait_until
@@ -114,10 +113,10 @@ def test_secrets_never_reach_logs_run_config_tags_metadata_files_or_the_ui(
         evidence = {
             "python logs": caplog.text,
             "stdout/stderr": "".join(capfd.readouterr()),
-            "sensor result": serialize_value(tick),
-            "runs (config, tags)": serialize_value(list(instance.get_runs())),
+            "sensor result": dg.serialize_value(tick),
+            "runs (config, tags)": dg.serialize_value(list(instance.get_runs())),
             "event logs": "".join(
-                serialize_value(record)
+                dg.serialize_value(record)
                 for run in instance.get_runs()
                 for record in instance.all_logs(run.run_id)
             ),
