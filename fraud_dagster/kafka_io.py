@@ -2,14 +2,15 @@
 
 The sensor only looks at offsets; a batch run reads exactly its range with a consumer that is
 assigned the partition (no group rebalancing, no auto-commit) and commits the range's end for the
-pipeline's consumer group once the batch is stored, so standard Kafka tooling shows real lag.
+pipeline's consumer group once the batch is stored (never past a range that is not), so standard
+Kafka tooling shows the real lag.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from typing import Any
 
@@ -136,20 +137,35 @@ def read_range(
     return batch
 
 
-def commit_offset(
-    options: Mapping[str, Any], topic: str, partition: int, group_id: str, next_offset: int
-) -> None:
-    """Record `next_offset` as `group_id`'s position, without joining the group."""
+def commit_stored(
+    options: Mapping[str, Any],
+    topic: str,
+    partition: int,
+    group_id: str,
+    stored_until: Callable[[int], int],
+) -> int | None:
+    """Commit `group_id` as far as the stored data reaches without a gap; return its offset.
+
+    `stored_until(start)` says up to which offset everything from `start` on is stored. The
+    start is the group's committed offset (or the partition's beginning, if it has none or
+    retention deleted past it). The group never moves backwards.
+    """
     tp = TopicPartition(topic, partition)
     with closing(_consumer(options, group_id=group_id, enable_auto_commit=False)) as consumer:
         try:
             current = consumer.committed(tp)
-            if current is not None and current >= next_offset:
-                return  # never move a group backwards (a rerun of an older batch)
-            consumer.commit({tp: OffsetAndMetadata(next_offset, "", -1)})
+            beginning = consumer.beginning_offsets([tp])[tp]
+            start = beginning if current is None else max(current, beginning)
+            target = stored_until(start)
+            if target <= start and current is not None:
+                return current
+            if target <= start:
+                return None
+            consumer.commit({tp: OffsetAndMetadata(target, "", -1)})
+            return target
         except KafkaError as exc:
             raise KafkaUnavailableError(
-                f"committing {topic}/{partition}@{next_offset}: {exc!r}"
+                f"committing {topic}/{partition} for group {group_id}: {exc!r}"
             ) from exc
 
 

@@ -17,7 +17,7 @@ from fraud_dagster.assets import GROUP
 from fraud_dagster.errors import FraudDagsterError
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.resources import DatabaseResource, KafkaResource, ModelResource, SmtpResource
-from fraud_dagster.storage.store import outbox_status
+from fraud_dagster.storage.store import contiguous_end, outbox_status
 
 FRAUD_ALERTS_KEY = dg.AssetKey("fraud_alerts")
 
@@ -91,14 +91,25 @@ def persist(
     kafka: KafkaResource,
 ):
     """Upsert the batch in one transaction, then commit its end offset for the consumer group."""
-    result = pipeline.store_batch(scored, database.get_engine(), context.run_id)
+    engine = database.get_engine()
+    result = pipeline.store_batch(scored, engine, context.run_id)
     ref = scored.ref
-    committed = True
+    committed: int | None = None
     try:
-        kafka.commit(ref.topic, ref.partition, ref.last_offset + 1)
+        committed = kafka.commit_stored(
+            ref.topic,
+            ref.partition,
+            lambda start: contiguous_end(engine, ref.topic, ref.partition, start),
+        )
     except FraudDagsterError as exc:
-        committed = False
         context.log.warning(f"stored, but committing the consumer group offset failed: {exc}")
+    else:
+        if committed is None or committed <= ref.last_offset:
+            context.log.warning(
+                f"stored, but the consumer group stays at offset {committed}: an earlier batch "
+                f"of {ref.topic}/{ref.partition} is not stored yet (failed? rerun it), so the "
+                "lag keeps showing it"
+            )
     latency = (
         time.time() - scored.oldest_kafka_timestamp_ms / 1000
         if scored.oldest_kafka_timestamp_ms
@@ -126,7 +137,9 @@ def persist(
             if latency is not None
             else dg.MetadataValue.null(),
             "score_histogram": dg.MetadataValue.json(scored.score_histogram()),
-            "consumer_offset_committed": committed,
+            "consumer_group_offset": dg.MetadataValue.int(committed)
+            if committed is not None
+            else dg.MetadataValue.null(),
         },
     )
     yield dg.Output(

@@ -180,8 +180,14 @@ def score_batch(prepared: PreparedBatch, model: LoadedModel) -> ScoredBatch:
 
 def store_batch(scored: ScoredBatch, engine: Engine, run_id: str | None) -> PersistResult:
     """Write the scored batch, suspicious rows, alert outbox rows and rejections at once."""
+    ref = scored.ref
     return persist_batch(
-        engine, scored.transactions, scored.rejections, threshold=scored.threshold, run_id=run_id
+        engine,
+        scored.transactions,
+        scored.rejections,
+        threshold=scored.threshold,
+        run_id=run_id,
+        batch_range=(ref.topic, ref.partition, ref.first_offset, ref.last_offset),
     )
 
 

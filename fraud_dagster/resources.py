@@ -7,6 +7,7 @@ a client built once per run. The work itself lives in plain modules (`kafka_io`,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,12 @@ class KafkaResource(dg.ConfigurableResource):
             self.client_options(), topic, partition, first, last, self.fetch_timeout_seconds
         )
 
-    def commit(self, topic: str, partition: int, next_offset: int) -> None:
-        kafka_io.commit_offset(
-            self.client_options(), topic, partition, self.consumer_group, next_offset
+    def commit_stored(
+        self, topic: str, partition: int, stored_until: Callable[[int], int]
+    ) -> int | None:
+        """Commit the group as far as stored data reaches without a gap (kafka_io.commit_stored)."""
+        return kafka_io.commit_stored(
+            self.client_options(), topic, partition, self.consumer_group, stored_until
         )
 
 

@@ -13,7 +13,10 @@ import dagster as dg
 import pytest
 
 from fraud_dagster.definitions import build_definitions
-from fraud_dagster.settings import Settings
+from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.resources import resolved_resources
+from fraud_dagster.settings import Settings, load_settings
+from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster.storage.store import create_engine, ensure_schema
 from fraud_dagster_tests.helpers import (
@@ -116,3 +119,44 @@ def test_failed_batch_reexecuted_from_failure_then_all_steps_processes_the_same_
     assert emails_by_transaction(mailbox.wait_for(len(suspicious) + 1, 3)) == dict.fromkeys(
         suspicious, 1
     )
+
+
+def test_consumer_group_is_never_committed_past_a_batch_that_failed(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FRAUD_MAX_BATCH_SIZE", "10")
+    settings = load_settings()
+    defs = build_definitions(settings)
+    produce(settings, to_messages(synthetic_transactions(30, seed=61)))
+    first, second, third = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
+    ensure_schema(create_engine(database_url))
+    execute_sql(
+        database_url,
+        "CREATE TRIGGER inject_fault BEFORE INSERT ON scored_transactions "
+        "WHEN NEW.source_offset < 10 BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+    )
+    kafka = resolved_resources(settings)["kafka"]
+
+    failed = run_request(first, instance)
+    later = [run_request(request, instance) for request in (second, third)]
+
+    assert not failed.success
+    assert all(result.success for result in later)
+    assert kafka.committed_offsets() == {}, "offsets 0-9 are not stored: the lag must show them"
+    for result in later:
+        (meta,) = materializations(instance, result.run_id, "scored_transactions")
+        assert meta["consumer_group_offset"] is None
+        warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level >= 30]
+        assert any("an earlier batch" in message for message in warnings)
+
+    execute_sql(database_url, "DROP TRIGGER inject_fault")
+    rerun = reexecute(instance, failed.run_id, from_failure=True)
+
+    assert rerun.success
+    (meta,) = materializations(instance, rerun.run_id, "scored_transactions")
+    assert meta["consumer_group_offset"] == 30  # the gap is closed: past all three batches
+    assert kafka.committed_offsets() == {0: 30}
+    assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(30)}

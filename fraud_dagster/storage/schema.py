@@ -9,6 +9,7 @@ rerun of a batch cannot write a row twice.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -109,6 +110,20 @@ rejected_transactions = Table(
     UniqueConstraint(
         "source_topic", "source_partition", "source_offset", name="uq_rejected_source"
     ),
+)
+
+# Offset ranges whose every message is stored (scored or rejected), written with the batch. The
+# consumer group is committed only to the end of a gap-free run of them, so a batch that failed
+# keeps showing as lag until it is rerun.
+stored_ranges = Table(
+    "stored_ranges",
+    metadata,
+    Column("source_topic", String(249), primary_key=True),
+    Column("source_partition", Integer, primary_key=True),
+    Column("first_offset", BigInteger, primary_key=True),
+    Column("last_offset", BigInteger, nullable=False),
+    Column("run_id", String(64), nullable=True),
+    Column("stored_at", DateTime, nullable=False),
 )
 
 # Confirmed outcomes recorded by analysts (or loaded by a replay): the source of merchant risk.

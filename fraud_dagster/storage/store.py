@@ -30,6 +30,7 @@ from fraud_dagster.storage.schema import (
     model_promotions,
     rejected_transactions,
     scored_transactions,
+    stored_ranges,
     suspicious_transactions,
 )
 
@@ -227,8 +228,12 @@ def persist_batch(
     *,
     threshold: float,
     run_id: str | None,
+    batch_range: tuple[str, int, int, int] | None = None,
 ) -> PersistResult:
     """Store a scored batch, its suspicious rows, their alert outbox rows and its rejections.
+
+    `batch_range` = (topic, partition, first, last) is recorded as stored in the same
+    transaction (see `contiguous_end`).
 
     One transaction: either everything is written or nothing is. Rows whose Kafka coordinates
     are already stored (a rerun) are left as they are, with their first score and alert. A
@@ -288,12 +293,48 @@ def persist_batch(
                     ],
                 )
                 result.alerts_queued = list(result.suspicious_ids)
+            if batch_range is not None:
+                topic, partition, first, last = batch_range
+                conn.execute(
+                    insert_ignoring_conflicts(stored_ranges, dialect),
+                    [
+                        {
+                            "source_topic": topic,
+                            "source_partition": partition,
+                            "first_offset": first,
+                            "last_offset": last,
+                            "run_id": run_id,
+                            "stored_at": now,
+                        }
+                    ],
+                )
     except SQLAlchemyError as exc:
         raise StorageError(
             f"writing the batch to {engine.url.render_as_string(hide_password=True)} failed "
             f"and was rolled back; rerun the batch once the database is back: {exc}"
         ) from exc
     return result
+
+
+def contiguous_end(engine: Engine, topic: str, partition: int, start: int) -> int:
+    """The offset after the gap-free run of stored ranges that covers `start` (or `start`).
+
+    This is how far the consumer group may be committed: never past a range no batch stored.
+    """
+    r = stored_ranges
+    query = (
+        sa.select(r.c.first_offset, r.c.last_offset)
+        .where(r.c.source_topic == topic, r.c.source_partition == partition)
+        .where(r.c.last_offset >= start)
+        .order_by(r.c.first_offset)
+    )
+    position = start
+    with engine.connect() as conn:
+        for first, last in conn.execute(query):
+            if first > position:
+                break
+            position = max(position, last + 1)
+    return position
 
 
 def classify_stored(conn: Connection, frame: pd.DataFrame) -> tuple[pd.Series, list[Rejection]]:
