@@ -6,7 +6,7 @@ import dagster as dg
 
 from fraud_dagster.assets import transactions_topic
 from fraud_dagster.jobs import score_transactions_job, send_pending_alerts_job
-from fraud_dagster.model_ops import fraud_model, reload_model_job
+from fraud_dagster.model_ops import fraud_model, reload_model_job, train_model_job
 from fraud_dagster.ops import transaction_batch_assets
 from fraud_dagster.resources import build_resources
 from fraud_dagster.schedules import build_reload_model_schedule
@@ -22,7 +22,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     """The code location for `settings`; tests build their own with their services' settings."""
     return dg.Definitions(
         assets=[transactions_topic, fraud_model, transaction_batch_assets],
-        jobs=[score_transactions_job, send_pending_alerts_job, reload_model_job],
+        jobs=[score_transactions_job, send_pending_alerts_job, reload_model_job, train_model_job],
         schedules=[build_reload_model_schedule(settings)],
         sensors=[
             build_kafka_transactions_sensor(settings),

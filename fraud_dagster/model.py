@@ -165,10 +165,11 @@ class LoadedModel:
         return np.asarray(self.estimator.predict_proba(matrix)[:, 1], dtype=np.float64)
 
 
-def load_verified(
-    models_dir: Path, entry: ModelEntry, threshold: float | None = None
-) -> LoadedModel:
-    """Unpickle `entry`'s file only if its SHA-256 matches the manifest."""
+def verify_model_file(models_dir: Path, entry: ModelEntry) -> Path:
+    """The path of `entry`'s file, if it lies in `models_dir` and hashes to the recorded SHA-256.
+
+    Raises `ModelIntegrityError` saying what is wrong otherwise; never unpickles anything.
+    """
     path = (models_dir / entry.file).resolve()
     if models_dir.resolve() not in path.parents:
         raise ModelIntegrityError(f"model file {entry.file!r} points outside {models_dir}")
@@ -182,6 +183,14 @@ def load_verified(
             f"for version {entry.version}: refusing to load it. Restore the file or publish it "
             "again with `fraud-dagster train`."
         )
+    return path
+
+
+def load_verified(
+    models_dir: Path, entry: ModelEntry, threshold: float | None = None
+) -> LoadedModel:
+    """Unpickle `entry`'s file only if its SHA-256 matches the manifest."""
+    path = verify_model_file(models_dir, entry)
     try:
         estimator = joblib.load(path)
     except Exception as exc:  # unpickling can fail in many ways; all mean "unusable file"
@@ -190,7 +199,7 @@ def load_verified(
         raise ModelIntegrityError(
             f"model file {path} holds {type(estimator).__name__}, not a classifier"
         )
-    logger.info("loaded model %s from %s (sha256 %s)", entry.version, path, actual[:12])
+    logger.info("loaded model %s from %s (sha256 %s)", entry.version, path, entry.sha256[:12])
     return LoadedModel(
         entry=entry,
         estimator=estimator,

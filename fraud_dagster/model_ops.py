@@ -24,6 +24,7 @@ from fraud_dagster.training import (
 )
 
 RELOAD_MODEL_JOB = "reload_model"
+TRAIN_MODEL_JOB = "train_model"
 # Tags the reload op puts on its run, so the schedule can tell a question already answered.
 TAG_CANDIDATE = "fraud_dagster/candidate_version"
 TAG_FINGERPRINT = "fraud_dagster/candidate_fingerprint"
@@ -78,6 +79,20 @@ def fraud_model(
             "fit_seconds": round(result.fit_seconds, 1),
         }
     )
+
+
+train_model_job = dg.define_asset_job(
+    name=TRAIN_MODEL_JOB,
+    selection=dg.AssetSelection.assets(fraud_model),
+    executor_def=dg.in_process_executor,
+    # A failed training needs a person (data, config); retrying would redo minutes of fitting.
+    tags={"dagster/max_retries": "0"},
+    description=(
+        "Train a fraud model and publish it to models/ (materializes fraud_model; run config: "
+        "data_csv, simulated_days, seed, model_kind). It does not serve until reload_model "
+        "validates and promotes it."
+    ),
+)
 
 
 class ReloadModelConfig(dg.Config):

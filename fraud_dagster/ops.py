@@ -3,21 +3,39 @@ Dagster reads the config and resource types of op signatures at import time).
 
 Each op is a few lines around a function of `pipeline.py`. The graph `transaction_batch` is
 turned into the assets scored_transactions, suspicious_transactions and fraud_alerts, so every
-batch run materializes them with the batch's metadata (offsets, counts, model version).
+batch run materializes them with the batch's metadata (offsets, counts, model version), and
+its `check_batch` step evaluates their asset checks (rejected share, score drift, model file).
 """
 
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
 from fraud_dagster import pipeline
 from fraud_dagster.assets import GROUP
+from fraud_dagster.batch_checks import (
+    CheckOutcome,
+    HistogramBin,
+    check_model_file,
+    check_rejected_share,
+    check_score_drift,
+    recorded_score_histogram,
+    share_bar,
+)
 from fraud_dagster.errors import FraudDagsterError
 from fraud_dagster.messages import RawBatch
-from fraud_dagster.resources import DatabaseResource, KafkaResource, ModelResource, SmtpResource
-from fraud_dagster.storage.store import contiguous_end, outbox_status
+from fraud_dagster.resources import (
+    BatchChecksResource,
+    DatabaseResource,
+    KafkaResource,
+    ModelResource,
+    SmtpResource,
+)
+from fraud_dagster.storage.store import contiguous_end, count_rejected, outbox_status
 
 FRAUD_ALERTS_KEY = dg.AssetKey("fraud_alerts")
 
@@ -136,7 +154,7 @@ def persist(
             "batch_latency_seconds": dg.MetadataValue.float(round(latency, 3))
             if latency is not None
             else dg.MetadataValue.null(),
-            "score_histogram": dg.MetadataValue.json(scored.score_histogram()),
+            "score_histogram": _score_histogram_table(scored.score_histogram()),
             "consumer_group_offset": dg.MetadataValue.int(committed)
             if committed is not None
             else dg.MetadataValue.null(),
@@ -147,6 +165,7 @@ def persist(
         "suspicious_transactions",
         metadata={
             **batch_metadata,
+            "scored": len(scored.transactions),
             "suspicious": scored.suspicious_count,
             "newly_stored": result.suspicious_inserted,
             "threshold": scored.threshold,
@@ -196,6 +215,163 @@ def alert(
             "pending_retry": report.failed,
             "last_error": report.error or "",
         },
+    )
+
+
+REJECTED_SHARE_CHECK = dg.AssetCheckSpec(
+    "rejected_share",
+    asset="scored_transactions",
+    description=(
+        "At most FRAUD_CHECK_MAX_REJECTED_SHARE of the batch's messages were rejected (each is "
+        "stored in rejected_transactions with its reason). Severity WARN: nothing is lost, but "
+        "a high share usually means a producer changed its message format."
+    ),
+)
+SCORE_DRIFT_CHECK = dg.AssetCheckSpec(
+    "score_drift",
+    asset="suspicious_transactions",
+    description=(
+        "The population stability index (PSI) of the batch's fraud probabilities against the "
+        "held-out scores recorded when the model was trained is at most "
+        "FRAUD_CHECK_MAX_SCORE_PSI (batches under FRAUD_CHECK_DRIFT_MIN_SCORES scores are not "
+        "judged). Severity WARN: the batch is flagged as usual, but the threshold may no "
+        "longer fit the traffic."
+    ),
+)
+MODEL_FILE_CHECK = dg.AssetCheckSpec(
+    "model_file_verified",
+    asset="suspicious_transactions",
+    description=(
+        "The file of the model that scored the batch still hashes to the SHA-256 recorded in "
+        "models/manifest.json. Severity ERROR: a changed file means the model was tampered "
+        "with or replaced, and the next batch run will refuse to load it."
+    ),
+)
+BATCH_CHECKS = (REJECTED_SHARE_CHECK, SCORE_DRIFT_CHECK, MODEL_FILE_CHECK)
+
+
+@dg.op(
+    ins={"scored": dg.In(), "stored": dg.In(dg.Nothing)},
+    out={spec.get_python_identifier(): dg.Out(dg.Nothing) for spec in BATCH_CHECKS},
+    # When both are ready, the alert step goes first: emails before checks.
+    tags={"dagster/priority": "-1"},
+    retry_policy=IO_RETRY_POLICY,
+)
+def check_batch(
+    context: dg.OpExecutionContext,
+    scored: pipeline.ScoredBatch,
+    model: ModelResource,
+    database: DatabaseResource,
+    batch_checks: BatchChecksResource,
+):
+    """Evaluate the batch's asset checks on what persist stored (it runs after persist).
+
+    A failed check is a signal in the UI (WARN or ERROR), never a failed run: the data is
+    stored and the alerts sent either way, and the stream goes on. A separate step, so that
+    nothing in it can delay or block the alert step (which runs first).
+    """
+    models_dir = Path(model.models_dir)
+    ref = scored.ref
+    rejected = count_rejected(
+        database.get_engine(), ref.topic, ref.partition, ref.first_offset, ref.last_offset
+    )
+    scores = scored.transactions["fraud_probability"].to_numpy()
+    results = [
+        (
+            REJECTED_SHARE_CHECK,
+            dg.AssetCheckSeverity.WARN,
+            check_rejected_share(scored.read_count, rejected, batch_checks.max_rejected_share),
+        ),
+        (
+            SCORE_DRIFT_CHECK,
+            dg.AssetCheckSeverity.WARN,
+            check_score_drift(
+                scores,
+                recorded_score_histogram(models_dir, scored.model_version),
+                scored.model_version,
+                batch_checks.max_score_psi,
+                batch_checks.drift_min_scores,
+            ),
+        ),
+        (
+            MODEL_FILE_CHECK,
+            dg.AssetCheckSeverity.ERROR,
+            check_model_file(models_dir, scored.model_version),
+        ),
+    ]
+    for spec, severity, outcome in results:
+        if not outcome.passed:
+            context.log.warning(
+                f"check {spec.name} failed ({severity.value}): {outcome.description}"
+            )
+        yield dg.AssetCheckResult(
+            asset_key=spec.asset_key,
+            check_name=spec.name,
+            passed=outcome.passed,
+            severity=severity,
+            description=outcome.description,
+            metadata=_check_metadata(outcome),
+        )
+
+
+def _check_metadata(outcome: CheckOutcome) -> dict[str, Any]:
+    metadata: dict[str, Any] = {}
+    for key, value in outcome.metadata.items():
+        if isinstance(value, list) and all(isinstance(item, HistogramBin) for item in value):
+            metadata["score_bins"] = _drift_table(value)
+        else:
+            metadata[key] = value
+    return metadata
+
+
+def _drift_table(bins: list[HistogramBin]) -> dg.TableMetadataValue:
+    """The batch's score shares beside the model's held-out shares, bin by bin."""
+    columns = ("fraud_probability", "held_out_share", "batch_share", "batch_count", "batch")
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord(
+                {
+                    "fraud_probability": b.label,
+                    "held_out_share": f"{b.reference_share:.2%}",
+                    "batch_share": f"{b.batch_share:.2%}",
+                    "batch_count": b.batch_count,
+                    "batch": share_bar(b.batch_share, width=30),
+                }
+            )
+            for b in bins
+        ],
+        schema=dg.TableSchema(
+            columns=[
+                dg.TableColumn(name, "int" if name == "batch_count" else "string")
+                for name in columns
+            ]
+        ),
+    )
+
+
+def _score_histogram_table(counts: dict[str, int]) -> dg.TableMetadataValue:
+    """The batch's fraud probabilities as a table with a text bar per bin (readable in the UI)."""
+    total = sum(counts.values())
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord(
+                {
+                    "fraud_probability": label,
+                    "transactions": count,
+                    "share": f"{count / total:.1%}" if total else "",
+                    "bar": share_bar(count / total if total else 0.0, width=30),
+                }
+            )
+            for label, count in counts.items()
+        ],
+        schema=dg.TableSchema(
+            columns=[
+                dg.TableColumn("fraud_probability", "string"),
+                dg.TableColumn("transactions", "int"),
+                dg.TableColumn("share", "string"),
+                dg.TableColumn("bar", "string"),
+            ]
+        ),
     )
 
 
@@ -260,17 +436,23 @@ def send_due_alerts(
         "scored_transactions": dg.GraphOut(),
         "suspicious_transactions": dg.GraphOut(),
         "fraud_alerts": dg.GraphOut(),
+        **{spec.get_python_identifier(): dg.GraphOut() for spec in BATCH_CHECKS},
     }
 )
 def transaction_batch(transactions_topic, fraud_model):
-    """fetch -> preprocess -> score -> persist -> alert, for one offset range of one partition."""
-    scored_out, suspicious_out, batch = persist(
-        score(preprocess(fetch(transactions_topic)), fraud_model)
-    )
+    """fetch -> preprocess -> score -> persist -> alert (and check_batch), for one offset range
+    of one partition."""
+    scored = score(preprocess(fetch(transactions_topic)), fraud_model)
+    scored_out, suspicious_out, batch = persist(scored)
+    checks = check_batch(scored, stored=batch)
     return {
         "scored_transactions": scored_out,
         "suspicious_transactions": suspicious_out,
         "fraud_alerts": alert(batch),
+        **{
+            spec.get_python_identifier(): getattr(checks, spec.get_python_identifier())
+            for spec in BATCH_CHECKS
+        },
     }
 
 
@@ -292,6 +474,7 @@ transaction_batch_assets = dg.AssetsDefinition.from_graph(
         "fraud_alerts": {_KEYS["suspicious_transactions"]},
     },
     group_name=GROUP,
+    check_specs=BATCH_CHECKS,
     descriptions_by_output_name={
         "scored_transactions": (
             "Every transaction read from Kafka and scored: the seed's fields, extra fields, Kafka "

@@ -1,4 +1,5 @@
-"""Dagster resources, one per external system: Kafka, the model, the database, SMTP.
+"""Dagster resources, one per external system: Kafka, the model, the database, SMTP; and the
+limits of the batch runs' asset checks.
 
 They are thin: configuration (defaults from `settings.py`, secrets through `dagster.EnvVar`) and
 a client built once per run. The work itself lives in plain modules (`kafka_io`, `model`,
@@ -166,6 +167,29 @@ class SmtpResource(dg.ConfigurableResource):
         )
 
 
+class BatchChecksResource(dg.ConfigurableResource):
+    """Limits of the asset checks every batch run evaluates (see `batch_checks.py`).
+
+    A failed check never fails the run or holds back data: it is a signal in the UI.
+    """
+
+    max_rejected_share: float = Field(
+        default=0.05,
+        description="Largest share of a batch's messages that may be rejected before "
+        "rejected_share fails (FRAUD_CHECK_MAX_REJECTED_SHARE).",
+    )
+    max_score_psi: float = Field(
+        default=0.25,
+        description="Largest population stability index of the batch's scores against the "
+        "model's held-out scores before score_drift fails (FRAUD_CHECK_MAX_SCORE_PSI).",
+    )
+    drift_min_scores: int = Field(
+        default=200,
+        description="Fewest scores score_drift judges; smaller batches pass with their PSI "
+        "shown for information (FRAUD_CHECK_DRIFT_MIN_SCORES).",
+    )
+
+
 def _secret(settings: Settings, name: str) -> dg.EnvVar | None:
     """An EnvVar reference when the variable is set: the UI shows the name, never the value."""
     return dg.EnvVar(name) if settings.secret_is_set(name) else None
@@ -205,6 +229,11 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             verify_certificate=settings.smtp_verify_certificate,
             retry_base_seconds=settings.alert_retry_base_seconds,
             retry_max_seconds=settings.alert_retry_max_seconds,
+        ),
+        "batch_checks": BatchChecksResource(
+            max_rejected_share=settings.check_max_rejected_share,
+            max_score_psi=settings.check_max_score_psi,
+            drift_min_scores=settings.check_drift_min_scores,
         ),
     }
 

@@ -65,6 +65,9 @@ class Settings:
     alert_pending_grace_seconds: float = 120.0
     alert_retry_max_per_run: int = 500
     reload_model_cron: str = "*/15 * * * *"
+    check_max_rejected_share: float = 0.05
+    check_max_score_psi: float = 0.25
+    check_drift_min_scores: int = 200
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -126,5 +129,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         alert_pending_grace_seconds=float(get("FRAUD_ALERT_PENDING_GRACE_SECONDS", "120")),
         alert_retry_max_per_run=int(get("FRAUD_ALERT_RETRY_MAX_PER_RUN", "500")),
         reload_model_cron=get("FRAUD_RELOAD_MODEL_CRON", "*/15 * * * *"),
+        check_max_rejected_share=float(get("FRAUD_CHECK_MAX_REJECTED_SHARE", "0.05")),
+        check_max_score_psi=float(get("FRAUD_CHECK_MAX_SCORE_PSI", "0.25")),
+        check_drift_min_scores=int(get("FRAUD_CHECK_DRIFT_MIN_SCORES", "200")),
         env=env,
     )

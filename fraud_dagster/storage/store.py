@@ -337,6 +337,19 @@ def contiguous_end(engine: Engine, topic: str, partition: int, start: int) -> in
     return position
 
 
+def count_rejected(engine: Engine, topic: str, partition: int, first: int, last: int) -> int:
+    """How many messages of offsets first..last of `topic`/`partition` are stored as rejected."""
+    r = rejected_transactions
+    query = (
+        sa.select(sa.func.count())
+        .select_from(r)
+        .where(r.c.source_topic == topic, r.c.source_partition == partition)
+        .where(r.c.source_offset.between(first, last))
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
 def classify_stored(conn: Connection, frame: pd.DataFrame) -> tuple[pd.Series, list[Rejection]]:
     """Check `frame`'s rows against what is stored: (already stored here, duplicates).
 

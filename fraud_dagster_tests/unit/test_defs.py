@@ -12,11 +12,64 @@ def test_every_job_resolves() -> None:
         assert job.name
 
 
-def test_score_transactions_runs_in_process_with_the_five_ops() -> None:
+def test_score_transactions_runs_in_process_with_the_six_ops() -> None:
     job = defs.resolve_job_def("score_transactions")
     assert job.executor_def.name == "in_process"
     graph = job.graph.node_dict["transaction_batch"].definition
-    assert set(graph.node_names()) == {"fetch", "preprocess", "score", "persist", "alert"}
+    assert set(graph.node_names()) == {
+        "fetch",
+        "preprocess",
+        "score",
+        "persist",
+        "alert",
+        "check_batch",
+    }
+
+
+def test_every_batch_run_evaluates_the_asset_checks() -> None:
+    expected = {
+        dg.AssetCheckKey(dg.AssetKey("scored_transactions"), "rejected_share"),
+        dg.AssetCheckKey(dg.AssetKey("suspicious_transactions"), "score_drift"),
+        dg.AssetCheckKey(dg.AssetKey("suspicious_transactions"), "model_file_verified"),
+    }
+    assert defs.resolve_asset_graph().asset_check_keys == expected
+    job = defs.resolve_job_def("score_transactions")
+    assert job.asset_layer.asset_graph.asset_check_keys == expected
+    for key in expected:
+        assert job.asset_layer.get_op_output_name(key), key
+
+
+def test_everything_an_operator_sees_has_a_description() -> None:
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).description, key
+    for check_key in graph.asset_check_keys:
+        assert graph.get_check_spec(check_key).description, check_key
+    jobs = [job for job in defs.resolve_all_job_defs() if not job.name.startswith("__")]
+    assert {job.name for job in jobs} == {
+        "score_transactions",
+        "send_pending_alerts",
+        "reload_model",
+        "train_model",
+    }
+    for job in jobs:
+        assert job.description, job.name
+    repository = defs.get_repository_def()
+    assert {s.name for s in repository.sensor_defs} == {
+        "kafka_transactions_sensor",
+        "retry_alerts",
+        "email_operators_on_run_failure",
+    }
+    for sensor in repository.sensor_defs:
+        assert sensor.description, sensor.name
+    for schedule in repository.schedule_defs:
+        assert schedule.description, schedule.name
+    resources = repository.get_top_level_resources()
+    assert set(resources) == {"kafka", "model", "database", "smtp", "batch_checks"}
+    for name, resource in resources.items():
+        assert resource.description, name
+        for field_name, field in resource.config_schema.config_type.fields.items():
+            assert field.description, f"{name}.{field_name}"
 
 
 def test_lineage() -> None:
