@@ -154,13 +154,17 @@ def commit_stored(
     with closing(_consumer(options, group_id=group_id, enable_auto_commit=False)) as consumer:
         try:
             current = consumer.committed(tp)
+            if current is not None and (target := stored_until(current)) > current:
+                consumer.commit({tp: OffsetAndMetadata(target, "", -1)})
+                return target
+            # No commit yet, or a gap: start at the beginning if retention deleted past us.
+            # (Only on this path: asking for the beginning costs a round trip per batch.)
             beginning = consumer.beginning_offsets([tp])[tp]
-            start = beginning if current is None else max(current, beginning)
-            target = stored_until(start)
-            if target <= start and current is not None:
+            if current is not None and beginning <= current:
                 return current
-            if target <= start:
-                return None
+            target = stored_until(beginning)
+            if target <= beginning:
+                return current
             consumer.commit({tp: OffsetAndMetadata(target, "", -1)})
             return target
         except KafkaError as exc:
