@@ -1,0 +1,292 @@
+"""The Dagster UI as an operator sees it, in a real browser.
+
+`dagster dev` (webserver and daemon) runs on a free port with a temporary DAGSTER_HOME against
+the test's broker, database and SMTP server; its sensor launches a batch run by itself. Once the
+webserver's GraphQL reports the run finished, headless Debian Chromium visits the asset graph,
+the run's page, the runs list filtered by tag and the suspicious_transactions asset page, and
+checks what is written there. Screenshots go to docs/screenshots/ (git-ignored) for a human.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fraud_dagster.local_services.process import free_port
+from fraud_dagster.model import read_manifest
+from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.settings import PROJECT_ROOT, Settings
+from fraud_dagster.simulator import to_messages
+from fraud_dagster_tests.helpers import produce, produce_raw, suspicious_ids
+
+pytestmark = [pytest.mark.services, pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
+ASSETS = (
+    "transactions_topic",
+    "fraud_model",
+    "scored_transactions",
+    "suspicious_transactions",
+    "fraud_alerts",
+)
+JOBS = ("score_transactions", "send_pending_alerts", "reload_model", "train_model")
+GOOD_MESSAGES = 300
+BAD_MESSAGES = 3
+RUN_TIMEOUT_SECONDS = 240
+UI_TIMEOUT_MS = 60_000
+
+RUNS_QUERY = """
+query Runs($filter: RunsFilter) {
+  runsOrError(filter: $filter) {
+    __typename
+    ... on Runs { results { runId status jobName tags { key value } } }
+  }
+}
+"""
+
+
+def graphql(base_url: str, query: str, variables: dict[str, Any] | None = None) -> dict:
+    request = urllib.request.Request(
+        f"{base_url}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        payload = json.loads(response.read())
+    assert "errors" not in payload, payload
+    return payload["data"]
+
+
+def webserver_ready(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/server_info", timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def log_tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+@pytest.fixture
+def dagster_dev(env: dict[str, str], dagster_home: Path, tmp_path: Path) -> Iterator[str]:
+    """`dagster dev` on a free port; its URL. Stopped (the whole process group) afterwards."""
+    port = free_port()
+    log = tmp_path / "dagster_dev.log"
+    process = subprocess.Popen(
+        [
+            str(PROJECT_ROOT / ".venv" / "bin" / "dagster"),
+            "dev",
+            "-w",
+            str(PROJECT_ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env, "DAGSTER_HOME": str(dagster_home)},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not webserver_ready(base_url):
+            assert process.poll() is None, f"dagster dev exited:\n{log_tail(log)}"
+            assert time.monotonic() < deadline, f"webserver not up in 180 s:\n{log_tail(log)}"
+            time.sleep(1)
+        # The community newsletter dialog would cover the pages: mark it seen, as "Skip" does.
+        graphql(base_url, "mutation { setNuxSeen }")
+        yield base_url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_for_batch_run(base_url: str, topic: str, log: Path) -> dict:
+    """The sensor's batch run of `topic`, once the webserver reports it finished."""
+    variables = {"filter": {"tags": [{"key": "fraud_dagster/topic", "value": topic}]}}
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    runs: list[dict] = []
+    while time.monotonic() < deadline:
+        runs = graphql(base_url, RUNS_QUERY, variables)["runsOrError"]["results"]
+        if runs and all(run["status"] in ("SUCCESS", "FAILURE", "CANCELED") for run in runs):
+            break
+        time.sleep(2)
+    assert len(runs) == 1, f"expected one batch run, got {runs}:\n{log_tail(log)}"
+    assert runs[0]["status"] == "SUCCESS", f"{runs[0]}\n{log_tail(log)}"
+    return runs[0]
+
+
+def normalized(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def assert_entry(text: str, key: str, value: object) -> None:
+    """`key` followed by `value` in the visible text (a metadata table row, a tag)."""
+    pattern = rf"(?<![\w/]){re.escape(key)}:? {re.escape(str(value))}(?![\w.])"
+    assert re.search(pattern, normalized(text)), f"{key} = {value} not shown"
+
+
+def metadata_value(page: Any, key: str) -> Any:
+    """The value cell of row `key` of the asset page's metadata table (key, timestamp, value)."""
+    key_cell = page.locator("td", has_text=re.compile(rf"^\s*{re.escape(key)}\s*$"))
+    return page.locator("tr").filter(has=key_cell).first.locator("td").last
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium (scripts/setup.sh)")
+def test_operator_sees_lineage_run_tags_metadata_and_checks(
+    settings: Settings, dagster_dev: str, database_url: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    produce(settings, to_messages(synthetic_transactions(GOOD_MESSAGES, seed=17)))
+    produce_raw(settings, [b'{"transaction_id": "cut off'] * BAD_MESSAGES)
+    last = GOOD_MESSAGES + BAD_MESSAGES - 1
+    run = wait_for_batch_run(dagster_dev, settings.kafka_topic, tmp_path / "dagster_dev.log")
+    run_id, short_id = run["runId"], run["runId"][:8]
+    suspicious = len(suspicious_ids(database_url))
+    manifest = read_manifest(settings.models_dir)
+    version = manifest.default_version or manifest.newest().version
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    (SCREENSHOTS / "failure.png").unlink(missing_ok=True)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        expect.set_options(timeout=UI_TIMEOUT_MS)
+
+        def shot(name: str) -> None:
+            page.screenshot(
+                path=str(SCREENSHOTS / f"{name}.png"), full_page=True, animations="disabled"
+            )
+
+        try:
+            # Lineage: every asset in the graph, both batch assets with their checks passed.
+            page.goto(f"{dagster_dev}/asset-groups")
+            for name in ASSETS:
+                expect(page.get_by_text(name, exact=True).last).to_be_visible()
+            expect(page.get_by_text("1 / 1 Passed")).to_be_visible()
+            expect(page.get_by_text("2 / 2 Passed")).to_be_visible()
+            shot("01-asset-graph")
+
+            # The batch run: what it materialized, with the batch's figures.
+            page.goto(f"{dagster_dev}/runs/{run_id}?logs=type:ASSET_MATERIALIZATION")
+            expect(page.get_by_text("Materialized value scored_transactions.")).to_be_visible()
+            expect(page.get_by_text("Materialized value fraud_alerts.")).to_be_visible()
+            expect(page.get_by_text("3 checks")).to_be_visible()
+            expect(page.get_by_text("Succeeded (6)")).to_be_visible()
+            text = page.inner_text("body")
+            for key, value in (
+                ("topic", settings.kafka_topic),
+                ("partition", 0),
+                ("first_offset", 0),
+                ("last_offset", last),
+                ("model_version", version),
+                ("read", GOOD_MESSAGES + BAD_MESSAGES),
+                ("rejected", BAD_MESSAGES),
+                ("scored", GOOD_MESSAGES),
+                ("suspicious", suspicious),
+                ("alerted", suspicious),
+            ):
+                assert_entry(text, key, value)
+            for key in ("batch_latency_seconds", "score_histogram", "fraud_probability"):
+                assert key in text
+            page.wait_for_load_state("networkidle")
+            shot("02-run-materializations")
+            page.get_by_text("View full message").first.click()
+            dialog = page.get_by_role("dialog")
+            expect(dialog.get_by_text("batch_latency_seconds")).to_be_visible()
+            expect(dialog.get_by_text("0.0-0.1", exact=True)).to_be_visible()
+            shot("03-run-scored-transactions-metadata")
+            dialog.get_by_role("button", name="Done").click()
+            expect(dialog).to_have_count(0)
+
+            # Its tags: topic, partition and offset range.
+            page.get_by_text("View tags and config").click()
+            dialog = page.get_by_role("dialog")
+            expect(dialog.get_by_text("fraud_dagster/offset_range")).to_be_visible()
+            tags = dialog.inner_text()
+            assert_entry(tags, "fraud_dagster/topic", settings.kafka_topic)
+            assert_entry(tags, "fraud_dagster/partition", 0)
+            assert_entry(tags, "fraud_dagster/offset_range", f"0-{last}")
+            assert_entry(tags, "fraud_dagster/topic_partition", f"{settings.kafka_topic}/0")
+            shot("04-run-tags")
+            dialog.get_by_role("button", name="OK").click()
+
+            # Run history filtered by a tag: this run for its offset range, none for partition 1.
+            query = urllib.parse.urlencode({"q[0]": f"tag:fraud_dagster/offset_range=0-{last}"})
+            page.goto(f"{dagster_dev}/runs?{query}")
+            expect(page.get_by_role("link", name=short_id)).to_be_visible()
+            shot("05-runs-filtered-by-tag")
+            query = urllib.parse.urlencode({"q[0]": "tag:fraud_dagster/partition=1"})
+            page.goto(f"{dagster_dev}/runs?{query}")
+            expect(page.get_by_text("No matching runs")).to_be_visible()
+            expect(page.get_by_role("link", name=short_id)).to_have_count(0)
+
+            # The analysts' queue: description, the batch's metadata, the checks.
+            page.goto(f"{dagster_dev}/assets/suspicious_transactions")
+            expect(page.get_by_text("the risk analysts' queue", exact=False)).to_be_visible()
+            for key, value in (
+                ("topic", settings.kafka_topic),
+                ("partition", 0),
+                ("first_offset", 0),
+                ("last_offset", last),
+                ("model_version", version),
+                ("scored", GOOD_MESSAGES),
+                ("suspicious", suspicious),
+            ):
+                expect(metadata_value(page, key)).to_have_text(str(value))
+            shot("06-suspicious-transactions")
+
+            page.goto(f"{dagster_dev}/assets/suspicious_transactions?view=checks")
+            expect(page.get_by_text("model_file_verified").first).to_be_visible()
+            expect(page.get_by_text("score_drift").first).to_be_visible()
+            page.get_by_text("score_drift").first.click()
+            expect(page.get_by_text("held_out_share")).to_be_visible()
+            text = normalized(page.inner_text("body"))
+            assert re.search(r"psi \d\.\d+", text), "the PSI is not shown"
+            assert "Passed" in text
+            shot("07-suspicious-transactions-checks")
+
+            # Jobs, the model's life cycle included, each with its description.
+            page.goto(f"{dagster_dev}/jobs")
+            for name in JOBS:
+                expect(page.get_by_text(name, exact=True)).to_be_visible()
+            shot("08-jobs")
+
+            # Resources: the class docstring and each field's description.
+            page.goto(f"{dagster_dev}/locations/fraud_dagster/resources/batch_checks")
+            expect(page.get_by_text("Limits of the asset checks every batch run")).to_be_visible()
+            expect(page.get_by_text("FRAUD_CHECK_MAX_SCORE_PSI", exact=False)).to_be_visible()
+            shot("09-resource-batch-checks")
+        except Exception:
+            shot("failure")
+            raise
+        finally:
+            browser.close()
