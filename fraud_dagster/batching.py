@@ -8,7 +8,7 @@ in offset order, and the cursor only moves past offsets that were put in a batch
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 TAG_PREFIX = "fraud_dagster"
@@ -88,12 +88,16 @@ def plan_batches(
     committed_offsets: Mapping[int, int],
     max_batch_size: int,
     max_batches: int,
+    busy_partitions: Collection[int] = (),
 ) -> BatchPlan:
     """Plan the next batches of every partition and the cursor after them.
 
     A partition seen for the first time starts at the consumer group's committed offset, or at
     its beginning. At most `max_batches` are planned per call, round-robin over partitions so
     that one busy partition cannot starve the others; the rest waits for the next tick.
+    Partitions in `busy_partitions` (a batch of theirs is queued or running) get no batch now:
+    their next batch then covers everything that arrived meanwhile, so batches grow with the
+    load instead of queueing up, and a partition's batches never overtake each other.
     """
     if max_batch_size < 1 or max_batches < 1:
         raise ValueError("max_batch_size and max_batches must be positive")
@@ -116,6 +120,8 @@ def plan_batches(
         for partition in sorted(end_offsets):
             if len(batches) >= max_batches:
                 break
+            if partition in busy_partitions:
+                continue
             start, end = next_offsets[partition], end_offsets[partition]
             if start >= end:
                 continue

@@ -34,12 +34,24 @@ _IN_FLIGHT = [
 ]
 
 
+def _partitions_in_flight(instance: dg.DagsterInstance, topic: str) -> set[int]:
+    """Partitions of `topic` with a score_transactions run queued or running: one query a tick."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=score_transactions_job.name, statuses=_IN_FLIGHT, tags={TAG_TOPIC: topic}
+        )
+    )
+    return {int(run.tags[TAG_PARTITION]) for run in runs if TAG_PARTITION in run.tags}
+
+
 def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
     """Poll the topic's end offsets and request one run per new offset range of a partition.
 
     The cursor holds {partition: next offset}; run keys are `<topic>/<partition>/<first>-<last>`,
-    so a range is never launched twice. If the broker cannot be reached the tick is skipped
-    with the reason and the cursor stays where it was: nothing is skipped over.
+    so a range is never launched twice. A partition whose batch is still queued or running gets
+    no new batch until it is done; the next one then takes everything that arrived meanwhile.
+    If the broker cannot be reached the tick is skipped with the reason and the cursor stays
+    where it was: nothing is skipped over.
     """
 
     @dg.sensor(
@@ -69,6 +81,7 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
             committed,
             max_batch_size=settings.max_batch_size,
             max_batches=settings.max_runs_per_tick,
+            busy_partitions=_partitions_in_flight(context.instance, kafka.topic),
         )
         for note in plan.notes:
             context.log.warning(note)

@@ -60,3 +60,12 @@ def test_cursor_round_trip_and_other_topic() -> None:
 def test_rejects_nonsense_limits() -> None:
     with pytest.raises(ValueError):
         plan_batches(SensorCursor("t"), {}, {0: 1}, {}, 0, 1)
+
+
+def test_busy_partitions_wait_and_then_take_everything() -> None:
+    cursor = SensorCursor("t", {0: 0, 1: 0})
+    plan = plan_batches(cursor, {}, {0: 30, 1: 4}, {}, 100, 10, busy_partitions={0})
+    assert ranges(plan) == [(1, 0, 3)]
+    assert plan.cursor.next_offsets == {0: 0, 1: 4}
+    later = plan_batches(plan.cursor, {}, {0: 55, 1: 4}, {}, 100, 10, busy_partitions=set())
+    assert ranges(later) == [(0, 0, 54)]
