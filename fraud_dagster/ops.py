@@ -315,12 +315,10 @@ def check_batch(
 
 
 def _check_metadata(outcome: CheckOutcome) -> dict[str, Any]:
-    metadata: dict[str, Any] = {}
-    for key, value in outcome.metadata.items():
-        if isinstance(value, list) and all(isinstance(item, HistogramBin) for item in value):
-            metadata["score_bins"] = _drift_table(value)
-        else:
-            metadata[key] = value
+    """The outcome's figures as they are, the drift check's bins as a table."""
+    metadata = dict(outcome.metadata)
+    if "bins" in metadata:
+        metadata["score_bins"] = _drift_table(metadata.pop("bins"))
     return metadata
 
 
