@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -77,6 +77,63 @@ def cmd_smtp(settings: Settings, args: argparse.Namespace) -> int:
         running = process.is_running()
         print_line(f"SMTP server {'running' if running else 'not running'}")
         return 0 if running else 3
+    return 0
+
+
+def _local_postgres(settings: Settings, args: argparse.Namespace):
+    from fraud_dagster.local_services.postgres import LocalPostgres
+
+    base_dir = (
+        Path(args.data_dir) if getattr(args, "data_dir", None) else settings.var_dir / "postgres"
+    )
+    server = LocalPostgres(base_dir=base_dir, port=getattr(args, "postgres_port", None) or 5433)
+    server.port = server.running_port() or server.port  # env/status: the port it runs on
+    return server
+
+
+def postgres_env(server) -> dict[str, str]:
+    """The variables that point the app (FRAUD_DATABASE_URL) and the Dagster instance
+    (DAGSTER_PG_*) at the local server's two databases. They hold its password."""
+    from fraud_dagster.instance_config import dagster_pg_env
+    from fraud_dagster.local_services.postgres import DAGSTER_DATABASE
+
+    return {
+        "FRAUD_DATABASE_URL": server.url(),
+        **dagster_pg_env(server.url(DAGSTER_DATABASE)),
+    }
+
+
+def cmd_postgres(settings: Settings, args: argparse.Namespace) -> int:
+    server = _local_postgres(settings, args)
+    if args.action == "start":
+        server.start()
+        print_line(
+            f"PostgreSQL is up on {server.host}:{server.port} (data in {server.data_dir}); "
+            'point the project at it with: eval "$(fraud-dagster postgres env)"'
+        )
+    elif args.action == "stop":
+        stopped = server.stop()
+        print_line("PostgreSQL stopped" if stopped else "PostgreSQL was not running")
+    elif args.action == "env":
+        if not server.is_running():
+            print_line("# PostgreSQL is not running: fraud-dagster postgres start")
+            return 3
+        for name, value in postgres_env(server).items():
+            print_line(f"export {name}={shlex.quote(value)}")
+    else:
+        running = server.is_running()
+        where = f" on {server.host}:{server.port}" if running else ""
+        print_line(
+            f"PostgreSQL {'running' if running else 'not running'}{where} ({server.data_dir})"
+        )
+        return 0 if running else 3
+    return 0
+
+
+def cmd_instance(settings: Settings, args: argparse.Namespace) -> int:
+    home = prepare_dagster_home(settings, Path(args.home) if args.home else None, args.postgres)
+    storage = "PostgreSQL (DAGSTER_PG_* variables)" if args.postgres else "SQLite"
+    print_line(f"wrote {home / 'dagster.yaml'} (storage: {storage}); export DAGSTER_HOME={home}")
     return 0
 
 
@@ -180,12 +237,14 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_dagster_home(settings: Settings, home: Path | None = None) -> Path:
-    """A DAGSTER_HOME holding the repo's dagster.yaml (copied anew so edits take effect)."""
-    home = home or settings.var_dir / "dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    return home
+def prepare_dagster_home(
+    settings: Settings, home: Path | None = None, postgres: bool = False
+) -> Path:
+    """A DAGSTER_HOME holding the repo's dagster.yaml (written anew so edits take effect), with
+    the PostgreSQL storage section of dagster.postgres.yaml if asked."""
+    from fraud_dagster.instance_config import write_dagster_home
+
+    return write_dagster_home(home or settings.var_dir / "dagster", postgres=postgres)
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -200,9 +259,14 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
     broker = _local_kafka(settings, args)
     mail = smtp.background_process(settings.var_dir)
+    postgres = _local_postgres(settings, args) if args.postgres else None
     started_smtp = False
     try:
         broker.start()
+        storage_env: dict[str, str] = {}
+        if postgres is not None:
+            postgres.start()
+            storage_env = postgres_env(postgres)
         if not mail.is_running():
             smtp.start_background(settings.var_dir, settings.mail_dir, port=settings.smtp_port)
             started_smtp = True
@@ -220,7 +284,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         )
         if args.no_dagster:
             return 0
-        env = {**os.environ, "DAGSTER_HOME": str(prepare_dagster_home(settings))}
+        home = prepare_dagster_home(settings, postgres=postgres is not None)
+        env = {**os.environ, **storage_env, "DAGSTER_HOME": str(home)}
         command = [
             str(Path(sys.executable).with_name("dagster")),
             "dev",
@@ -246,6 +311,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
             if started_smtp:
                 mail.stop()
             broker.stop()
+            if postgres is not None:
+                postgres.stop()
 
 
 def print_line(text: str) -> None:
@@ -339,6 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load_labels.set_defaults(handler=cmd_load_labels)
 
+    pg = sub.add_parser("postgres", help="local PostgreSQL server (Debian's binaries, 127.0.0.1)")
+    pg.add_argument("action", choices=["start", "stop", "status", "env"])
+    pg.add_argument("--port", dest="postgres_port", type=int, default=None, help="default 5433")
+    pg.add_argument("--data-dir", default=None, help="default var/postgres")
+    pg.set_defaults(handler=cmd_postgres)
+
+    instance = sub.add_parser("instance", help="write DAGSTER_HOME/dagster.yaml")
+    instance.add_argument("--home", default=None, help="default var/dagster")
+    instance.add_argument(
+        "--postgres",
+        action="store_true",
+        help="storage on PostgreSQL (dagster.postgres.yaml; credentials from DAGSTER_PG_*)",
+    )
+    instance.set_defaults(handler=cmd_instance)
+
     db = sub.add_parser("db", help="application database")
     db.add_argument("action", choices=["init"])
     db.set_defaults(handler=cmd_db)
@@ -351,7 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--partitions", type=int, default=2)
     demo.add_argument("--dagster-port", type=int, default=3000)
     demo.add_argument("--no-dagster", action="store_true", help="set up and produce only")
-    demo.add_argument("--keep-services", action="store_true", help="leave Kafka and SMTP running")
+    demo.add_argument(
+        "--keep-services", action="store_true", help="leave Kafka, SMTP (and PostgreSQL) running"
+    )
+    demo.add_argument(
+        "--postgres",
+        action="store_true",
+        help="application database and Dagster instance storage on a local PostgreSQL server "
+        "(var/postgres, port --postgres-port) instead of SQLite",
+    )
+    demo.add_argument("--postgres-port", type=int, default=None, help="default 5433")
     demo.set_defaults(handler=cmd_demo)
     return parser
 

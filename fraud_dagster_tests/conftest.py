@@ -1,26 +1,89 @@
 """Fixtures: the real services the tests talk to, started here and stopped afterwards.
 
 One Kafka broker per test session (KRaft, free ports, temporary data dir), a fresh topic per
-test, an aiosmtpd server per test writing to its own mail dir, and a SQLite database per test.
-PostgreSQL comes from `postgres_url` (see test_postgres) when the server is installed.
+test, an aiosmtpd server per test writing to its own mail dir, and an application database per
+test: every test that uses `database_url` runs twice, on SQLite and on a fresh database of the
+session's PostgreSQL server (ids `[sqlite]`, `[postgresql]`), unless it says otherwise with
+`@pytest.mark.backends(...)` (`backends()`: not parametrized, the test brings its own database).
+`@pytest.mark.dagster_storage("postgresql")` puts the test's Dagster instance storage on that
+server too (dagster.postgres.yaml, credentials in DAGSTER_PG_*).
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from fraud_dagster.errors import LocalServiceError
+from fraud_dagster.instance_config import dagster_pg_env, write_dagster_home
 from fraud_dagster.kafka_io import ensure_topic
 from fraud_dagster.local_services.kafka import LocalKafka
+from fraud_dagster.local_services.postgres import LocalPostgres, postgres_bin_dir
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster_tests.helpers import MailBox
+
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test that reaches `database_url` on each backend (or those of its marker)."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    backends = marker.args if marker else DATABASE_BACKENDS
+    if not backends:
+        return
+    metafunc.parametrize(
+        "database_url",
+        [
+            pytest.param(name, id=name, marks=[pytest.mark.postgres] if name != "sqlite" else [])
+            for name in backends
+        ],
+        indirect=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres | None]:
+    """One PostgreSQL server for the session (started on first use), or None without binaries.
+
+    Its directory is outside pytest's tmp dirs (mode 0700), which the `postgres` user the server
+    runs as (when the tests run as root) could not enter.
+    """
+    try:
+        postgres_bin_dir()
+    except LocalServiceError:
+        yield None
+        return
+    base = Path(tempfile.mkdtemp(prefix="fraud-pg-session-"))
+    base.chmod(0o755)
+    server = LocalPostgres(base_dir=base / "pg", port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def fresh_postgres_database(request: pytest.FixtureRequest, prefix: str) -> Iterator[str]:
+    """A new database on the session's server, dropped after the test; skips without binaries."""
+    server: LocalPostgres | None = request.getfixturevalue("postgres_server")
+    if server is None:
+        pytest.skip("PostgreSQL server binaries not found (scripts/setup.sh installs them)")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    yield server.create_database(name)
+    server.drop_database(name)
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +128,13 @@ def mailbox(smtp_server: LocalSmtpServer) -> MailBox:
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'fraud.db'}"
+def database_url(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The application database of this test: SQLite file, or a fresh PostgreSQL database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fraud.db'}"
+    else:
+        with fresh_postgres_database(request, "app") as url:
+            yield url
 
 
 @pytest.fixture
@@ -99,12 +167,20 @@ def settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 @pytest.fixture
-def dagster_home(tmp_path: Path) -> Path:
-    """A temporary DAGSTER_HOME with the repository's dagster.yaml."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    return home
+def dagster_home(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """A temporary DAGSTER_HOME with the repository's dagster.yaml; with
+    `@pytest.mark.dagster_storage("postgresql")` its storage is a fresh PostgreSQL database
+    (DAGSTER_PG_* set in this process's environment, so daemons started by the test get them)."""
+    marker = request.node.get_closest_marker("dagster_storage")
+    if marker is None or marker.args == ("sqlite",):
+        yield write_dagster_home(tmp_path / "dagster_home")
+        return
+    with fresh_postgres_database(request, "dagster") as url:
+        for name, value in dagster_pg_env(url).items():
+            monkeypatch.setenv(name, value)
+        yield write_dagster_home(tmp_path / "dagster_home", postgres=True)
 
 
 @pytest.fixture

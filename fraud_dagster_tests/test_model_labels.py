@@ -17,8 +17,8 @@ START = datetime(2026, 3, 1)
 
 
 @pytest.fixture
-def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    url = f"sqlite:///{tmp_path / 'fraud.db'}"
+def database(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = database_url
     monkeypatch.setenv("FRAUD_DATABASE_URL", url)
     monkeypatch.setenv("FRAUD_VAR_DIR", str(tmp_path / "var"))
     engine = create_engine(url)

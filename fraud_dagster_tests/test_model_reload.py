@@ -254,6 +254,9 @@ def test_fraud_model_asset_trains_publishes_and_can_be_promoted(
 
 @pytest.mark.services
 @pytest.mark.slow
+# SQLite only: the promotion itself runs on both backends in the tests above; this one is
+# about the daemon firing the schedule.
+@pytest.mark.backends("sqlite")
 def test_real_daemon_schedule_promotes_a_published_model(
     env: dict[str, str],
     dagster_home: Path,

@@ -118,6 +118,7 @@ def test_broker_down_sensor_skips_then_catches_up_without_gap_or_duplicate(
 
 
 @pytest.mark.postgres
+@pytest.mark.backends()  # its own PostgreSQL server, which it stops
 def test_database_down_fails_the_run_clearly_and_a_rerun_succeeds(
     settings: Settings,
     instance: dg.DagsterInstance,
@@ -215,6 +216,9 @@ def test_tampered_model_is_refused_the_run_says_so_and_the_operators_are_emailed
 
 
 @pytest.mark.slow
+# SQLite only: what it tests is the daemon's recovery (runs, sensor cursor, retries); the
+# idempotent writes it relies on run on both backends in test_operations_rerun.py.
+@pytest.mark.backends("sqlite")
 def test_daemon_killed_mid_stream_and_restarted_leaves_no_gap_and_no_duplicate(
     env: dict[str, str],
     settings: Settings,

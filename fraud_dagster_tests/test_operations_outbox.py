@@ -7,7 +7,6 @@ and AUTH while the pipeline holds a wrong password. The `retry_alerts` sensor an
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -32,7 +31,6 @@ from fraud_dagster_tests.helpers import (
 )
 from fraud_dagster_tests.operations_support import (
     emails_by_transaction,
-    local_postgres,
     materializations,
     retry_alerts_tick,
     run_retry_job,
@@ -191,63 +189,52 @@ def test_smtp_refusing_the_login_keeps_alerts_pending_then_sends_them_with_the_r
         server.stop()
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
 def test_concurrent_senders_never_send_an_alert_twice(
-    backend: str,
     fast_retries: Settings,
     instance: dg.DagsterInstance,
     smtp_server: LocalSmtpServer,
     mailbox: MailBox,
     database_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with contextlib.ExitStack() as stack:
-        if backend == "postgresql":
-            database_url = stack.enter_context(local_postgres()).url()
-            monkeypatch.setenv("FRAUD_DATABASE_URL", database_url)
-        settings = load_settings()
-        smtp_server.stop()
-        run_batches(settings, instance)  # every alert now failed, due after 1 s
-        suspicious = suspicious_ids(database_url)
-        smtp_server.start()
-        time.sleep(1.1)
-        smtp = resolved_resources(settings)["smtp"]
-        engine = create_engine(database_url)
-        reports: list[pipeline.DeliveryReport] = []
-        senders = 6
-        start = threading.Barrier(senders)
+    settings = fast_retries
+    smtp_server.stop()
+    run_batches(settings, instance)  # every alert now failed, due after 1 s
+    suspicious = suspicious_ids(database_url)
+    smtp_server.start()
+    time.sleep(1.1)
+    smtp = resolved_resources(settings)["smtp"]
+    engine = create_engine(database_url)
+    reports: list[pipeline.DeliveryReport] = []
+    senders = 6
+    start = threading.Barrier(senders)
 
-        def sender(name: str) -> None:
-            start.wait()
-            reports.append(
-                pipeline.deliver_alerts(
-                    engine,
-                    smtp.smtp_settings(),
-                    smtp.sender,
-                    smtp.recipients,
-                    token=name,
-                    limit=1,
-                    pending_grace=timedelta(0),
-                )
+    def sender(name: str) -> None:
+        start.wait()
+        reports.append(
+            pipeline.deliver_alerts(
+                engine,
+                smtp.smtp_settings(),
+                smtp.sender,
+                smtp.recipients,
+                token=name,
+                limit=1,
+                pending_grace=timedelta(0),
             )
-
-        threads = [threading.Thread(target=sender, args=(f"sender-{i}",)) for i in range(senders)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        while (
-            report := pipeline.deliver_alerts(
-                engine, smtp.smtp_settings(), smtp.sender, smtp.recipients, token="sweeper"
-            )
-        ).claimed:
-            reports.append(report)
-        engine.dispose()
-
-        sent_ids = [tid for report in reports for tid in report.sent_ids]
-        assert sorted(sent_ids) == sorted(suspicious)
-        assert emails_by_transaction(mailbox.wait_for(len(suspicious))) == dict.fromkeys(
-            suspicious, 1
         )
+
+    threads = [threading.Thread(target=sender, args=(f"sender-{i}",)) for i in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    while (
+        report := pipeline.deliver_alerts(
+            engine, smtp.smtp_settings(), smtp.sender, smtp.recipients, token="sweeper"
+        )
+    ).claimed:
+        reports.append(report)
+    engine.dispose()
+
+    sent_ids = [tid for report in reports for tid in report.sent_ids]
+    assert sorted(sent_ids) == sorted(suspicious)
+    assert emails_by_transaction(mailbox.wait_for(len(suspicious))) == dict.fromkeys(suspicious, 1)

@@ -62,6 +62,7 @@ RUNS_QUERY = """
 
 
 @pytest.mark.postgres
+@pytest.mark.backends()  # its own PostgreSQL server, whose password is one of the secrets
 def test_secrets_never_reach_logs_run_config_tags_metadata_files_or_the_ui(
     settings: Settings,
     instance: dg.DagsterInstance,

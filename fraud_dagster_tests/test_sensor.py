@@ -15,7 +15,8 @@ from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster_tests.helpers import evaluate_sensor, produce
 
-pytestmark = pytest.mark.services
+# The sensor reads the broker and the Dagster instance, never the application database.
+pytestmark = [pytest.mark.services, pytest.mark.backends("sqlite")]
 
 
 @pytest.mark.partitions(2)

@@ -31,7 +31,13 @@ from fraud_dagster.settings import PROJECT_ROOT, Settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster_tests.helpers import produce, produce_raw, suspicious_ids
 
-pytestmark = [pytest.mark.services, pytest.mark.browser, pytest.mark.slow]
+# SQLite only: the UI shows the Dagster instance; the pipeline's storage is tested elsewhere.
+pytestmark = [
+    pytest.mark.services,
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.backends("sqlite"),
+]
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"

@@ -12,6 +12,7 @@ import glob
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 SUPERUSER = "fraud"
 APP_DATABASE = "fraud"
 DAGSTER_DATABASE = "dagster"
+_DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def postgres_bin_dir() -> Path:
@@ -165,18 +167,53 @@ class LocalPostgres:
         self._create_databases()
         logger.info("PostgreSQL is up on %s:%d (data in %s)", self.host, self.port, self.data_dir)
 
-    def _create_databases(self) -> None:
+    def running_port(self) -> int | None:
+        """The port of the running server, from its postmaster.pid (line 4), or None."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        return int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else None
+
+    def _admin(self, create: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> None:
+        """Create missing / drop existing databases. DDL takes no bound parameters, so every
+        name is checked against a strict pattern first."""
         import sqlalchemy as sa
 
+        names = [self._checked(name) for name in (*create, *drop)]
         engine = sa.create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as conn:
                 existing = set(conn.execute(sa.text("SELECT datname FROM pg_database")).scalars())
-                for name in (APP_DATABASE, DAGSTER_DATABASE):
+                for name in names[: len(create)]:
                     if name not in existing:
                         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+                for name in names[len(create) :]:
+                    if name in existing:
+                        conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         finally:
             engine.dispose()
+
+    @staticmethod
+    def _checked(name: str) -> str:
+        if not _DATABASE_NAME.fullmatch(name):
+            raise LocalServiceError(
+                f"database name {name!r} must be lower-case letters, digits and _ (at most 63)"
+            )
+        return name
+
+    def create_database(self, name: str) -> str:
+        """Create database `name` if missing (the tests' fresh database per test) and return
+        its URL."""
+        self._admin(create=(name,))
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop database `name`, closing its connections (test teardown)."""
+        self._admin(drop=(name,))
+
+    def _create_databases(self) -> None:
+        self._admin(create=(APP_DATABASE, DAGSTER_DATABASE))
 
     def stop(self) -> bool:
         if not self.is_running():
