@@ -11,8 +11,6 @@ server too (dagster.postgres.yaml, credentials in DAGSTER_PG_*).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +23,11 @@ from fraud_dagster.errors import LocalServiceError
 from fraud_dagster.instance_config import dagster_pg_env, write_dagster_home
 from fraud_dagster.kafka_io import ensure_topic
 from fraud_dagster.local_services.kafka import LocalKafka
-from fraud_dagster.local_services.postgres import LocalPostgres, postgres_bin_dir
+from fraud_dagster.local_services.postgres import (
+    LocalPostgres,
+    postgres_bin_dir,
+    temporary_postgres,
+)
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
@@ -54,25 +56,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[LocalPostgres | None]:
-    """One PostgreSQL server for the session (started on first use), or None without binaries.
-
-    Its directory is outside pytest's tmp dirs (mode 0700), which the `postgres` user the server
-    runs as (when the tests run as root) could not enter.
-    """
+    """One PostgreSQL server for the session (started on first use), or None without binaries."""
     try:
         postgres_bin_dir()
     except LocalServiceError:
         yield None
         return
-    base = Path(tempfile.mkdtemp(prefix="fraud-pg-session-"))
-    base.chmod(0o755)
-    server = LocalPostgres(base_dir=base / "pg", port=free_port())
-    server.start()
-    try:
+    with temporary_postgres(prefix="fraud-pg-session-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextmanager

@@ -8,7 +8,6 @@ re-execution ("from failure", "all steps") needs.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,8 +20,7 @@ import sqlalchemy as sa
 from dagster._core.definitions.reconstruct import ReconstructableJob
 
 from fraud_dagster.definitions import build_definitions
-from fraud_dagster.local_services.postgres import LocalPostgres
-from fraud_dagster.local_services.process import free_port
+from fraud_dagster.local_services.postgres import LocalPostgres, temporary_postgres
 from fraud_dagster.resources import build_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema
@@ -169,17 +167,9 @@ def tampered_models_dir(source: Path, destination: Path) -> Path:
 
 @contextmanager
 def local_postgres() -> Iterator[LocalPostgres]:
-    """A PostgreSQL server of our own (so a test may stop it); its directory is outside the
-    pytest tmp dir, which the `postgres` user cannot enter when the tests run as root."""
-    base = Path(tempfile.mkdtemp(prefix="fraud-pg-"))
-    base.chmod(0o755)  # the server's user must reach its data directory below
-    server = LocalPostgres(base_dir=base / "pg", port=free_port())
-    server.start()
-    try:
+    """A PostgreSQL server of the test's own (so the test may stop it)."""
+    with temporary_postgres() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def execute_sql(url: str, statement: str) -> None:

@@ -16,12 +16,15 @@ import re
 import secrets
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from fraud_dagster.errors import LocalServiceError
-from fraud_dagster.local_services.process import port_is_open
+from fraud_dagster.local_services.process import free_port, port_is_open
 
 logger = logging.getLogger(__name__)
 
@@ -221,3 +224,21 @@ class LocalPostgres:
         self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "fast", "-w")
         logger.info("stopped PostgreSQL on %s:%d", self.host, self.port)
         return True
+
+
+@contextmanager
+def temporary_postgres(prefix: str = "fraud-pg-") -> Iterator[LocalPostgres]:
+    """A throw-away server on a free port, for tests and benchmarks; removed afterwards.
+
+    Its directory is a fresh one under the system temp dir, opened to others (0755): when we
+    are root the server runs as `postgres`, which could not enter a private (0700) parent.
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    server = LocalPostgres(base_dir=base / "pg", port=free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
