@@ -14,9 +14,17 @@ before it (and ties that come earlier in `transaction_id` order), never the ones
 Offline, `compute_features` runs over the whole history at once. Online, the scoring run calls
 `compute_batch_features` with the stored history of the batch's accounts and merchants plus the
 batch itself, which yields the same numbers as the offline pass would.
+
+The online history stays small however much is stored: `history_plan` splits the time the
+batch's windows can reach into intervals where a stored transaction's membership depends on
+which batch transaction is asking (fetched as rows; only as wide as the batch's time span) and
+bands that every batch transaction's window holds entirely or not at all (fetched as one
+aggregate row per key and band, with a weight).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -42,9 +50,10 @@ FEATURE_COLUMNS: list[str] = [
     ],
 ]
 
-# How far back the history of a batch must reach for its windows to be complete.
-ACCOUNT_HISTORY_DAYS = max(WINDOWS_DAYS)
-MERCHANT_HISTORY_DAYS = max(WINDOWS_DAYS) + DELAY_DAYS
+# Window edges, in days before t: accounts look at (t - w, t], merchants at (t - 7 - w, t - 7].
+ACCOUNT_EDGES_DAYS = (0, *WINDOWS_DAYS)
+MERCHANT_EDGES_DAYS = (DELAY_DAYS, *(DELAY_DAYS + days for days in WINDOWS_DAYS))
+WEIGHT = "weight"  # optional column: how many transactions a (history) row stands for
 
 _SECONDS_PER_DAY = 86_400
 # Group codes are spread this many seconds apart so that one sorted int64 key holds both.
@@ -52,17 +61,18 @@ _GROUP_STRIDE = 10**10
 
 
 def _epoch_seconds(dates: pd.Series) -> np.ndarray:
-    return dates.astype("datetime64[s]").to_numpy().astype(np.int64)
+    return pd.to_datetime(dates).astype("datetime64[s]").to_numpy().astype(np.int64)
 
 
 def _windowed(
     groups: pd.Series,
     seconds: np.ndarray,
     tiebreak: pd.Series,
+    weights: np.ndarray,
     values: dict[str, np.ndarray],
     windows: list[tuple[int, int]],
 ) -> dict[tuple[int, int], dict[str, np.ndarray]]:
-    """Count and sum `values` per group over windows `(t - start, t - end]`.
+    """Count (by weight) and sum `values` per group over windows `(t - start, t - end]`.
 
     `windows` holds (start, end) in seconds before t; end = 0 means "up to and including the
     transaction itself". Everything is vectorized: one lexicographic sort, then binary searches on
@@ -75,7 +85,7 @@ def _windowed(
     position = np.arange(len(key))
     cumsums = {
         name: np.concatenate(([0.0], np.cumsum(column[order], dtype=np.float64)))
-        for name, column in values.items()
+        for name, column in {"count": weights, **values}.items()
     }
     inverse = np.empty_like(order)
     inverse[order] = position
@@ -84,11 +94,72 @@ def _windowed(
         left = np.searchsorted(key, key - start, side="right")
         right = position + 1 if end == 0 else np.searchsorted(key, key - end, side="right")
         right = np.maximum(right, left)
-        stats = {"count": (right - left).astype(np.float64)}
-        for name, cumsum in cumsums.items():
-            stats[name] = cumsum[right] - cumsum[left]
+        stats = {name: cumsum[right] - cumsum[left] for name, cumsum in cumsums.items()}
         results[(start, end)] = {name: column[inverse] for name, column in stats.items()}
     return results
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
+
+
+def _weights(frame: pd.DataFrame) -> np.ndarray:
+    if WEIGHT in frame:
+        return frame[WEIGHT].to_numpy(dtype=np.float64)
+    return np.ones(len(frame), dtype=np.float64)
+
+
+def _account_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per account, over (t - w, t]: number of transactions and mean amount."""
+    windows = [(days * _SECONDS_PER_DAY, 0) for days in WINDOWS_DAYS]
+    stats = _windowed(
+        frame["account_id"],
+        _epoch_seconds(frame["transaction_date"]),
+        frame["transaction_id"].astype(str),
+        _weights(frame),
+        {"amount": frame["transaction_amount"].to_numpy(dtype=np.float64)},
+        windows,
+    )
+    features = {}
+    for days, window in zip(WINDOWS_DAYS, windows, strict=True):
+        features[f"account_tx_count_{days}d"] = stats[window]["count"]
+        features[f"account_mean_amount_{days}d"] = _ratio(
+            stats[window]["amount"], stats[window]["count"]
+        )
+    return features
+
+
+def _merchant_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per merchant, over (t - 7 - w, t - 7]: number of transactions and confirmed-fraud share."""
+    delay = DELAY_DAYS * _SECONDS_PER_DAY
+    windows = [((days + DELAY_DAYS) * _SECONDS_PER_DAY, delay) for days in WINDOWS_DAYS]
+    is_fraud = (
+        frame["is_fraud"].fillna(0).to_numpy(dtype=np.float64)
+        if "is_fraud" in frame
+        else np.zeros(len(frame), dtype=np.float64)
+    )
+    stats = _windowed(
+        frame["merchant"],
+        _epoch_seconds(frame["transaction_date"]),
+        frame["transaction_id"].astype(str),
+        _weights(frame),
+        {"fraud": is_fraud},
+        windows,
+    )
+    features = {}
+    for days, window in zip(WINDOWS_DAYS, windows, strict=True):
+        features[f"merchant_tx_count_{days}d"] = stats[window]["count"]
+        features[f"merchant_risk_{days}d"] = _ratio(stats[window]["fraud"], stats[window]["count"])
+    return features
+
+
+def _calendar_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    dates = pd.to_datetime(frame["transaction_date"])
+    return {
+        "transaction_amount": frame["transaction_amount"].to_numpy(dtype=np.float64),
+        "during_weekend": (dates.dt.day_of_week >= WEEKEND_FIRST_DAY).to_numpy(dtype=np.int8),
+        "during_night": (dates.dt.hour <= NIGHT_LAST_HOUR).to_numpy(dtype=np.int8),
+    }
 
 
 def compute_features(transactions: pd.DataFrame) -> pd.DataFrame:
@@ -99,59 +170,103 @@ def compute_features(transactions: pd.DataFrame) -> pd.DataFrame:
     0 otherwise; missing means no label is known).
     """
     frame = transactions.reset_index(drop=True)
-    dates = pd.to_datetime(frame["transaction_date"])
-    seconds = _epoch_seconds(dates)
-    amount = frame["transaction_amount"].to_numpy(dtype=np.float64)
-    if "is_fraud" in frame:
-        is_fraud = frame["is_fraud"].fillna(0).to_numpy(dtype=np.float64)
-    else:
-        is_fraud = np.zeros(len(frame), dtype=np.float64)
-    tiebreak = frame["transaction_id"].astype(str)
-
-    features = pd.DataFrame(index=frame.index)
-    features["transaction_amount"] = amount
-    features["during_weekend"] = (dates.dt.day_of_week >= WEEKEND_FIRST_DAY).astype(np.int8)
-    features["during_night"] = (dates.dt.hour <= NIGHT_LAST_HOUR).astype(np.int8)
-
-    account_windows = [(days * _SECONDS_PER_DAY, 0) for days in WINDOWS_DAYS]
-    account = _windowed(frame["account_id"], seconds, tiebreak, {"amount": amount}, account_windows)
-    delay = DELAY_DAYS * _SECONDS_PER_DAY
-    merchant_windows = [((days + DELAY_DAYS) * _SECONDS_PER_DAY, delay) for days in WINDOWS_DAYS]
-    merchant = _windowed(
-        frame["merchant"], seconds, tiebreak, {"fraud": is_fraud}, merchant_windows
+    features = pd.DataFrame(
+        {**_calendar_features(frame), **_account_features(frame), **_merchant_features(frame)},
+        index=frame.index,
     )
-
-    for days, window in zip(WINDOWS_DAYS, account_windows, strict=True):
-        stats = account[window]
-        features[f"account_tx_count_{days}d"] = stats["count"]
-        features[f"account_mean_amount_{days}d"] = np.divide(
-            stats["amount"], stats["count"], out=np.zeros(len(frame)), where=stats["count"] > 0
-        )
-    for days, window in zip(WINDOWS_DAYS, merchant_windows, strict=True):
-        stats = merchant[window]
-        features[f"merchant_tx_count_{days}d"] = stats["count"]
-        features[f"merchant_risk_{days}d"] = np.divide(
-            stats["fraud"], stats["count"], out=np.zeros(len(frame)), where=stats["count"] > 0
-        )
     return features[FEATURE_COLUMNS]
 
 
-def compute_batch_features(batch: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+ACCOUNT_HISTORY_COLUMNS = ["transaction_id", "account_id", "transaction_amount", "transaction_date"]
+MERCHANT_HISTORY_COLUMNS = ["transaction_id", "merchant", "transaction_date", "is_fraud"]
+
+
+@dataclass
+class BatchHistory:
+    """Stored history for a batch: what its account windows and merchant windows can reach.
+
+    Rows carry a `weight`: 1 for a stored transaction, n for an aggregate row standing for the n
+    transactions of one key in one band of `history_plan` (amount and is_fraud then hold sums).
+    """
+
+    accounts: pd.DataFrame
+    merchants: pd.DataFrame
+
+    @classmethod
+    def from_rows(cls, rows: pd.DataFrame) -> BatchHistory:
+        """Plain stored transactions used for both kinds of windows (weight 1 each)."""
+        rows = rows.assign(is_fraud=rows.get("is_fraud", 0.0))
+        return cls(
+            accounts=rows[ACCOUNT_HISTORY_COLUMNS].assign(**{WEIGHT: 1.0}),
+            merchants=rows[MERCHANT_HISTORY_COLUMNS].assign(**{WEIGHT: 1.0}),
+        )
+
+
+@dataclass(frozen=True)
+class HistoryPlan:
+    """Closed intervals of epoch seconds: fetch `rows` one by one, `bands` as aggregates."""
+
+    rows: list[tuple[int, int]]
+    bands: list[tuple[int, int]]
+
+
+def history_plan(first_second: int, last_second: int, edges_days: tuple[int, ...]) -> HistoryPlan:
+    """Which stored times a batch spanning first..last second needs, and in which form.
+
+    A window of t has its edges at t - e for each edge e; a stored transaction at second x is in
+    or out of the window depending on t only if x lies in [first - e, last - e] for some edge.
+    Those intervals are fetched as rows; every other stretch of the reachable range (a band) is
+    in all the batch's windows of a size or in none, so it is fetched as one sum per key.
+    """
+    edges = sorted(days * _SECONDS_PER_DAY for days in edges_days)
+    low, high = first_second - edges[-1] + 1, last_second - edges[0]
+    partial = sorted(
+        (max(first_second - edge, low), min(last_second - edge, high)) for edge in edges
+    )
+    rows: list[tuple[int, int]] = []
+    for start, end in partial:
+        if start > end:
+            continue
+        if rows and start <= rows[-1][1] + 1:
+            rows[-1] = (rows[-1][0], max(rows[-1][1], end))
+        else:
+            rows.append((start, end))
+    bands = []
+    cursor = low
+    for start, end in rows:
+        if start > cursor:
+            bands.append((cursor, start - 1))
+        cursor = end + 1
+    if cursor <= high:
+        bands.append((cursor, high))
+    return HistoryPlan(rows=rows, bands=bands)
+
+
+def compute_batch_features(
+    batch: pd.DataFrame, history: BatchHistory | pd.DataFrame
+) -> pd.DataFrame:
     """Features of the `batch` rows, with windows filled from the stored `history`.
 
-    `history` holds earlier stored transactions of the batch's accounts (last
-    `ACCOUNT_HISTORY_DAYS`) and merchants (last `MERCHANT_HISTORY_DAYS`), with is_fraud labels;
-    rows whose transaction_id is in the batch are ignored (a rerun finds its own rows stored).
-    The result is indexed like `batch`.
+    `history` is a `BatchHistory` (see `storage.store.load_batch_history`) or plain stored rows
+    with is_fraud labels. History rows whose transaction_id is in the batch are ignored (a rerun
+    finds its own rows stored). The result is indexed like `batch`.
     """
-    columns = ["transaction_id", "account_id", "merchant", "transaction_amount", "transaction_date"]
-    past = history.loc[
-        ~history["transaction_id"].isin(batch["transaction_id"]), [*columns, "is_fraud"]
-    ]
-    current = batch[columns].copy()
-    current["is_fraud"] = batch.get("is_fraud", 0.0)
-    combined = pd.concat([past, current], ignore_index=True) if len(past) else current
-    features = compute_features(combined)
-    result = features.iloc[len(past) :]
-    result.index = batch.index
-    return result
+    if isinstance(history, pd.DataFrame):
+        history = BatchHistory.from_rows(history)
+    current = batch.assign(is_fraud=batch.get("is_fraud", 0.0), **{WEIGHT: 1.0})
+    ids = batch["transaction_id"]
+
+    def with_batch(past: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, int]:
+        past = past.loc[~past["transaction_id"].isin(ids), [*columns, WEIGHT]]
+        rows = current[[*columns, WEIGHT]]
+        combined = pd.concat([past, rows], ignore_index=True) if len(past) else rows
+        return combined.reset_index(drop=True), len(past)
+
+    accounts, account_offset = with_batch(history.accounts, ACCOUNT_HISTORY_COLUMNS)
+    merchants, merchant_offset = with_batch(history.merchants, MERCHANT_HISTORY_COLUMNS)
+    features = {
+        **_calendar_features(batch),
+        **{k: v[account_offset:] for k, v in _account_features(accounts).items()},
+        **{k: v[merchant_offset:] for k, v in _merchant_features(merchants).items()},
+    }
+    return pd.DataFrame(features, index=batch.index)[FEATURE_COLUMNS]

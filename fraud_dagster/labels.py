@@ -38,7 +38,7 @@ def record_analyst_label(
 ) -> None:
     """Record (or correct) an analyst's verdict on a transaction the system has scored."""
     with engine.connect() as conn:
-        if transaction_id not in stored_sources(conn, [transaction_id]):
+        if stored_sources(conn, [transaction_id]).empty:
             raise LabelError(
                 f"no scored transaction has the id {transaction_id!r}; check the id in "
                 "scored_transactions (or the alert email) and label it again"

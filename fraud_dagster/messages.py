@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -119,6 +120,10 @@ def _nesting_depth(value: object, limit: int) -> int:
     return depth
 
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _identifier(obj: dict, name: str) -> tuple[str | None, str | None]:
     """Return (value, error) for an identifier field: a non-empty string or an integer."""
     value = obj.get(name)
@@ -131,9 +136,9 @@ def _identifier(obj: dict, name: str) -> tuple[str | None, str | None]:
         return None, f"'{name}' is empty"
     if len(text) > MAX_IDENTIFIER_LENGTH[name]:
         return None, f"'{name}' is longer than {MAX_IDENTIFIER_LENGTH[name]} characters"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+    if _CONTROL_CHARACTER.search(text):
         return None, f"'{name}' contains control characters"
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+    if _SURROGATE.search(text):
         # A lone "\\ud800" escape is valid JSON but cannot be stored as UTF-8 text.
         return None, f"'{name}' contains an unpaired UTF-16 surrogate escape"
     return text, None

@@ -19,9 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fraud_dagster.alerts import SmtpMailer, SmtpSettings, mask_account, render_alert
 from fraud_dagster.errors import AlertDeliveryError, StorageError
 from fraud_dagster.features import (
-    ACCOUNT_HISTORY_DAYS,
     FEATURE_COLUMNS,
-    MERCHANT_HISTORY_DAYS,
     compute_batch_features,
 )
 from fraud_dagster.messages import RawBatch, Rejection, ValidationLimits, parse_batch
@@ -30,7 +28,7 @@ from fraud_dagster.storage.store import (
     PersistResult,
     claim_alerts,
     classify_stored,
-    load_history,
+    load_batch_history,
     load_labels,
     mark_alert_sent,
     mark_alerts_failed,
@@ -125,19 +123,10 @@ def prepare_batch(
             transactions = transactions.loc[~transactions["source_offset"].isin(duplicate_offsets)]
             rejections.extend(duplicates)
         if len(transactions):
-            dates = transactions["transaction_date"]
-            until = dates.max().to_pydatetime()
-            history = load_history(
+            history = load_batch_history(
                 conn,
-                accounts=transactions["account_id"].unique().tolist(),
-                merchants=transactions["merchant"].unique().tolist(),
-                account_since=(
-                    dates.min() - pd.Timedelta(days=ACCOUNT_HISTORY_DAYS)
-                ).to_pydatetime(),
-                merchant_since=(
-                    dates.min() - pd.Timedelta(days=MERCHANT_HISTORY_DAYS)
-                ).to_pydatetime(),
-                until=until,
+                transactions,
+                exclude_source=(ref.topic, ref.partition, ref.first_offset, ref.last_offset),
             )
             labels = load_labels(conn, transactions["transaction_id"].tolist())
     transactions = transactions.reset_index(drop=True)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -22,6 +23,16 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
+from fraud_dagster.features import (
+    ACCOUNT_EDGES_DAYS,
+    ACCOUNT_HISTORY_COLUMNS,
+    MERCHANT_EDGES_DAYS,
+    MERCHANT_HISTORY_COLUMNS,
+    WEIGHT,
+    BatchHistory,
+    HistoryPlan,
+    history_plan,
+)
 from fraud_dagster.messages import Rejection
 from fraud_dagster.storage.schema import (
     fraud_alerts,
@@ -94,59 +105,124 @@ def _chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[An
 
 # --- history for online features ------------------------------------------------------------
 
-HISTORY_COLUMNS = [
-    "transaction_id",
-    "account_id",
-    "merchant",
-    "transaction_amount",
-    "transaction_date",
-    "is_fraud",
-]
+_EPOCH = datetime(1970, 1, 1)
 
 
-def _history_query(key_column: sa.Column, keys: Sequence[str], start: datetime, end: datetime):
-    s, labels = scored_transactions, fraud_labels
-    return (
-        sa.select(
-            s.c.transaction_id,
-            s.c.account_id,
-            s.c.merchant,
-            s.c.transaction_amount,
-            s.c.transaction_date,
-            labels.c.is_fraud,
+def _second(second: int) -> datetime:
+    return _EPOCH + timedelta(seconds=second)
+
+
+def _within(column: sa.Column, interval: tuple[int, int]) -> sa.ColumnElement[bool]:
+    """`column` falls in the closed interval of whole epoch seconds [first, last]."""
+    first, last = interval
+    return sa.and_(column >= _second(first), column < _second(last + 1))
+
+
+def _not_from(source: tuple[str, int, int, int] | None) -> sa.ColumnElement[bool]:
+    s = scored_transactions
+    if source is None:
+        return sa.true()
+    topic, partition, first, last = source
+    return sa.not_(
+        sa.and_(
+            s.c.source_topic == topic,
+            s.c.source_partition == partition,
+            s.c.source_offset.between(first, last),
         )
-        .select_from(s.outerjoin(labels, labels.c.transaction_id == s.c.transaction_id))
-        .where(key_column.in_(keys), s.c.transaction_date > start, s.c.transaction_date <= end)
     )
 
 
-def load_history(
+def _history_part(
     conn: Connection,
-    accounts: Sequence[str],
-    merchants: Sequence[str],
-    account_since: datetime,
-    merchant_since: datetime,
-    until: datetime,
+    key: sa.Column,
+    keys: Sequence[str],
+    plan: HistoryPlan,
+    value: sa.ColumnElement,
+    exclude_source: tuple[str, int, int, int] | None,
 ) -> pd.DataFrame:
-    """Stored transactions (with their fraud labels) that the batch's windows can reach."""
+    """Rows of `plan.rows` and one aggregate row per key and band of `plan.bands`."""
+    s, labels = scored_transactions, fraud_labels
+    joined = s.outerjoin(labels, labels.c.transaction_id == s.c.transaction_id)
+    date = s.c.transaction_date
     rows: list[Any] = []
-    for keys in _chunks(list(accounts)):
-        rows.extend(
-            conn.execute(
-                _history_query(scored_transactions.c.account_id, keys, account_since, until)
-            ).all()
+    bands: list[Any] = []
+    for chunk in _chunks(list(keys)):
+        selected = sa.and_(key.in_(chunk), _not_from(exclude_source))
+        if plan.rows:
+            query = (
+                sa.select(s.c.transaction_id, key, date, value, sa.literal(1.0))
+                .select_from(joined)
+                .where(selected, sa.or_(*(_within(date, interval) for interval in plan.rows)))
+            )
+            rows.extend(conn.execute(query).all())
+        if plan.bands:
+            band = sa.case(
+                *((_within(date, interval), i) for i, interval in enumerate(plan.bands)),
+                else_=-1,
+            ).label("band")
+            query = (
+                sa.select(key, band, sa.func.count(), sa.func.sum(value))
+                .select_from(joined)
+                .where(selected, sa.or_(*(_within(date, interval) for interval in plan.bands)))
+                .group_by(key, band)
+            )
+            bands.extend(conn.execute(query).all())
+    names = ["transaction_id", "key", "transaction_date", "value", WEIGHT]
+    aggregates = [
+        # One row for the n transactions of a key in a band, at the band's last second;
+        # the NUL in its id cannot clash with a real id (identifiers exclude control characters).
+        (
+            f"\x00band{band_index}:{key_value}",
+            key_value,
+            _second(plan.bands[band_index][1]),
+            total,
+            count,
         )
-    for keys in _chunks(list(merchants)):
-        rows.extend(
-            conn.execute(
-                _history_query(scored_transactions.c.merchant, keys, merchant_since, until)
-            ).all()
-        )
-    history = pd.DataFrame.from_records(rows, columns=HISTORY_COLUMNS)
-    history = history.drop_duplicates("transaction_id")
-    history["is_fraud"] = history["is_fraud"].fillna(False).astype(float)
-    history["transaction_date"] = pd.to_datetime(history["transaction_date"])
-    return history
+        for key_value, band_index, count, total in bands
+    ]
+    frame = _frame([*rows, *aggregates], names)
+    frame["transaction_date"] = pd.to_datetime(frame["transaction_date"])
+    frame["value"] = frame["value"].astype(float).fillna(0.0)
+    frame[WEIGHT] = frame[WEIGHT].astype(float)
+    return frame
+
+
+def load_batch_history(
+    conn: Connection,
+    batch: pd.DataFrame,
+    exclude_source: tuple[str, int, int, int] | None = None,
+) -> BatchHistory:
+    """What the windows of `batch` (account_id, merchant, transaction_date) need from storage.
+
+    Near the windows' edges stored transactions come as rows, elsewhere as one aggregate row
+    per key and band (see `features.history_plan`), so the history of a batch stays about as
+    large as the batch however much is stored. `exclude_source` = (topic, partition, first,
+    last) leaves out the batch's own messages, which a rerun finds stored already.
+    """
+    seconds = pd.to_datetime(batch["transaction_date"]).astype("datetime64[s]").astype("int64")
+    first, last = int(seconds.min()), int(seconds.max())
+    s, labels = scored_transactions, fraud_labels
+    accounts = _history_part(
+        conn,
+        s.c.account_id,
+        batch["account_id"].unique().tolist(),
+        history_plan(first, last, ACCOUNT_EDGES_DAYS),
+        s.c.transaction_amount,
+        exclude_source,
+    ).rename(columns={"key": "account_id", "value": "transaction_amount"})
+    fraud = sa.case((labels.c.is_fraud == sa.true(), 1.0), else_=0.0)
+    merchants = _history_part(
+        conn,
+        s.c.merchant,
+        batch["merchant"].unique().tolist(),
+        history_plan(first, last, MERCHANT_EDGES_DAYS),
+        fraud,
+        exclude_source,
+    ).rename(columns={"key": "merchant", "value": "is_fraud"})
+    return BatchHistory(
+        accounts=accounts[[*ACCOUNT_HISTORY_COLUMNS, WEIGHT]],
+        merchants=merchants[[*MERCHANT_HISTORY_COLUMNS, WEIGHT]],
+    )
 
 
 def load_labels(conn: Connection, transaction_ids: Sequence[str]) -> dict[str, bool]:
@@ -159,19 +235,27 @@ def load_labels(conn: Connection, transaction_ids: Sequence[str]) -> dict[str, b
     return labels
 
 
-def stored_sources(
-    conn: Connection, transaction_ids: Sequence[str]
-) -> dict[str, tuple[str, int, int]]:
-    """Where each already-stored transaction id came from: (topic, partition, offset)."""
+def stored_sources(conn: Connection, transaction_ids: Sequence[str]) -> pd.DataFrame:
+    """Where already-stored transaction ids came from: one row per stored id, with
+    stored_topic, stored_partition and stored_offset."""
     s = scored_transactions
-    found: dict[str, tuple[str, int, int]] = {}
+    rows: list[Any] = []
     for ids in _chunks(list(transaction_ids)):
         query = sa.select(
             s.c.transaction_id, s.c.source_topic, s.c.source_partition, s.c.source_offset
         ).where(s.c.transaction_id.in_(ids))
-        for row in conn.execute(query):
-            found[row.transaction_id] = (row.source_topic, row.source_partition, row.source_offset)
-    return found
+        rows.extend(conn.execute(query).all())
+    return _frame(rows, ["transaction_id", "stored_topic", "stored_partition", "stored_offset"])
+
+
+def _frame(rows: Sequence[Sequence[Any]], columns: list[str]) -> pd.DataFrame:
+    """A DataFrame from result rows, built column-wise (much faster than from row objects)."""
+    if not rows:
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in columns})
+    columns_of_rows = zip(*rows, strict=True)
+    return pd.DataFrame(
+        {name: list(values) for name, values in zip(columns, columns_of_rows, strict=True)}
+    )
 
 
 # --- persisting a scored batch ---------------------------------------------------------------
@@ -191,13 +275,19 @@ class PersistResult:
 
 
 def _records(frame: pd.DataFrame, columns: Iterable[str]) -> list[dict[str, Any]]:
-    subset = frame[list(columns)]
-    records = subset.astype(object).where(subset.notna(), None).to_dict("records")
-    for record in records:
-        for key, value in record.items():
-            if isinstance(value, pd.Timestamp):
-                record[key] = value.to_pydatetime()
-    return records
+    """Rows as dicts of plain Python values (NaN/NaT -> None), converted column by column."""
+    names = list(columns)
+    values = []
+    for name in names:
+        column = frame[name]
+        if pd.api.types.is_datetime64_any_dtype(column):
+            converted = np.where(column.isna().to_numpy(), None, column.dt.to_pydatetime())
+            values.append(converted.tolist())
+        elif pd.api.types.is_numeric_dtype(column) and not column.isna().any():
+            values.append(column.tolist())
+        else:
+            values.append(column.astype(object).where(column.notna(), None).tolist())
+    return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
 
 
 def _rejection_rows(
@@ -355,28 +445,40 @@ def classify_stored(conn: Connection, frame: pd.DataFrame) -> tuple[pd.Series, l
 
     A row whose transaction id is stored from the same Kafka coordinates is the same message
     read again (a rerun): the boolean Series marks those. A row whose id is stored from other
-    coordinates, or whose coordinates hold another id (a recreated topic), is rejected.
-    Rows that match nothing stored are neither.
+    coordinates is a duplicate and becomes a rejection. Rows that match nothing stored are
+    neither. One query per 5,000 ids; the comparison is vectorized.
     """
     rerun = pd.Series(False, index=frame.index)
     if frame.empty:
         return rerun, []
-    sources = stored_sources(conn, frame["transaction_id"].tolist())
-    rejections = []
-    for pos, row in zip(frame.index, frame.itertuples(index=False), strict=True):
-        mine = (row.source_topic, int(row.source_partition), int(row.source_offset))
-        first = sources.get(row.transaction_id)
-        if first == mine:
-            rerun[pos] = True
-            continue
-        if first is None:
-            continue
-        reason = (
-            f"duplicate transaction_id, first stored from {first[0]}/{first[1]} offset {first[2]}"
+    stored = stored_sources(conn, frame["transaction_id"].tolist())
+    if stored.empty:
+        return rerun, []
+    matched = frame[["transaction_id", "source_topic", "source_partition", "source_offset"]].merge(
+        stored, on="transaction_id", how="left"
+    )
+    matched.index = frame.index
+    found = matched["stored_topic"].notna()
+    same_place = (
+        found
+        & (matched["source_topic"] == matched["stored_topic"])
+        & (matched["source_partition"] == matched["stored_partition"])
+        & (matched["source_offset"] == matched["stored_offset"])
+    )
+    rerun = same_place.astype(bool)
+    rejections = [
+        Rejection(
+            frame.at[pos, "source_topic"],
+            int(frame.at[pos, "source_partition"]),
+            int(frame.at[pos, "source_offset"]),
+            frame.at[pos, "raw_value"],
+            "duplicate transaction_id, first stored from "
+            f"{matched.at[pos, 'stored_topic']}/{int(matched.at[pos, 'stored_partition'])} "
+            f"offset {int(matched.at[pos, 'stored_offset'])}",
+            frame.at[pos, "transaction_id"],
         )
-        rejections.append(
-            Rejection(mine[0], mine[1], mine[2], row.raw_value, reason, row.transaction_id)
-        )
+        for pos in frame.index[found & ~same_place]
+    ]
     return rerun, rejections
 
 

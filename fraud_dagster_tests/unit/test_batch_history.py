@@ -1,0 +1,149 @@
+"""Online history from the database (rows near window edges, aggregates elsewhere) against the
+offline feature pass over everything: the same numbers, for short and long batches."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from fraud_dagster.features import compute_batch_features, compute_features, history_plan
+from fraud_dagster.storage.schema import fraud_labels, scored_transactions
+from fraud_dagster.storage.store import create_engine, ensure_schema, load_batch_history, utcnow
+
+
+def transactions(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    micros = np.sort(rng.integers(0, 86_400 * 60 * 1_000_000, n))
+    micros[10:20] = micros[10]  # ties within one second
+    frame = pd.DataFrame(
+        {
+            "transaction_id": [f"t{i:06d}" for i in range(n)],
+            "account_id": rng.integers(0, 25, n).astype(str),
+            "merchant": rng.integers(0, 35, n).astype(str),
+            "transaction_amount": rng.gamma(2, 30, n).round(2),
+            "transaction_date": pd.Timestamp("2025-01-01") + pd.to_timedelta(micros, unit="us"),
+            "is_fraud": (rng.random(n) < 0.1).astype(float),
+        }
+    )
+    return frame
+
+
+def store(engine: sa.Engine, frame: pd.DataFrame, offset_base: int = 0) -> None:
+    now = utcnow()
+    rows = [
+        {
+            "transaction_id": r.transaction_id,
+            "account_id": r.account_id,
+            "merchant": r.merchant,
+            "transaction_amount": r.transaction_amount,
+            "transaction_date": r.transaction_date.to_pydatetime(),
+            "source_topic": "t",
+            "source_partition": 0,
+            "source_offset": offset_base + i,
+            "fraud_probability": 0.0,
+            "is_suspicious": False,
+            "model_version": "v",
+            "scored_at": now,
+        }
+        for i, r in enumerate(frame.itertuples(index=False))
+    ]
+    labels = [
+        {
+            "transaction_id": r.transaction_id,
+            "is_fraud": bool(r.is_fraud),
+            "labeled_by": "test",
+            "labeled_at": now,
+            "source": "replay",
+        }
+        for r in frame.itertuples(index=False)
+        if r.is_fraud
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(scored_transactions), rows)
+        if labels:
+            conn.execute(sa.insert(fraud_labels), labels)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "stored_batch_too"), [(5, False), (60, False), (900, False), (60, True)]
+)
+def test_database_history_gives_offline_features(
+    tmp_path: Path, batch_size: int, stored_batch_too: bool
+) -> None:
+    frame = transactions(4000, seed=batch_size)
+    engine = create_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    ensure_schema(engine)
+    split = len(frame) - batch_size
+    store(engine, frame.iloc[:split] if not stored_batch_too else frame)
+    batch = frame.iloc[split:]
+    with engine.connect() as conn:
+        exclude = ("t", 0, split, len(frame) - 1) if stored_batch_too else None
+        history = load_batch_history(conn, batch, exclude_source=exclude)
+    online = compute_batch_features(batch, history)
+    offline = compute_features(frame).iloc[split:]
+    pd.testing.assert_frame_equal(
+        online, offline, check_exact=False, rtol=1e-9, atol=1e-9, check_dtype=False
+    )
+    if batch_size <= 60:
+        # A short batch needs few rows: most of the history comes as aggregates.
+        assert (history.accounts["weight"] > 1).any()
+        assert len(history.accounts) < split / 4
+
+
+def test_history_plan_covers_the_reach_without_overlap() -> None:
+    day = 86_400
+    plan = history_plan(100 * day, 100 * day + 60, (0, 1, 7, 30))
+    intervals = sorted(plan.rows + plan.bands)
+    assert intervals[0][0] == 70 * day + 1
+    assert intervals[-1][1] == 100 * day + 60
+    for (_, end), (start, _) in itertools.pairwise(intervals):
+        assert start == end + 1
+    assert (100 * day, 100 * day + 60) in plan.rows
+    assert (93 * day, 93 * day + 60) in plan.rows
+    long = history_plan(100 * day, 140 * day, (7, 8, 14, 37))
+    assert long.bands == []
+
+
+def test_transactions_exactly_on_window_edges(tmp_path: Path) -> None:
+    """Stored transactions a second before, on and after every window edge of every batch row."""
+    start = pd.Timestamp("2025-03-01 12:00:00")
+    offsets = pd.to_timedelta([0, 10, 20], unit="s")
+    batch = pd.DataFrame(
+        {
+            "transaction_id": ["b0", "b1", "b2"],
+            "account_id": "a",
+            "merchant": "m",
+            "transaction_amount": [5.0, 6.0, 7.0],
+            "transaction_date": start + offsets,
+            "is_fraud": 0.0,
+        }
+    )
+    times = [
+        start - pd.Timedelta(days=edge) + pd.Timedelta(seconds=delta)
+        for edge in (0, 1, 7, 8, 14, 30, 37, 38)
+        for delta in (-21, -20, -11, -10, -1, 0, 1, 9, 10, 11, 19, 20, 21)
+    ]
+    history = pd.DataFrame(
+        {
+            "transaction_id": [f"h{i:04d}" for i in range(len(times))],
+            "account_id": "a",
+            "merchant": "m",
+            "transaction_amount": np.arange(len(times), dtype=float) + 1,
+            "transaction_date": times,
+            "is_fraud": (np.arange(len(times)) % 3 == 0).astype(float),
+        }
+    )
+    history = history.loc[history["transaction_date"] < start].reset_index(drop=True)
+    engine = create_engine(f"sqlite:///{tmp_path / 'edges.db'}")
+    ensure_schema(engine)
+    store(engine, history)
+    with engine.connect() as conn:
+        online = compute_batch_features(batch, load_batch_history(conn, batch))
+    everything = pd.concat([history, batch], ignore_index=True)
+    offline = compute_features(everything).iloc[len(history) :].set_axis(batch.index)
+    pd.testing.assert_frame_equal(online, offline, check_dtype=False)
