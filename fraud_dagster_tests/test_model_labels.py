@@ -48,7 +48,9 @@ def store_scored(url: str, days: list[int], prefix: str = "T") -> list[str]:
         }
     )
     engine = create_engine(url)
-    persist_batch(engine, frame, [], threshold=0.5, run_id=None)
+    persist_batch(
+        engine, frame, [], threshold=0.5, run_id=None, batch_range=("t", 0, 0, len(days) - 1)
+    )
     engine.dispose()
     return ids
 

@@ -318,12 +318,12 @@ def persist_batch(
     *,
     threshold: float,
     run_id: str | None,
-    batch_range: tuple[str, int, int, int] | None = None,
+    batch_range: tuple[str, int, int, int],
 ) -> PersistResult:
     """Store a scored batch, its suspicious rows, their alert outbox rows and its rejections.
 
-    `batch_range` = (topic, partition, first, last) is recorded as stored in the same
-    transaction (see `contiguous_end`).
+    `batch_range` = (topic, partition, first, last) holds every row of `scored` and is recorded
+    as stored in the same transaction (see `contiguous_end`).
 
     One transaction: either everything is written or nothing is. Rows whose Kafka coordinates
     are already stored (a rerun) are left as they are, with their first score and alert. A
@@ -333,18 +333,36 @@ def persist_batch(
     now = utcnow()
     result = PersistResult()
     dialect = engine.dialect.name
+    topic, partition, first, last = batch_range
+    outside = (
+        (scored["source_topic"] != topic)
+        | (scored["source_partition"] != partition)
+        | ~scored["source_offset"].between(first, last)
+    )
+    if outside.any():
+        raise ValueError(f"{int(outside.sum())} scored rows lie outside the batch {batch_range}")
     scored = scored.copy()
     scored["scored_at"] = now
     scored["run_id"] = run_id
+    s = scored_transactions
     try:
         with engine.begin() as conn:
             inserted_ids: set[str] = set()
             if len(scored):
-                statement = insert_ignoring_conflicts(scored_transactions, dialect).returning(
-                    scored_transactions.c.transaction_id
+                # A plain multi-row insert (no RETURNING: a third faster); the rows this write
+                # inserted are then the batch's rows carrying this write's `scored_at`.
+                conn.execute(
+                    insert_ignoring_conflicts(s, dialect), _records(scored, SCORED_COLUMNS)
                 )
                 inserted_ids = set(
-                    conn.execute(statement, _records(scored, SCORED_COLUMNS)).scalars().all()
+                    conn.execute(
+                        sa.select(s.c.transaction_id).where(
+                            s.c.source_topic == topic,
+                            s.c.source_partition == partition,
+                            s.c.source_offset.between(first, last),
+                            s.c.scored_at == now,
+                        )
+                    ).scalars()
                 )
             result.inserted = len(inserted_ids)
             not_inserted = scored.loc[~scored["transaction_id"].isin(inserted_ids)]
@@ -383,21 +401,19 @@ def persist_batch(
                     ],
                 )
                 result.alerts_queued = list(result.suspicious_ids)
-            if batch_range is not None:
-                topic, partition, first, last = batch_range
-                conn.execute(
-                    insert_ignoring_conflicts(stored_ranges, dialect),
-                    [
-                        {
-                            "source_topic": topic,
-                            "source_partition": partition,
-                            "first_offset": first,
-                            "last_offset": last,
-                            "run_id": run_id,
-                            "stored_at": now,
-                        }
-                    ],
-                )
+            conn.execute(
+                insert_ignoring_conflicts(stored_ranges, dialect),
+                [
+                    {
+                        "source_topic": topic,
+                        "source_partition": partition,
+                        "first_offset": first,
+                        "last_offset": last,
+                        "run_id": run_id,
+                        "stored_at": now,
+                    }
+                ],
+            )
     except SQLAlchemyError as exc:
         raise StorageError(
             f"writing the batch to {engine.url.render_as_string(hide_password=True)} failed "
