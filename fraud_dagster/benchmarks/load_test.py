@@ -300,9 +300,25 @@ def sensor_ticks(instance: dg.DagsterInstance) -> dict:
             ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=100_000)
             durations = [t.end_timestamp - t.timestamp for t in ticks if t.end_timestamp]
             intervals = np.diff(sorted(t.timestamp for t in ticks)).tolist()
+            with_runs = [t for t in ticks if t.run_ids and t.end_timestamp]
             return {
                 "ticks": len(ticks),
-                "with_runs": sum(1 for t in ticks if t.run_ids),
+                "with_runs": len(with_runs),
+                "runs_requested": sum(len(t.run_ids) for t in with_runs),
+                # a tick that requests runs creates each of them in the instance before it ends
+                "seconds_per_requested_run": (
+                    sum(t.end_timestamp - t.timestamp for t in with_runs)
+                    / sum(len(t.run_ids) for t in with_runs)
+                    if with_runs
+                    else None
+                ),
+                "duration_seconds_without_runs": percentiles(
+                    [
+                        t.end_timestamp - t.timestamp
+                        for t in ticks
+                        if t.end_timestamp and not t.run_ids
+                    ]
+                ),
                 "duration_seconds": percentiles(durations),
                 "interval_seconds": percentiles(intervals),
             }
@@ -509,6 +525,9 @@ def report_lines(result: dict) -> list[str]:
         f"sensor: {sensor.get('ticks')} ticks ({sensor.get('with_runs')} with runs), "
         f"duration {fmt(sensor.get('duration_seconds', {}))}, "
         f"interval {fmt(sensor.get('interval_seconds', {}))}",
+        f"sensor ticks without runs: {fmt(sensor.get('duration_seconds_without_runs', {}))}; "
+        f"ticks with runs: {sensor.get('seconds_per_requested_run') or 0:.2f} s per requested run "
+        f"({sensor.get('runs_requested')} runs)",
         *(f"  {name}: {fmt(stats)}" for name, stats in runs["phases"].items()),
         f"load average (1 min) while draining: {fmt(result['load_average_1min'], '')}",
         f"reproduce: {result['command']}",
