@@ -7,6 +7,8 @@ re-execution ("from failure", "all steps") needs.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -17,7 +19,6 @@ from typing import Any
 
 import dagster as dg
 import sqlalchemy as sa
-from dagster._core.definitions.reconstruct import ReconstructableJob
 
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.postgres import LocalPostgres, temporary_postgres
@@ -28,8 +29,12 @@ from fraud_dagster.storage.store import create_engine, ensure_schema
 from fraud_dagster_tests.helpers import table_rows
 
 
-def score_transactions_job() -> dg.JobDefinition:
-    """The batch job as the code location builds it from the environment (reconstructable)."""
+def score_transactions_job(environment: str = "") -> dg.JobDefinition:
+    """The batch job as the code location builds it from the environment (reconstructable).
+
+    `environment` only tells apart the services a test points the project at; see
+    `fresh_reconstructable`.
+    """
     return build_definitions(load_settings()).resolve_job_def("score_transactions")
 
 
@@ -37,16 +42,20 @@ def send_pending_alerts_job() -> dg.JobDefinition:
     return build_definitions(load_settings()).resolve_job_def("send_pending_alerts")
 
 
-def fresh_reconstructable() -> ReconstructableJob:
-    """`reconstructable(score_transactions_job)` built from today's environment.
+def fresh_reconstructable():  # -> ReconstructableJob (not exported by dagster)
+    """A reconstructable `score_transactions_job` for today's environment.
 
-    Dagster keeps the last reconstructed job in a process-wide cache keyed by the code pointer,
-    which is the same for every test; a test that points the project at other services (its own
-    broker, database or models) must not run the previous test's job.
+    Dagster caches a reconstructed job per code pointer for the whole process; passing the
+    project's environment as an argument gives each set of services its own pointer, so a test
+    that points the project at other services (broker, database, models) never runs the
+    previous test's job.
     """
-    ReconstructableJob.get_definition.cache_clear()
-    ReconstructableJob.get_repository_definition.cache_clear()
-    return dg.reconstructable(score_transactions_job)
+    environment = json.dumps(
+        {k: v for k, v in sorted(os.environ.items()) if k.startswith("FRAUD_")}
+    )
+    return dg.build_reconstructable_job(
+        __name__, "score_transactions_job", reconstructable_kwargs={"environment": environment}
+    )
 
 
 def run_request(
