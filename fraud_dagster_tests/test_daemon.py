@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,12 +36,16 @@ def start_daemon(dagster_home: Path, env: dict[str, str], log: Path) -> subproce
 
 
 def stop(process: subprocess.Popen) -> None:
+    """Stop the daemon, then whatever it started that outlived it (its code location server
+    has been seen to survive the daemon's SIGTERM); they share its process group."""
     process.terminate()
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def wait_for_runs(

@@ -18,8 +18,10 @@ Reproduce: python -m fraud_dagster.benchmarks.load_test --messages 1000000 --par
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,12 +114,15 @@ def start_daemon(home: Path, env: dict[str, str], log: Path) -> subprocess.Popen
 
 
 def stop_daemon(process: subprocess.Popen) -> None:
+    """Stop the daemon, then what it started and left behind (same process group)."""
     process.terminate()
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
