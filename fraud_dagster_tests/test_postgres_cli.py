@@ -1,0 +1,88 @@
+"""`fraud-dagster postgres` and `fraud-dagster instance --postgres` against a real local server."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from fraud_dagster import cli
+from fraud_dagster.errors import LocalServiceError
+from fraud_dagster.local_services.postgres import postgres_bin_dir
+from fraud_dagster.local_services.process import free_port
+
+pytestmark = pytest.mark.postgres
+
+
+def run_cli(*argv: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--log-level", "WARNING", *argv])
+    return exit_info.value.code
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    try:
+        postgres_bin_dir()
+    except LocalServiceError:
+        pytest.skip("PostgreSQL server binaries not found (scripts/setup.sh installs them)")
+    monkeypatch.setenv("FRAUD_VAR_DIR", str(tmp_path / "var"))
+    base = Path(tempfile.mkdtemp(prefix="fraud-pg-cli-"))
+    base.chmod(0o755)  # the server runs as `postgres` when the tests run as root
+    yield base / "pg"
+    run_cli("postgres", "stop", "--data-dir", str(base / "pg"))
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_postgres_start_env_instance_status_stop(
+    data_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = free_port()
+    assert run_cli("postgres", "start", "--port", str(port), "--data-dir", str(data_dir)) == 0
+    assert f"127.0.0.1:{port}" in capsys.readouterr().out
+
+    assert run_cli("postgres", "env", "--data-dir", str(data_dir)) == 0
+    exported = dict(
+        shlex.split(line.removeprefix("export "))[0].split("=", 1)
+        for line in capsys.readouterr().out.splitlines()
+    )
+    assert set(exported) == {
+        "FRAUD_DATABASE_URL",
+        "DAGSTER_PG_HOST",
+        "DAGSTER_PG_PORT",
+        "DAGSTER_PG_USERNAME",
+        "DAGSTER_PG_PASSWORD",
+        "DAGSTER_PG_DB",
+    }
+    assert exported["DAGSTER_PG_PORT"] == str(port)
+    engine = sa.create_engine(exported["FRAUD_DATABASE_URL"])
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT current_database()")).scalar_one() == "fraud"
+    engine.dispose()
+
+    home = tmp_path / "dagster_home"
+    assert run_cli("instance", "--postgres", "--home", str(home)) == 0
+    config = (home / "dagster.yaml").read_text()
+    assert "QueuedRunCoordinator" in config and "postgres_db" in config
+    assert exported["DAGSTER_PG_PASSWORD"] not in config  # credentials stay in the environment
+    for name, value in exported.items():
+        monkeypatch.setenv(name, value)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        assert instance.get_runs() == []
+
+    assert run_cli("postgres", "status", "--data-dir", str(data_dir)) == 0
+    status = capsys.readouterr().out
+    assert "running" in status and exported["DAGSTER_PG_PASSWORD"] not in status
+    assert run_cli("postgres", "stop", "--data-dir", str(data_dir)) == 0
+    assert run_cli("postgres", "status", "--data-dir", str(data_dir)) == 3
