@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,38 +9,14 @@ import dagster as dg
 import pytest
 
 from fraud_dagster.batching import TAG_TOPIC
+from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.producer import synthetic_transactions
-from fraud_dagster.settings import PROJECT_ROOT, Settings
+from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster_tests.helpers import produce, table_rows
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
-
-
-def start_daemon(dagster_home: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    daemon = Path(sys.executable).with_name("dagster-daemon")
-    return subprocess.Popen(
-        [str(daemon), "run", "-w", str(PROJECT_ROOT / "workspace.yaml")],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **env, "DAGSTER_HOME": str(dagster_home)},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop the daemon, then whatever it started that outlived it (its code location server
-    has been seen to survive the daemon's SIGTERM); they share its process group."""
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def wait_for_runs(
@@ -81,7 +52,7 @@ def test_daemon_sensor_launches_a_successful_batch_run(
     try:
         runs = wait_for_runs(instance, settings.kafka_topic, count=1, timeout_seconds=180)
     finally:
-        stop(daemon)
+        stop_dagster_process(daemon)
     log = (tmp_path / "daemon.log").read_text(errors="replace")
     assert len(runs) == 1, f"expected one batch run, got {len(runs)}; daemon log:\n{log[-3000:]}"
     (run,) = runs

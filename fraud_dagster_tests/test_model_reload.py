@@ -19,6 +19,7 @@ import pytest
 
 from fraud_dagster import model_registry
 from fraud_dagster.definitions import build_definitions
+from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.model import Manifest, ModelEntry, read_manifest, sha256_of_file, write_manifest
 from fraud_dagster.model_ops import TAG_OUTCOME, fraud_model
 from fraud_dagster.producer import synthetic_transactions
@@ -27,7 +28,6 @@ from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster_tests.helpers import evaluate_sensor, execute_requests, produce, table_rows
-from fraud_dagster_tests.test_daemon import start_daemon, stop
 
 
 @pytest.fixture
@@ -282,7 +282,7 @@ def test_real_daemon_schedule_promotes_a_published_model(
                 break
             time.sleep(1)
     finally:
-        stop(daemon)
+        stop_dagster_process(daemon)
     output = log.read_text(errors="replace")[-3000:]
     assert runs, f"no reload_model run within 150 s; daemon log:\n{output}"
     run = runs[-1]  # the first one the schedule launched

@@ -23,6 +23,7 @@ import pytest
 from kafka import KafkaAdminClient
 
 from fraud_dagster.kafka_io import ensure_topic, offset_bounds
+from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
@@ -39,7 +40,6 @@ from fraud_dagster_tests.operations_support import (
     tampered_models_dir,
     wait_for,
 )
-from fraud_dagster_tests.test_daemon import start_daemon, stop
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.postgres]
 
@@ -255,7 +255,7 @@ def test_every_message_is_accounted_for_once_and_every_alert_sent_once_across_fa
             assert {tp.partition: meta.offset for tp, meta in committed.items()} == end
     finally:
         for daemon in daemons:
-            stop(daemon)
+            stop_dagster_process(daemon)
             kill_group(daemon)
         smtp.stop()
         broker.stop()

@@ -24,6 +24,7 @@ import pytest
 
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.kafka_io import ensure_topic
+from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
@@ -42,7 +43,6 @@ from fraud_dagster_tests.operations_support import (
     tampered_models_dir,
     wait_for,
 )
-from fraud_dagster_tests.test_daemon import start_daemon, stop
 
 pytestmark = pytest.mark.services
 
@@ -259,7 +259,7 @@ def test_daemon_killed_mid_stream_and_restarted_leaves_no_gap_and_no_duplicate(
         wait_for(lambda: all(run.is_finished for run in batch_runs()), 120, "runs to finish")
     finally:
         if second is not None:
-            stop(second)
+            stop_dagster_process(second)
             _kill_group(second)
         _kill_group(first)
 

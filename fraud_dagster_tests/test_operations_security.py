@@ -5,10 +5,7 @@ values round-trip as plain data."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,9 +15,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from fraud_dagster.definitions import build_definitions
+from fraud_dagster.local_services.dagster_processes import start_webserver, stop_dagster_process
 from fraud_dagster.local_services.process import free_port, wait_until
 from fraud_dagster.local_services.smtp import LocalSmtpServer, MaildirHandler
-from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
+from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema
 from fraud_dagster.storage.store import create_engine, record_labels
 from fraud_dagster_tests.helpers import MailBox, evaluate_sensor, produce, table_rows
@@ -141,24 +139,7 @@ def test_secrets_never_reach_logs_run_config_tags_metadata_files_or_the_ui(
 def query_the_ui(dagster_home: Path, tmp_path: Path) -> str:
     """Start the real dagster-webserver on the test's instance and read what the UI reads."""
     port = free_port()
-    webserver = Path(sys.executable).with_name("dagster-webserver")
-    log = (tmp_path / "webserver.log").open("wb")
-    process = subprocess.Popen(
-        [
-            str(webserver),
-            "-w",
-            str(PROJECT_ROOT / "workspace.yaml"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "DAGSTER_HOME": str(dagster_home)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = start_webserver(dagster_home, {}, tmp_path / "webserver.log", port)
     try:
 
         def answers() -> bool:
@@ -181,13 +162,7 @@ def query_the_ui(dagster_home: Path, tmp_path: Path) -> str:
         assert "ResourceDetailsList" in resources, resources[:2000]
         return resources + graphql(port, RUNS_QUERY)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        stop_dagster_process(process)
 
 
 class EnvelopeRecorder(MaildirHandler):

@@ -19,12 +19,12 @@ import pytest
 
 from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_PARTITION, TAG_TOPIC
 from fraud_dagster.kafka_io import ensure_topic, offset_bounds
+from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster_tests.helpers import produce
 from fraud_dagster_tests.operations_support import accounting, wait_for
-from fraud_dagster_tests.test_daemon import start_daemon, stop
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -119,7 +119,7 @@ def test_batches_of_a_partition_run_one_at_a_time_in_offset_order_and_partitions
     try:
         records = wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
     finally:
-        stop(daemon)
+        stop_dagster_process(daemon)
 
     assert accounting(database_url, settings.kafka_topic) == {
         (p, o): 1 for p, count in end.items() for o in range(count)
@@ -160,7 +160,7 @@ def test_a_partition_added_while_the_daemon_runs_is_picked_up_from_its_beginning
         sent += produce(settings, to_messages(synthetic_transactions(240, seed=73)))
         records = wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
     finally:
-        stop(daemon)
+        stop_dagster_process(daemon)
 
     _, end = offset_bounds(options, settings.kafka_topic)
     assert sorted(end) == [0, 1, 2, 3] and end[2] > 0 and end[3] > 0

@@ -10,10 +10,7 @@ checks what is written there. Screenshots go to docs/screenshots/ (git-ignored) 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -24,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from fraud_dagster.local_services.dagster_processes import start_webserver, stop_dagster_process
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster.model import read_manifest
 from fraud_dagster.producer import synthetic_transactions
@@ -93,23 +91,7 @@ def dagster_dev(env: dict[str, str], dagster_home: Path, tmp_path: Path) -> Iter
     """`dagster dev` on a free port; its URL. Stopped (the whole process group) afterwards."""
     port = free_port()
     log = tmp_path / "dagster_dev.log"
-    process = subprocess.Popen(
-        [
-            str(PROJECT_ROOT / ".venv" / "bin" / "dagster"),
-            "dev",
-            "-w",
-            str(PROJECT_ROOT / "workspace.yaml"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **env, "DAGSTER_HOME": str(dagster_home)},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = start_webserver(dagster_home, env, log, port, with_daemon=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -121,12 +103,7 @@ def dagster_dev(env: dict[str, str], dagster_home: Path, tmp_path: Path) -> Iter
         graphql(base_url, "mutation { setNuxSeen }")
         yield base_url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_dagster_process(process)
 
 
 def wait_for_batch_run(base_url: str, topic: str, log: Path) -> dict:

@@ -19,9 +19,7 @@ import email
 import email.policy
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -43,6 +41,7 @@ from fraud_dagster.benchmarks.harness import (
 )
 from fraud_dagster.benchmarks.latency_location import FLOOR_TAG
 from fraud_dagster.kafka_io import ensure_topic
+from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.settings import PROJECT_ROOT
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage.schema import scored_transactions
@@ -73,30 +72,15 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def start_daemon(home: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+def write_workspace(home: Path) -> Path:
+    """A workspace with the latency location (production jobs plus the trivial floor job)."""
     workspace = home / "workspace.yaml"
     workspace.write_text(
         "load_from:\n  - python_module:\n"
         "      module_name: fraud_dagster.benchmarks.latency_location\n"
         f"      location_name: fraud_dagster\n      working_directory: {PROJECT_ROOT}\n"
     )
-    return subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(workspace)],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **env, "DAGSTER_HOME": str(home)},
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_daemon(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return workspace
 
 
 def run_durations(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[dict]:
@@ -201,7 +185,7 @@ def run_phase(
     mail_dir = services.mail_dir
     shutil.rmtree(mail_dir, ignore_errors=True)
     mail_dir.mkdir(parents=True)
-    daemon = start_daemon(home, env, services.work_dir / "daemon.log")
+    daemon = start_daemon(home, env, services.work_dir / "daemon.log", write_workspace(home))
     engine = sa.create_engine(database_url)
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -211,7 +195,7 @@ def run_phase(
             time.sleep(args.sensor_interval + 5)  # let the last alerts go out
             runs = run_durations(instance, {TAG_TOPIC: topic})
     finally:
-        stop_daemon(daemon)
+        stop_dagster_process(daemon)
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(

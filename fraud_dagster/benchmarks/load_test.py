@@ -18,11 +18,8 @@ Reproduce: python -m fraud_dagster.benchmarks.load_test --messages 1000000 --par
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -46,8 +43,8 @@ from fraud_dagster.benchmarks.harness import (
 )
 from fraud_dagster.instance_config import dagster_pg_env, instance_yaml
 from fraud_dagster.kafka_io import committed_offsets, ensure_topic, offset_bounds
+from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.local_services.postgres import DAGSTER_DATABASE, temporary_postgres
-from fraud_dagster.settings import PROJECT_ROOT
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions, to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster.storage.store import create_engine, ensure_schema
@@ -95,34 +92,6 @@ def write_instance(home: Path, postgres: bool, max_concurrent_runs: int | None) 
         config["run_coordinator"]["config"]["max_concurrent_runs"] = max_concurrent_runs
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def start_daemon(home: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("dagster-daemon")),
-            "run",
-            "-w",
-            str(PROJECT_ROOT / "workspace.yaml"),
-        ],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **env, "DAGSTER_HOME": str(home)},
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_daemon(process: subprocess.Popen) -> None:
-    """Stop the daemon, then what it started and left behind (same process group)."""
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -415,7 +384,7 @@ def run(args: argparse.Namespace) -> dict:
                 runs = run_figures(instance, topic)
                 ticks = sensor_ticks(instance)
         finally:
-            stop_daemon(daemon)
+            stop_dagster_process(daemon)
             log_tail = (services.work_dir / "daemon.log").read_text(errors="replace")[-3000:]
 
         per_partition = accounting(engine, topic)
