@@ -191,3 +191,36 @@ def execute_sql(url: str, statement: str) -> None:
             conn.execute(sa.text(statement))
     finally:
         engine.dispose()
+
+
+def refuse_inserts(url: str, table: str, message: str, condition: str | None = None) -> None:
+    """Fault injection: a trigger that makes the database refuse inserts into `table` (those
+    whose NEW row meets `condition`, if given) with `message`, in the database's own dialect."""
+    if sa.make_url(url).get_backend_name() == "postgresql":
+        test = condition or "TRUE"
+        execute_sql(
+            url,
+            "CREATE FUNCTION inject_fault() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF {test} THEN RAISE EXCEPTION '{message}'; END IF; RETURN NEW; END $$",
+        )
+        execute_sql(
+            url,
+            f"CREATE TRIGGER inject_fault BEFORE INSERT ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION inject_fault()",
+        )
+    else:
+        when = f"WHEN {condition} " if condition else ""
+        execute_sql(
+            url,
+            f"CREATE TRIGGER inject_fault BEFORE INSERT ON {table} {when}"
+            f"BEGIN SELECT RAISE(ABORT, '{message}'); END",
+        )
+
+
+def accept_inserts(url: str, table: str) -> None:
+    """Remove the fault `refuse_inserts` injected."""
+    if sa.make_url(url).get_backend_name() == "postgresql":
+        execute_sql(url, f"DROP TRIGGER inject_fault ON {table}")
+        execute_sql(url, "DROP FUNCTION inject_fault()")
+    else:
+        execute_sql(url, "DROP TRIGGER inject_fault")

@@ -27,22 +27,18 @@ from fraud_dagster_tests.helpers import (
     table_rows,
 )
 from fraud_dagster_tests.operations_support import (
+    accept_inserts,
     accounting,
     emails_by_transaction,
-    execute_sql,
     executed_steps,
     materializations,
     reexecute,
+    refuse_inserts,
     run_request,
 )
 from fraud_dagster_tests.test_end_to_end import known_transactions
 
 pytestmark = pytest.mark.services
-
-BLOCK_OUTBOX = (
-    "CREATE TRIGGER inject_fault BEFORE INSERT ON fraud_alerts "
-    "BEGIN SELECT RAISE(ABORT, 'injected fault: outbox insert refused'); END"
-)
 
 
 def test_failed_batch_reexecuted_from_failure_then_all_steps_processes_the_same_offsets_once(
@@ -58,7 +54,7 @@ def test_failed_batch_reexecuted_from_failure_then_all_steps_processes_the_same_
     assert request.tags["fraud_dagster/offset_range"] == f"0-{total - 1}"
 
     ensure_schema(create_engine(database_url))
-    execute_sql(database_url, BLOCK_OUTBOX)
+    refuse_inserts(database_url, "fraud_alerts", "injected fault: outbox insert refused")
     failed = run_request(request, instance)
 
     assert not failed.success
@@ -78,7 +74,7 @@ def test_failed_batch_reexecuted_from_failure_then_all_steps_processes_the_same_
     assert resources["kafka"].committed_offsets() == {}  # offset not committed for a failed batch
     assert mailbox.messages() == []
 
-    execute_sql(database_url, "DROP TRIGGER inject_fault")
+    accept_inserts(database_url, "fraud_alerts")
     from_failure = reexecute(instance, failed.run_id, from_failure=True)
 
     assert from_failure.success
@@ -131,10 +127,8 @@ def test_consumer_group_is_never_committed_past_a_batch_that_failed(
     produce(settings, to_messages(synthetic_transactions(30, seed=61)))
     first, second, third = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
     ensure_schema(create_engine(database_url))
-    execute_sql(
-        database_url,
-        "CREATE TRIGGER inject_fault BEFORE INSERT ON scored_transactions "
-        "WHEN NEW.source_offset < 10 BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+    refuse_inserts(
+        database_url, "scored_transactions", "injected fault", condition="NEW.source_offset < 10"
     )
     kafka = resolved_resources(settings)["kafka"]
 
@@ -150,7 +144,7 @@ def test_consumer_group_is_never_committed_past_a_batch_that_failed(
         warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level >= 30]
         assert any("an earlier batch" in message for message in warnings)
 
-    execute_sql(database_url, "DROP TRIGGER inject_fault")
+    accept_inserts(database_url, "scored_transactions")
     rerun = reexecute(instance, failed.run_id, from_failure=True)
 
     assert rerun.success
