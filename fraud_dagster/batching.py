@@ -95,9 +95,9 @@ def plan_batches(
     A partition seen for the first time starts at the consumer group's committed offset, or at
     its beginning. At most `max_batches` are planned per call, round-robin over partitions so
     that one busy partition cannot starve the others; the rest waits for the next tick.
-    Partitions in `busy_partitions` (a batch of theirs is queued or running) get no batch now:
+    Partitions in `busy_partitions` (a batch of theirs is waiting to start) get no batch now:
     their next batch then covers everything that arrived meanwhile, so batches grow with the
-    load instead of queueing up, and a partition's batches never overtake each other.
+    load instead of queueing up.
     """
     if max_batch_size < 1 or max_batches < 1:
         raise ValueError("max_batch_size and max_batches must be positive")

@@ -26,19 +26,25 @@ from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResourc
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.store import outbox_status
 
-_IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
+_WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+_IN_FLIGHT = [*_WAITING, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
-def _partitions_in_flight(instance: dg.DagsterInstance, topic: str) -> set[int]:
-    """Partitions of `topic` with a score_transactions run queued or running: one query a tick."""
+def _partitions_not_to_batch(instance: dg.DagsterInstance, topic: str) -> set[int]:
+    """Partitions of `topic` that get no new batch this tick: one runs query a tick.
+
+    Behind a QueuedRunCoordinator (whose per-partition tag limit starts a partition's runs one
+    at a time, in order) a partition may have one batch running and one waiting: the waiting one
+    starts as soon as the running one ends, without waiting for a sensor tick. Any other
+    coordinator would start it at once, beside the running one, so there a running batch also
+    holds its partition back.
+    """
+    pipelined = isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
     runs = instance.get_runs(
         filters=dg.RunsFilter(
-            job_name=score_transactions_job.name, statuses=_IN_FLIGHT, tags={TAG_TOPIC: topic}
+            job_name=score_transactions_job.name,
+            statuses=_WAITING if pipelined else _IN_FLIGHT,
+            tags={TAG_TOPIC: topic},
         )
     )
     return {int(run.tags[TAG_PARTITION]) for run in runs if TAG_PARTITION in run.tags}
@@ -48,8 +54,9 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
     """Poll the topic's end offsets and request one run per new offset range of a partition.
 
     The cursor holds {partition: next offset}; run keys are `<topic>/<partition>/<first>-<last>`,
-    so a range is never launched twice. A partition whose batch is still queued or running gets
-    no new batch until it is done; the next one then takes everything that arrived meanwhile.
+    so a range is never launched twice. A partition whose next batch is still waiting in the run
+    queue gets no other one until it starts; the next one then takes everything that arrived
+    meanwhile (see `_partitions_not_to_batch`).
     If the broker cannot be reached the tick is skipped with the reason and the cursor stays
     where it was: nothing is skipped over.
     """
@@ -81,7 +88,7 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
             committed,
             max_batch_size=settings.max_batch_size,
             max_batches=settings.max_runs_per_tick,
-            busy_partitions=_partitions_in_flight(context.instance, kafka.topic),
+            busy_partitions=_partitions_not_to_batch(context.instance, kafka.topic),
         )
         for note in plan.notes:
             context.log.warning(note)

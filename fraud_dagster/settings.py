@@ -46,7 +46,7 @@ class Settings:
     kafka_ssl_cafile: str | None = None
     kafka_connect_timeout_seconds: float = 10.0
     sensor_interval_seconds: int = 5
-    max_batch_size: int = 5000
+    max_batch_size: int = 20_000
     max_runs_per_tick: int = 50
     model_version: str | None = None
     model_threshold: float | None = None
@@ -108,7 +108,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kafka_ssl_cafile=get("FRAUD_KAFKA_SSL_CAFILE"),
         kafka_connect_timeout_seconds=float(get("FRAUD_KAFKA_CONNECT_TIMEOUT_SECONDS", "10")),
         sensor_interval_seconds=int(get("FRAUD_SENSOR_INTERVAL_SECONDS", "5")),
-        max_batch_size=int(get("FRAUD_MAX_BATCH_SIZE", "5000")),
+        max_batch_size=int(get("FRAUD_MAX_BATCH_SIZE", "20000")),
         max_runs_per_tick=int(get("FRAUD_MAX_RUNS_PER_TICK", "50")),
         model_version=get("FRAUD_MODEL_VERSION"),
         model_threshold=float(threshold) if threshold is not None else None,

@@ -20,38 +20,44 @@ pytestmark = [pytest.mark.services, pytest.mark.backends("sqlite")]
 
 
 @pytest.mark.partitions(2)
-def test_a_partition_with_a_batch_in_flight_waits_for_it(
+def test_a_partition_with_a_batch_waiting_in_the_queue_gets_no_other_until_it_starts(
     settings: Settings, instance: dg.DagsterInstance
 ) -> None:
+    assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)  # the repo's dagster.yaml
     defs = build_definitions(settings)
+    job = defs.resolve_job_def("score_transactions")
+
+    def create_run(request: dg.RunRequest, status: dg.DagsterRunStatus) -> dg.DagsterRun:
+        return instance.create_run_for_job(
+            job_def=job,
+            run_config=request.run_config,
+            tags={**request.tags, "dagster/run_key": request.run_key},
+            status=status,
+        )
+
     produce(settings, to_messages(synthetic_transactions(60, seed=5)))
     first = evaluate_sensor(defs, settings, instance, cursor=None)
     by_partition = {
         request.tags["fraud_dagster/partition"]: request for request in first.run_requests
     }
     assert set(by_partition) == {"0", "1"}
+    first_end = json.loads(first.cursor)["next_offsets"]
 
-    # Partition 0's batch is created but not yet run; partition 1's never ran (not in flight).
-    request = by_partition["0"]
-    job = defs.resolve_job_def("score_transactions")
-    instance.create_run_for_job(
-        job_def=job,
-        run_config=request.run_config,
-        tags={**request.tags, "dagster/run_key": request.run_key},
-    )
+    # Partition 0's batch waits in the queue; partition 1's was never submitted.
+    waiting = create_run(by_partition["0"], dg.DagsterRunStatus.NOT_STARTED)
     produce(settings, to_messages(synthetic_transactions(60, seed=6)))
     second = evaluate_sensor(defs, settings, instance, cursor=first.cursor)
     assert {r.tags["fraud_dagster/partition"] for r in second.run_requests} == {"1"}
-    cursor = json.loads(second.cursor)["next_offsets"]
-    assert cursor["0"] == json.loads(first.cursor)["next_offsets"]["0"]
+    assert json.loads(second.cursor)["next_offsets"]["0"] == first_end["0"]
 
-    # Once it is finished, partition 0's next batch takes everything that arrived meanwhile.
-    for run in instance.get_runs():
-        instance.report_run_canceled(run)
+    # Once it runs, partition 0's next batch (everything that arrived meanwhile) is requested,
+    # to wait behind it in the queue.
+    instance.report_run_canceled(waiting)
+    create_run(by_partition["0"], dg.DagsterRunStatus.STARTED)
     third = evaluate_sensor(defs, settings, instance, cursor=second.cursor)
     (request,) = third.run_requests
     first_offset = int(request.tags["fraud_dagster/first_offset"])
-    assert first_offset == json.loads(first.cursor)["next_offsets"]["0"]
+    assert (request.tags["fraud_dagster/partition"], first_offset) == ("0", first_end["0"])
     assert request.run_config == batch_run_config(
         PlannedBatch(
             settings.kafka_topic,

@@ -117,7 +117,21 @@ def _instance_dir(home: str) -> str:
     return home
 
 
-def _child(services: Services, topic: str, size: int, mode: str) -> dict:
+def _profiled(measure, services: Services, topic: str, size: int, directory: Path) -> dict:
+    """The stages under pyinstrument (a sampling profiler: a few % of overhead)."""
+    from pyinstrument import Profiler
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with Profiler(interval=0.001) as profiler:
+        result = measure(services, topic, size)
+    (directory / f"stages-{size}.txt").write_text(profiler.output_text(show_all=False))
+    profiler.write_html(directory / f"stages-{size}.html")
+    return result
+
+
+def _child(
+    services: Services, topic: str, size: int, mode: str, profile: Path | None = None
+) -> dict:
     """Run one measurement in a fresh Python process and return its JSON result."""
     command = [
         sys.executable,
@@ -138,6 +152,7 @@ def _child(services: Services, topic: str, size: int, mode: str) -> dict:
                 "mail_dir": str(services.mail_dir),
             }
         ),
+        *(["--profile", str(profile)] if profile else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -151,6 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="directory for a pyinstrument profile (text and HTML) of each size's stages",
+    )
     parser.add_argument("--child", choices=["stages", "run"], help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -167,7 +188,11 @@ def main(argv: list[str] | None = None) -> None:
             mail_dir=Path(fields["mail_dir"]),
         )
         measure = measure_stages if args.child == "stages" else measure_run
-        sys.stdout.write(json.dumps(measure(services, args.topic, args.size)) + "\n")
+        if args.profile and args.child == "stages":
+            result = _profiled(measure, services, args.topic, args.size, args.profile)
+        else:
+            result = measure(services, args.topic, args.size)
+        sys.stdout.write(json.dumps(result) + "\n")
         return
 
     with tempfile.TemporaryDirectory() as logs:
@@ -177,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes:
             topic = f"bench-throughput-{size}"
             fill_topic(services, topic, size, seed=size)
-            stages = _child(services, topic, size, "stages")
+            stages = _child(services, topic, size, "stages", args.profile)
             run = _child(services, topic, size, "run")
             rows.append({**stages, "run": run})
     _print(rows)

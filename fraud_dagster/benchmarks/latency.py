@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--seconds", type=int, default=60, help="producing time per rate")
     parser.add_argument("--sensor-interval", type=int, default=5)
-    parser.add_argument("--max-batch-size", type=int, default=5000)
+    parser.add_argument("--max-batch-size", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--floor-runs", type=int, default=20)
     parser.add_argument("--plot-dir", type=Path, default=PROJECT_ROOT / "docs")

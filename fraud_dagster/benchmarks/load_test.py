@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--storage", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--sensor-interval", type=int, default=2, help="seconds")
-    parser.add_argument("--max-batch-size", type=int, default=5000, help="FRAUD_MAX_BATCH_SIZE")
+    parser.add_argument("--max-batch-size", type=int, default=20_000, help="FRAUD_MAX_BATCH_SIZE")
     parser.add_argument(
         "--max-concurrent-runs", type=int, default=None, help="default: dagster.yaml's"
     )
