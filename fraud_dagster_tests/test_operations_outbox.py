@@ -13,13 +13,15 @@ from datetime import timedelta
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
 
 from fraud_dagster import pipeline
+from fraud_dagster.alerts import SmtpMailer, render_alert
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings, load_settings
-from fraud_dagster.storage import schema
+from fraud_dagster.storage import schema, store
 from fraud_dagster.storage.store import create_engine
 from fraud_dagster_tests.helpers import (
     MailBox,
@@ -238,3 +240,60 @@ def test_concurrent_senders_never_send_an_alert_twice(
     sent_ids = [tid for report in reports for tid in report.sent_ids]
     assert sorted(sent_ids) == sorted(suspicious)
     assert emails_by_transaction(mailbox.wait_for(len(suspicious))) == dict.fromkeys(suspicious, 1)
+
+
+def test_a_dead_senders_claim_expires_and_the_resend_keeps_the_message_id(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+) -> None:
+    """The one window for a second copy: a sender dies after the server accepted an alert and
+    before marking it sent. Its claims hold for STALE_CLAIM_AFTER, then another sender takes
+    them over; the copy carries the same Message-ID, which mail clients use to drop it."""
+    settings = fast_retries
+    smtp_server.stop()
+    run_batches(settings, instance)  # every alert now failed, due after 1 s
+    suspicious = suspicious_ids(database_url)
+    smtp_server.start()
+    time.sleep(1.1)
+    smtp = resolved_resources(settings)["smtp"]
+    engine = create_engine(database_url)
+
+    held = store.claim_alerts(engine, "dead-sender", pending_grace=timedelta(0))
+    assert sorted(alert["transaction_id"] for alert in held) == sorted(suspicious)
+    accepted = held[0]
+    with SmtpMailer(smtp.smtp_settings()) as mailer:
+        mailer.send(render_alert(accepted, smtp.sender, smtp.recipients))
+    # ... and the sender dies here, holding every claim.
+
+    def send(token: str) -> pipeline.DeliveryReport:
+        return pipeline.deliver_alerts(
+            engine,
+            smtp.smtp_settings(),
+            smtp.sender,
+            smtp.recipients,
+            token=token,
+            pending_grace=timedelta(0),
+        )
+
+    assert send("too-early").claimed == 0  # a fresh claim is never taken over
+    expired = store.utcnow() - store.STALE_CLAIM_AFTER - timedelta(seconds=1)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(schema.fraud_alerts)
+            .where(schema.fraud_alerts.c.claimed_by == "dead-sender")
+            .values(claimed_at=expired)
+        )
+    report = send("successor")
+    engine.dispose()
+
+    assert (report.claimed, report.sent) == (len(suspicious), len(suspicious))
+    emails = mailbox.wait_for(len(suspicious) + 1)
+    expected = dict.fromkeys(suspicious, 1) | {accepted["transaction_id"]: 2}
+    assert emails_by_transaction(emails) == expected
+    copies = [m for m in emails if m["X-Fraud-Transaction-Id"] == accepted["transaction_id"]]
+    rows = outbox(database_url)
+    assert {m["Message-ID"] for m in copies} == {rows[accepted["transaction_id"]]["message_id"]}
+    assert {(row["status"], row["claimed_by"]) for row in rows.values()} == {("sent", "successor")}
