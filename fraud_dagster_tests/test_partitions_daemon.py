@@ -3,8 +3,8 @@ and a partition added to the topic while the system runs.
 
 The sensor hands a partition that has more than FRAUD_MAX_BATCH_SIZE waiting several batches in
 one tick, so the QueuedRunCoordinator's limit of one run per `fraud_dagster/topic_partition`
-(dagster.yaml) is what keeps them apart; the busy-partition rule keeps later ticks from adding
-more while they wait. Times come from the Dagster instance's run records (start and end).
+(dagster.yaml) is what keeps them apart; while one of them waits in the queue, later ticks add
+no more to that partition. Times come from the Dagster instance's run records (start and end).
 """
 
 from __future__ import annotations
