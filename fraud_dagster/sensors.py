@@ -26,8 +26,13 @@ from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResourc
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.store import outbox_status
 
-_WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
-_IN_FLIGHT = [*_WAITING, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+WAITING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+# Runs not finished yet: waiting in the queue or being launched or executed.
+IN_FLIGHT_STATUSES = [
+    *WAITING_STATUSES,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
 def _partitions_not_to_batch(instance: dg.DagsterInstance, topic: str) -> set[int]:
@@ -43,7 +48,7 @@ def _partitions_not_to_batch(instance: dg.DagsterInstance, topic: str) -> set[in
     runs = instance.get_runs(
         filters=dg.RunsFilter(
             job_name=score_transactions_job.name,
-            statuses=_WAITING if pipelined else _IN_FLIGHT,
+            statuses=WAITING_STATUSES if pipelined else IN_FLIGHT_STATUSES,
             tags={TAG_TOPIC: topic},
         )
     )
@@ -137,7 +142,8 @@ def build_retry_alerts_sensor(settings: Settings) -> dg.SensorDefinition:
         context: dg.SensorEvaluationContext, database: DatabaseResource
     ) -> dg.RunRequest | dg.SkipReason:
         running = context.instance.get_runs(
-            filters=dg.RunsFilter(job_name=SEND_PENDING_ALERTS_JOB, statuses=_IN_FLIGHT), limit=1
+            filters=dg.RunsFilter(job_name=SEND_PENDING_ALERTS_JOB, statuses=IN_FLIGHT_STATUSES),
+            limit=1,
         )
         if running:
             return dg.SkipReason(f"run {running[0].run_id} is already sending alerts")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import time
+import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -101,3 +103,21 @@ def suspicious_ids(database_url: str) -> set[str]:
     return {
         row["transaction_id"] for row in table_rows(database_url, schema.suspicious_transactions)
     }
+
+
+def graphql_text(base_url: str, query: str, variables: dict[str, Any] | None = None) -> str:
+    """The raw JSON answer of the Dagster webserver's GraphQL API (what the UI reads)."""
+    request = urllib.request.Request(
+        f"{base_url}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read().decode()
+
+
+def graphql(base_url: str, query: str, variables: dict[str, Any] | None = None) -> dict:
+    """The `data` of a GraphQL answer; an answer with errors fails the test."""
+    payload = json.loads(graphql_text(base_url, query, variables))
+    assert "errors" not in payload, payload
+    return payload["data"]

@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from fraud_dagster.batching import TAG_TOPIC
-from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
+from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
@@ -23,15 +23,10 @@ def wait_for_runs(
     instance: dg.DagsterInstance, topic: str, count: int, timeout_seconds: float
 ) -> list[dg.DagsterRun]:
     deadline = time.monotonic() + timeout_seconds
-    finished = {
-        dg.DagsterRunStatus.SUCCESS,
-        dg.DagsterRunStatus.FAILURE,
-        dg.DagsterRunStatus.CANCELED,
-    }
     runs: list[dg.DagsterRun] = []
     while time.monotonic() < deadline:
         runs = list(instance.get_runs(filters=dg.RunsFilter(tags={TAG_TOPIC: topic})))
-        if len(runs) >= count and all(run.status in finished for run in runs):
+        if len(runs) >= count and all(run.is_finished for run in runs):
             return runs
         time.sleep(1)
     return runs
@@ -48,11 +43,8 @@ def test_daemon_sensor_launches_a_successful_batch_run(
 ) -> None:
     messages = to_messages(synthetic_transactions(50, seed=3))
     produce(settings, messages)
-    daemon = start_daemon(dagster_home, env, tmp_path / "daemon.log")
-    try:
+    with running_daemon(dagster_home, env, tmp_path / "daemon.log"):
         runs = wait_for_runs(instance, settings.kafka_topic, count=1, timeout_seconds=180)
-    finally:
-        stop_dagster_process(daemon)
     log = (tmp_path / "daemon.log").read_text(errors="replace")
     assert len(runs) == 1, f"expected one batch run, got {len(runs)}; daemon log:\n{log[-3000:]}"
     (run,) = runs

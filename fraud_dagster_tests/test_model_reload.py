@@ -19,7 +19,7 @@ import pytest
 
 from fraud_dagster import model_registry
 from fraud_dagster.definitions import build_definitions
-from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
+from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.model import Manifest, ModelEntry, read_manifest, sha256_of_file, write_manifest
 from fraud_dagster.model_ops import TAG_OUTCOME, fraud_model
 from fraud_dagster.producer import synthetic_transactions
@@ -272,17 +272,14 @@ def test_real_daemon_schedule_promotes_a_published_model(
         "FRAUD_RELOAD_MODEL_CRON": "* * * * *",  # the next minute, not the next quarter hour
     }
     log = tmp_path / "daemon.log"
-    daemon = start_daemon(dagster_home, daemon_env, log)
     runs: list[dg.DagsterRun] = []
-    try:
+    with running_daemon(dagster_home, daemon_env, log):
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
             runs = list(instance.get_runs(filters=dg.RunsFilter(job_name="reload_model")))
             if runs and runs[0].is_finished:
                 break
             time.sleep(1)
-    finally:
-        stop_dagster_process(daemon)
     output = log.read_text(errors="replace")[-3000:]
     assert runs, f"no reload_model run within 150 s; daemon log:\n{output}"
     run = runs[-1]  # the first one the schedule launched

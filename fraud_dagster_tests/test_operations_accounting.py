@@ -28,6 +28,7 @@ from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.sensors import IN_FLIGHT_STATUSES
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
@@ -42,13 +43,6 @@ from fraud_dagster_tests.operations_support import (
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.postgres]
-
-IN_FLIGHT = (
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-)
 
 
 class Stream:
@@ -145,7 +139,7 @@ def test_every_message_is_accounted_for_once_and_every_alert_sent_once_across_fa
                 wait_for(
                     lambda: (
                         sum(accounting(database_url, topic).values()) >= stream.sent
-                        and not any(run.status in IN_FLIGHT for run in batch_runs())
+                        and not any(run.status in IN_FLIGHT_STATUSES for run in batch_runs())
                     ),
                     timeout_seconds,
                     f"all {stream.sent} messages stored",
@@ -186,14 +180,16 @@ def test_every_message_is_accounted_for_once_and_every_alert_sent_once_across_fa
             wait_for(
                 lambda: (
                     any(run.status == dg.DagsterRunStatus.FAILURE for run in batch_runs())
-                    and not any(run.status in IN_FLIGHT for run in batch_runs())
+                    and not any(run.status in IN_FLIGHT_STATUSES for run in batch_runs())
                 ),
                 240,
                 "runs refusing the tampered model to fail",
             )
             time.sleep(5)  # the daemon's run retries come and fail too
             wait_for(
-                lambda: not any(run.status in IN_FLIGHT for run in batch_runs()), 120, "retries"
+                lambda: not any(run.status in IN_FLIGHT_STATUSES for run in batch_runs()),
+                120,
+                "retries",
             )
             tampered_failures = [
                 run for run in batch_runs() if run.status == dg.DagsterRunStatus.FAILURE
@@ -272,7 +268,8 @@ def rerun_unfinished_ranges(
         by_range.setdefault(key, []).append(run)
     for attempts in by_range.values():
         if any(
-            run.status == dg.DagsterRunStatus.SUCCESS or run.status in IN_FLIGHT for run in attempts
+            run.status == dg.DagsterRunStatus.SUCCESS or run.status in IN_FLIGHT_STATUSES
+            for run in attempts
         ):
             continue
         newest = max(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -19,7 +20,7 @@ from fraud_dagster import pipeline
 from fraud_dagster.alerts import SmtpMailer, render_alert
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.smtp import LocalSmtpServer
-from fraud_dagster.resources import resolved_resources
+from fraud_dagster.resources import SmtpResource, resolved_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema, store
 from fraud_dagster.storage.store import create_engine
@@ -66,6 +67,30 @@ def run_batches(settings: Settings, instance: dg.DagsterInstance) -> list:
     results = execute_requests(defs, instance, evaluate_sensor(defs, settings, instance, None))
     assert all(result.success for result in results)
     return results
+
+
+def alerts_failed_while_smtp_was_down(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    database_url: str,
+) -> set[str]:
+    """Batches run while SMTP is down: every alert failed. SMTP is back and (with the test's 1 s
+    backoff) every alert is due again. Returns the suspicious transaction ids."""
+    smtp_server.stop()
+    run_batches(settings, instance)
+    suspicious = suspicious_ids(database_url)
+    smtp_server.start()
+    time.sleep(1.1)
+    return suspicious
+
+
+def send_due_alerts(
+    engine: sa.Engine, smtp: SmtpResource, token: str, **options: Any
+) -> pipeline.DeliveryReport:
+    return pipeline.deliver_alerts(
+        engine, smtp.smtp_settings(), smtp.sender, smtp.recipients, token=token, **options
+    )
 
 
 def test_smtp_down_keeps_alerts_in_the_outbox_and_retry_alerts_sends_each_once_when_back(
@@ -199,11 +224,7 @@ def test_concurrent_senders_never_send_an_alert_twice(
     database_url: str,
 ) -> None:
     settings = fast_retries
-    smtp_server.stop()
-    run_batches(settings, instance)  # every alert now failed, due after 1 s
-    suspicious = suspicious_ids(database_url)
-    smtp_server.start()
-    time.sleep(1.1)
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
     smtp = resolved_resources(settings)["smtp"]
     engine = create_engine(database_url)
     reports: list[pipeline.DeliveryReport] = []
@@ -212,28 +233,14 @@ def test_concurrent_senders_never_send_an_alert_twice(
 
     def sender(name: str) -> None:
         start.wait()
-        reports.append(
-            pipeline.deliver_alerts(
-                engine,
-                smtp.smtp_settings(),
-                smtp.sender,
-                smtp.recipients,
-                token=name,
-                limit=1,
-                pending_grace=timedelta(0),
-            )
-        )
+        reports.append(send_due_alerts(engine, smtp, name, limit=1, pending_grace=timedelta(0)))
 
     threads = [threading.Thread(target=sender, args=(f"sender-{i}",)) for i in range(senders)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    while (
-        report := pipeline.deliver_alerts(
-            engine, smtp.smtp_settings(), smtp.sender, smtp.recipients, token="sweeper"
-        )
-    ).claimed:
+    while (report := send_due_alerts(engine, smtp, "sweeper")).claimed:
         reports.append(report)
     engine.dispose()
 
@@ -253,11 +260,7 @@ def test_a_dead_senders_claim_expires_and_the_resend_keeps_the_message_id(
     before marking it sent. Its claims hold for STALE_CLAIM_AFTER, then another sender takes
     them over; the copy carries the same Message-ID, which mail clients use to drop it."""
     settings = fast_retries
-    smtp_server.stop()
-    run_batches(settings, instance)  # every alert now failed, due after 1 s
-    suspicious = suspicious_ids(database_url)
-    smtp_server.start()
-    time.sleep(1.1)
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
     smtp = resolved_resources(settings)["smtp"]
     engine = create_engine(database_url)
 
@@ -269,14 +272,7 @@ def test_a_dead_senders_claim_expires_and_the_resend_keeps_the_message_id(
     # ... and the sender dies here, holding every claim.
 
     def send(token: str) -> pipeline.DeliveryReport:
-        return pipeline.deliver_alerts(
-            engine,
-            smtp.smtp_settings(),
-            smtp.sender,
-            smtp.recipients,
-            token=token,
-            pending_grace=timedelta(0),
-        )
+        return send_due_alerts(engine, smtp, token, pending_grace=timedelta(0))
 
     assert send("too-early").claimed == 0  # a fresh claim is never taken over
     expired = store.utcnow() - store.STALE_CLAIM_AFTER - timedelta(seconds=1)

@@ -4,9 +4,7 @@ values round-trip as plain data."""
 
 from __future__ import annotations
 
-import json
 import secrets
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +19,11 @@ from fraud_dagster.local_services.smtp import LocalSmtpServer, MaildirHandler
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema
 from fraud_dagster.storage.store import create_engine, record_labels
-from fraud_dagster_tests.helpers import MailBox, evaluate_sensor, produce, table_rows
+from fraud_dagster_tests.helpers import MailBox, evaluate_sensor, graphql_text, produce, table_rows
 from fraud_dagster_tests.operations_support import local_postgres, run_request
 from fraud_dagster_tests.test_end_to_end import known_transactions
 
 pytestmark = pytest.mark.services
-
-
-def graphql(port: int, query: str, variables: dict[str, Any] | None = None) -> str:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.read().decode()
 
 
 RESOURCES_QUERY = """
@@ -139,17 +127,18 @@ def test_secrets_never_reach_logs_run_config_tags_metadata_files_or_the_ui(
 def query_the_ui(dagster_home: Path, tmp_path: Path) -> str:
     """Start the real dagster-webserver on the test's instance and read what the UI reads."""
     port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
     process = start_webserver(dagster_home, {}, tmp_path / "webserver.log", port)
     try:
 
         def answers() -> bool:
             try:
-                return "fraud_dagster" in graphql(
-                    port,
+                return "fraud_dagster" in graphql_text(
+                    base_url,
                     "{ workspaceOrError { ... on Workspace { locationEntries { name "
                     "locationOrLoadError { __typename } } } } }",
-                ) and "RepositoryLocation" in graphql(
-                    port,
+                ) and "RepositoryLocation" in graphql_text(
+                    base_url,
                     "{ workspaceOrError { ... on Workspace { locationEntries { "
                     "locationOrLoadError { __typename } } } } }",
                 )
@@ -158,9 +147,9 @@ def query_the_ui(dagster_home: Path, tmp_path: Path) -> str:
 
         wait_until(answers, 180, "dagster-webserver serving the code location", 1)
         selector = {"repositoryLocationName": "fraud_dagster", "repositoryName": "__repository__"}
-        resources = graphql(port, RESOURCES_QUERY, {"selector": selector})
+        resources = graphql_text(base_url, RESOURCES_QUERY, {"selector": selector})
         assert "ResourceDetailsList" in resources, resources[:2000]
-        return resources + graphql(port, RUNS_QUERY)
+        return resources + graphql_text(base_url, RUNS_QUERY)
     finally:
         stop_dagster_process(process)
 

@@ -19,7 +19,7 @@ import pytest
 
 from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_PARTITION, TAG_TOPIC
 from fraud_dagster.kafka_io import ensure_topic, offset_bounds
-from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
+from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
@@ -27,8 +27,6 @@ from fraud_dagster_tests.helpers import produce
 from fraud_dagster_tests.operations_support import accounting, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
-
-FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
 def batch_records(instance: dg.DagsterInstance, topic: str) -> list[dg.RunRecord]:
@@ -43,7 +41,7 @@ def wait_until_settled(
     def settled() -> bool:
         records = batch_records(instance, topic)
         stored = sum(accounting(database_url, topic).values())
-        return stored >= expected and all(r.dagster_run.status in FINISHED for r in records)
+        return stored >= expected and all(r.dagster_run.is_finished for r in records)
 
     try:
         wait_for(settled, 300, f"{expected} messages stored by the daemon's runs")
@@ -115,11 +113,8 @@ def test_batches_of_a_partition_run_one_at_a_time_in_offset_order_and_partitions
     )
     assert sorted(end) == [0, 1, 2, 3] and all(count > 40 for count in end.values())
     log = tmp_path / "daemon.log"
-    daemon = start_daemon(dagster_home, env, log)
-    try:
+    with running_daemon(dagster_home, env, log):
         records = wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
-    finally:
-        stop_dagster_process(daemon)
 
     assert accounting(database_url, settings.kafka_topic) == {
         (p, o): 1 for p, count in end.items() for o in range(count)
@@ -150,8 +145,7 @@ def test_a_partition_added_while_the_daemon_runs_is_picked_up_from_its_beginning
 ) -> None:
     options = {"bootstrap_servers": [settings.kafka_bootstrap_servers]}
     log = tmp_path / "daemon.log"
-    daemon = start_daemon(dagster_home, env, log)
-    try:
+    with running_daemon(dagster_home, env, log):
         sent = produce(settings, to_messages(synthetic_transactions(120, seed=72)))
         wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
 
@@ -159,8 +153,6 @@ def test_a_partition_added_while_the_daemon_runs_is_picked_up_from_its_beginning
         time.sleep(2)  # a tick or two with the new, still empty partitions
         sent += produce(settings, to_messages(synthetic_transactions(240, seed=73)))
         records = wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
-    finally:
-        stop_dagster_process(daemon)
 
     _, end = offset_bounds(options, settings.kafka_topic)
     assert sorted(end) == [0, 1, 2, 3] and end[2] > 0 and end[3] > 0

@@ -9,7 +9,6 @@ checks what is written there. Screenshots go to docs/screenshots/ (git-ignored) 
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import urllib.error
@@ -27,7 +26,7 @@ from fraud_dagster.model import read_manifest
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.settings import PROJECT_ROOT, Settings
 from fraud_dagster.simulator import to_messages
-from fraud_dagster_tests.helpers import produce, produce_raw, suspicious_ids
+from fraud_dagster_tests.helpers import graphql, produce, produce_raw, suspicious_ids
 
 # SQLite only: the UI shows the Dagster instance; the pipeline's storage is tested elsewhere.
 pytestmark = [
@@ -60,18 +59,6 @@ query Runs($filter: RunsFilter) {
   }
 }
 """
-
-
-def graphql(base_url: str, query: str, variables: dict[str, Any] | None = None) -> dict:
-    request = urllib.request.Request(
-        f"{base_url}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        payload = json.loads(response.read())
-    assert "errors" not in payload, payload
-    return payload["data"]
 
 
 def webserver_ready(base_url: str) -> bool:
@@ -178,6 +165,16 @@ def test_operator_sees_lineage_run_tags_metadata_and_checks(
             expect(page.get_by_text("2 / 2 Passed")).to_be_visible()
             shot("01-asset-graph")
 
+            # What the batch's metadata says wherever it is shown.
+            batch_entries = (
+                ("topic", settings.kafka_topic),
+                ("partition", 0),
+                ("first_offset", 0),
+                ("last_offset", last),
+                ("model_version", version),
+                ("scored", GOOD_MESSAGES),
+                ("suspicious", suspicious),
+            )
             # The batch run: what it materialized, with the batch's figures.
             page.goto(f"{dagster_dev}/runs/{run_id}?logs=type:ASSET_MATERIALIZATION")
             expect(page.get_by_text("Materialized value scored_transactions.")).to_be_visible()
@@ -186,15 +183,9 @@ def test_operator_sees_lineage_run_tags_metadata_and_checks(
             expect(page.get_by_text("Succeeded (6)")).to_be_visible()
             text = page.inner_text("body")
             for key, value in (
-                ("topic", settings.kafka_topic),
-                ("partition", 0),
-                ("first_offset", 0),
-                ("last_offset", last),
-                ("model_version", version),
+                *batch_entries,
                 ("read", GOOD_MESSAGES + BAD_MESSAGES),
                 ("rejected", BAD_MESSAGES),
-                ("scored", GOOD_MESSAGES),
-                ("suspicious", suspicious),
                 ("alerted", suspicious),
             ):
                 assert_entry(text, key, value)
@@ -235,15 +226,7 @@ def test_operator_sees_lineage_run_tags_metadata_and_checks(
             # The analysts' queue: description, the batch's metadata, the checks.
             page.goto(f"{dagster_dev}/assets/suspicious_transactions")
             expect(page.get_by_text("the risk analysts' queue", exact=False)).to_be_visible()
-            for key, value in (
-                ("topic", settings.kafka_topic),
-                ("partition", 0),
-                ("first_offset", 0),
-                ("last_offset", last),
-                ("model_version", version),
-                ("scored", GOOD_MESSAGES),
-                ("suspicious", suspicious),
-            ):
+            for key, value in batch_entries:
                 expect(metadata_value(page, key)).to_have_text(str(value))
             shot("06-suspicious-transactions")
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from fraud_dagster.benchmarks.harness import (
     local_services,
     machine_description,
     peak_rss_mib,
+    run_child,
 )
 from fraud_dagster.logging_setup import configure_logging
 from fraud_dagster.settings import PROJECT_ROOT
@@ -154,10 +154,7 @@ def _child(
         ),
         *(["--profile", str(profile)] if profile else []),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"measurement {mode} {size} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(command, f"measurement {mode} {size}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,10 +13,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from fraud_dagster import producer
 from fraud_dagster.kafka_io import ensure_topic
@@ -129,6 +132,28 @@ class Stopwatch:
             yield
         finally:
             self.timings[name] = time.perf_counter() - started
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p95, p99, max and mean of `values` (all None when there are none)."""
+    if not values:
+        return dict.fromkeys(("p50", "p95", "p99", "max", "mean"))
+    array = np.asarray(values, dtype=float)
+    return {
+        "p50": float(np.percentile(array, 50)),
+        "p95": float(np.percentile(array, 95)),
+        "p99": float(np.percentile(array, 99)),
+        "max": float(array.max()),
+        "mean": float(array.mean()),
+    }
+
+
+def run_child(command: Sequence[str], what: str, **popen_options: Any) -> dict:
+    """Run a measurement in a fresh Python process; its last stdout line is its JSON result."""
+    result = subprocess.run(command, capture_output=True, text=True, check=False, **popen_options)
+    if result.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def emit_json(path: Path | None, payload: dict) -> None:

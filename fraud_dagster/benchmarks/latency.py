@@ -38,17 +38,17 @@ from fraud_dagster.benchmarks.harness import (
     emit_json,
     local_services,
     machine_description,
+    percentiles,
 )
 from fraud_dagster.benchmarks.latency_location import FLOOR_TAG
 from fraud_dagster.kafka_io import ensure_topic
-from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
+from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.settings import PROJECT_ROOT
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage.schema import scored_transactions
 
 logger = logging.getLogger(__name__)
 COMMAND = "python -m fraud_dagster.benchmarks.latency"
-FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
 @dataclass
@@ -58,18 +58,6 @@ class Phase:
     produced: int = 0
     lag_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, lag)
     started_at: float = 0.0
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "max": None}
-    array = np.asarray(values)
-    return {
-        "p50": float(np.percentile(array, 50)),
-        "p95": float(np.percentile(array, 95)),
-        "p99": float(np.percentile(array, 99)),
-        "max": float(array.max()),
-    }
 
 
 def write_workspace(home: Path) -> Path:
@@ -95,7 +83,7 @@ def run_durations(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[di
             else None,
         }
         for record in records
-        if record.dagster_run.status in FINISHED and record.end_time
+        if record.dagster_run.is_finished and record.end_time
     ]
 
 
@@ -156,7 +144,8 @@ def produce_at_rate(services: Services, topic: str, phase: Phase, engine: sa.Eng
     phase.lag_samples.append((time.time() - phase.started_at, max(count - stored_count(engine), 0)))
 
 
-def email_latencies(mail_dir: Path, produced_ms: dict[str, float]) -> list[float]:
+def email_latencies(mail_dir: Path, produced_ms: dict[str, float]) -> list[tuple[float, float]]:
+    """(produce time, produce -> received seconds) of each alert email the SMTP server wrote."""
     latencies = []
     for path in mail_dir.glob("*.eml"):
         message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
@@ -165,7 +154,8 @@ def email_latencies(mail_dir: Path, produced_ms: dict[str, float]) -> list[float
             received = datetime.strptime(path.name.split("-")[0], "%Y%m%dT%H%M%S%f").replace(
                 tzinfo=UTC
             )
-            latencies.append(received.timestamp() - produced_ms[tid] / 1000)
+            produced = produced_ms[tid] / 1000
+            latencies.append((produced, received.timestamp() - produced))
     return latencies
 
 
@@ -185,17 +175,17 @@ def run_phase(
     mail_dir = services.mail_dir
     shutil.rmtree(mail_dir, ignore_errors=True)
     mail_dir.mkdir(parents=True)
-    daemon = start_daemon(home, env, services.work_dir / "daemon.log", write_workspace(home))
     engine = sa.create_engine(database_url)
-    try:
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            floor = measure_floor(instance, floor_runs, 600) if floor_runs else []
-            _wait_for_schema(engine)
-            produce_at_rate(services, topic, phase, engine)
-            time.sleep(args.sensor_interval + 5)  # let the last alerts go out
-            runs = run_durations(instance, {TAG_TOPIC: topic})
-    finally:
-        stop_dagster_process(daemon)
+    daemon_log = services.work_dir / "daemon.log"
+    with (
+        running_daemon(home, env, daemon_log, write_workspace(home)),
+        dg.DagsterInstance.from_config(str(home)) as instance,
+    ):
+        floor = measure_floor(instance, floor_runs, 600) if floor_runs else []
+        _wait_for_schema(engine)
+        produce_at_rate(services, topic, phase, engine)
+        time.sleep(args.sensor_interval + 5)  # let the last alerts go out
+        runs = run_durations(instance, {TAG_TOPIC: topic})
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(
@@ -222,7 +212,7 @@ def run_phase(
         "stored": len(rows),
         "emails": len(emails),
         "stored_latency_seconds": percentiles(stored),
-        "email_latency_seconds": percentiles(emails),
+        "email_latency_seconds": percentiles([latency for _, latency in emails]),
         "sustained_tx_per_second": len(rows) / max(max(t for t, _ in lag) if lag else 1, 1),
         "lag_first_third_mean": float(np.mean(during[:third])) if during else None,
         "lag_last_third_mean": float(np.mean(during[-third:])) if during else None,
@@ -236,9 +226,7 @@ def run_phase(
         "floor": floor,
     }
     if args.plot_dir:
-        _plot(
-            args.plot_dir / f"latency-{phase.rate}.png", phase, rows, emails, produced_ms, mail_dir
-        )
+        _plot(args.plot_dir / f"latency-{phase.rate}.png", phase, rows, emails)
     return result
 
 
@@ -248,7 +236,7 @@ def _wait_for_schema(engine: sa.Engine) -> None:
     ensure_schema(engine)
 
 
-def _plot(path: Path, phase: Phase, rows, email_values, produced_ms, mail_dir: Path) -> None:
+def _plot(path: Path, phase: Phase, rows, emails: list[tuple[float, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,17 +247,7 @@ def _plot(path: Path, phase: Phase, rows, email_values, produced_ms, mail_dir: P
     produced_at = [row.kafka_timestamp.replace(tzinfo=UTC).timestamp() - start for row in rows]
     stored_latency = [(row.scored_at - row.kafka_timestamp).total_seconds() for row in rows]
     top.scatter(produced_at, stored_latency, s=2, alpha=0.3, label="produce -> row stored")
-    email_points = []
-    for file in mail_dir.glob("*.eml"):
-        message = email.message_from_bytes(file.read_bytes(), policy=email.policy.default)
-        tid = message["X-Fraud-Transaction-Id"]
-        if tid in produced_ms:
-            received = datetime.strptime(file.name.split("-")[0], "%Y%m%dT%H%M%S%f").replace(
-                tzinfo=UTC
-            )
-            email_points.append(
-                (produced_ms[tid] / 1000 - start, received.timestamp() - produced_ms[tid] / 1000)
-            )
+    email_points = [(produced - start, latency) for produced, latency in emails]
     if email_points:
         xs, ys = zip(*email_points, strict=True)
         top.scatter(xs, ys, s=8, color="tab:red", label="produce -> email received")

@@ -40,24 +40,19 @@ from fraud_dagster.benchmarks.harness import (
     emit_json,
     local_services,
     machine_description,
+    percentiles,
 )
 from fraud_dagster.instance_config import dagster_pg_env, instance_yaml
 from fraud_dagster.kafka_io import committed_offsets, ensure_topic, offset_bounds
-from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
+from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.local_services.postgres import DAGSTER_DATABASE, temporary_postgres
+from fraud_dagster.sensors import IN_FLIGHT_STATUSES
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions, to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster.storage.store import create_engine, ensure_schema
 
 logger = logging.getLogger(__name__)
 COMMAND = "python -m fraud_dagster.benchmarks.load_test"
-FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 @dataclass
@@ -94,18 +89,6 @@ def write_instance(home: Path, postgres: bool, max_concurrent_runs: int | None) 
     (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "max": None, "mean": None}
-    array = np.asarray(values, dtype=float)
-    return {
-        "p50": float(np.percentile(array, 50)),
-        "p95": float(np.percentile(array, 95)),
-        "max": float(array.max()),
-        "mean": float(array.mean()),
-    }
-
-
 def drain(
     services: Services,
     topic: str,
@@ -124,7 +107,7 @@ def drain(
         committed = committed_offsets(options, topic, group)
         lag = {p: end[p] - committed.get(p, 0) for p in sorted(end)}
         in_flight = instance.get_runs_count(
-            filters=dg.RunsFilter(statuses=IN_FLIGHT, tags={TAG_TOPIC: topic})
+            filters=dg.RunsFilter(statuses=IN_FLIGHT_STATUSES, tags={TAG_TOPIC: topic})
         )
         samples.seconds.append(round(elapsed, 2))
         samples.lag.append(lag)
@@ -211,7 +194,7 @@ def emailed_transactions(mail_dir: Path) -> Counter[str]:
 
 def run_figures(instance: dg.DagsterInstance, topic: str) -> dict:
     records = instance.get_run_records(filters=dg.RunsFilter(tags={TAG_TOPIC: topic}))
-    finished = [r for r in records if r.dagster_run.status in FINISHED and r.end_time]
+    finished = [r for r in records if r.dagster_run.is_finished and r.end_time]
     sizes = [
         int(r.dagster_run.tags[TAG_LAST_OFFSET]) - int(r.dagster_run.tags[TAG_FIRST_OFFSET]) + 1
         for r in finished
@@ -368,8 +351,7 @@ def run(args: argparse.Namespace) -> dict:
             report.rate,
         )
 
-        daemon = start_daemon(home, env, services.work_dir / "daemon.log")
-        try:
+        with running_daemon(home, env, services.work_dir / "daemon.log"):
             with dg.DagsterInstance.from_config(str(home)) as instance:
                 samples, drain_seconds = drain(
                     services,
@@ -383,8 +365,6 @@ def run(args: argparse.Namespace) -> dict:
                 time.sleep(max(args.sensor_interval, 2) + 3)  # last alert steps and ticks end
                 runs = run_figures(instance, topic)
                 ticks = sensor_ticks(instance)
-        finally:
-            stop_dagster_process(daemon)
             log_tail = (services.work_dir / "daemon.log").read_text(errors="replace")[-3000:]
 
         per_partition = accounting(engine, topic)

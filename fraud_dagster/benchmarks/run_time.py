@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from fraud_dagster.benchmarks.harness import (
     fill_topic,
     local_services,
     machine_description,
+    run_child,
 )
 from fraud_dagster.settings import PROJECT_ROOT
 
@@ -90,17 +90,12 @@ def _child(
         "--child",
         json.dumps({"services": fields, "topic": topic, "size": size, "repetition": repetition}),
     ]
-    result = subprocess.run(
+    return run_child(
         command,
-        capture_output=True,
-        text=True,
-        check=False,
+        f"repetition {repetition}",
         cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree)},
     )
-    if result.returncode != 0:
-        raise SystemExit(f"repetition {repetition} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from fraud_dagster.settings import PROJECT_ROOT
@@ -63,3 +64,15 @@ def stop_dagster_process(process: subprocess.Popen, timeout_seconds: float = 60)
         process.wait()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextmanager
+def running_daemon(
+    dagster_home: Path, env: Mapping[str, str], log: Path, workspace: Path = DEFAULT_WORKSPACE
+) -> Iterator[subprocess.Popen]:
+    """`start_daemon` for the length of a `with` block, stopped however the block ends."""
+    process = start_daemon(dagster_home, env, log, workspace)
+    try:
+        yield process
+    finally:
+        stop_dagster_process(process)
