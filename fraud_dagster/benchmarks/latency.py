@@ -30,6 +30,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import sqlalchemy as sa
+from dagster._core.scheduler.instigation import InstigatorType
 
 from fraud_dagster import kafka_io, producer
 from fraud_dagster.batching import TAG_TOPIC
@@ -85,6 +86,41 @@ def run_durations(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[di
         for record in records
         if record.dagster_run.is_finished and record.end_time
     ]
+
+
+def step_profile(instance: dg.DagsterInstance, tags: dict[str, str]) -> dict[str, float]:
+    """Mean seconds per phase of the finished runs with `tags`: the queue and launch (request
+    -> the run worker's first step) and each step, by step name."""
+    totals: dict[str, list[float]] = {}
+    for record in instance.get_run_records(filters=dg.RunsFilter(tags=tags)):
+        if not record.dagster_run.is_finished:
+            continue
+        stats = instance.get_run_step_stats(record.dagster_run.run_id)
+        starts = [st.start_time for st in stats if st.start_time]
+        if starts:
+            launch = min(starts) - record.create_timestamp.timestamp()
+            totals.setdefault("request -> first step", []).append(launch)
+        for st in stats:
+            if st.start_time and st.end_time:
+                name = st.step_key.rsplit(".", 1)[-1]
+                totals.setdefault(name, []).append(st.end_time - st.start_time)
+    return {name: float(np.mean(values)) for name, values in totals.items()}
+
+
+def sensor_tick_spacing(instance: dg.DagsterInstance, since: float) -> dict[str, float | None]:
+    """Seconds between the Kafka sensor's ticks after `since`: the interval actually in effect
+    (Dagster's sensor loop runs every 5 s and skips a sensor whose interval has not passed)."""
+    states = [
+        state
+        for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+        if state.name == "kafka_transactions_sensor"
+    ]
+    stamps = sorted(
+        tick.timestamp
+        for state in states
+        for tick in instance.get_ticks(state.instigator_origin_id, state.selector_id, after=since)
+    )
+    return percentiles(np.diff(stamps).tolist())
 
 
 def measure_floor(instance: dg.DagsterInstance, runs: int, timeout_seconds: float) -> list[dict]:
@@ -186,6 +222,8 @@ def run_phase(
         produce_at_rate(services, topic, phase, engine)
         time.sleep(args.sensor_interval + 5)  # let the last alerts go out
         runs = run_durations(instance, {TAG_TOPIC: topic})
+        steps = step_profile(instance, {TAG_TOPIC: topic})
+        ticks = sensor_tick_spacing(instance, phase.started_at)
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(
@@ -222,6 +260,8 @@ def run_phase(
             [r["request_to_end_seconds"] for r in runs]
         ),
         "failed_runs": sum(1 for r in runs if r["status"] != "SUCCESS"),
+        "batch_run_mean_seconds_by_phase": steps,
+        "sensor_tick_spacing_seconds": ticks,
         "lag_samples": lag,
         "floor": floor,
     }
@@ -335,6 +375,13 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
                     f"{r['lag_last_third_mean'] or 0:>10.0f} {r['batch_runs']:>5}",
                 ]
             )
+        )
+    for r in results:
+        spacing = r["sensor_tick_spacing_seconds"]
+        lines.append(
+            f"{r['rate']} tx/s: sensor ticks every {_fmt(spacing['p50']).strip()} s (p50), "
+            f"mean {_fmt(spacing['mean']).strip()} s; batch run, mean s: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["batch_run_mean_seconds_by_phase"].items())
         )
     for r in results:
         email_p95 = r["email_latency_seconds"]["p95"]
