@@ -26,6 +26,8 @@ from fraud_dagster.batch_checks import (
     recorded_score_histogram,
     share_bar,
 )
+from fraud_dagster.batch_order import RunningBatch, wait_for_batches_ahead
+from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_PARTITION, TAG_TOPIC
 from fraud_dagster.errors import FraudDagsterError
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.resources import (
@@ -52,18 +54,100 @@ class BatchConfig(dg.Config):
     last_offset: int
 
 
-@dg.op(ins={"topic": dg.In(dg.Nothing)}, retry_policy=IO_RETRY_POLICY)
-def fetch(context: dg.OpExecutionContext, config: BatchConfig, kafka: KafkaResource) -> RawBatch:
+@dg.op(
+    ins={"topic": dg.In(dg.Nothing)},
+    out={"raw": dg.Out(RawBatch), "batch": dg.Out(pipeline.BatchRef)},
+    retry_policy=IO_RETRY_POLICY,
+)
+def fetch(context: dg.OpExecutionContext, config: BatchConfig, kafka: KafkaResource):
     """Read exactly the batch's offset range from Kafka, stopping at its last offset."""
     raw = kafka.read_range(config.topic, config.partition, config.first_offset, config.last_offset)
     context.log.info(
         f"read {len(raw)} messages from {config.topic}/{config.partition} "
         f"offsets {config.first_offset}..{config.last_offset}"
     )
-    return raw
+    yield dg.Output(raw, "raw")
+    yield dg.Output(
+        pipeline.BatchRef(config.topic, config.partition, config.first_offset, config.last_offset),
+        "batch",
+    )
 
 
-@dg.op(retry_policy=IO_RETRY_POLICY)
+class OrderConfig(dg.Config):
+    """How long a batch waits for the batches ahead of it in its partition to be stored."""
+
+    max_wait_seconds: float = 300.0
+
+
+RUNNING_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+
+
+@dg.op(out=dg.Out(dg.Nothing), retry_policy=IO_RETRY_POLICY)
+def wait_for_earlier_batches(
+    context: dg.OpExecutionContext,
+    config: OrderConfig,
+    batch: pipeline.BatchRef,
+    database: DatabaseResource,
+):
+    """Hold the batch until every earlier batch of its partition that is running is stored.
+
+    Two runs of a partition may be under way at once (dagster.yaml), so that the next one's
+    start-up overlaps the previous one's work; the features need the earlier rows stored. A
+    run ahead that fails does not hold this one back; one that takes longer than
+    `max_wait_seconds` is given up on with a warning (its rows then miss from this batch's
+    features, as when it fails). The step's duration in the UI is the time spent waiting.
+    """
+
+    def list_running() -> list[RunningBatch]:
+        runs = context.instance.get_runs(
+            filters=dg.RunsFilter(
+                job_name=context.job_name,
+                statuses=RUNNING_STATUSES,
+                tags={TAG_TOPIC: batch.topic, TAG_PARTITION: str(batch.partition)},
+            )
+        )
+        return [
+            RunningBatch(
+                int(run.tags[TAG_FIRST_OFFSET]), int(run.tags[TAG_LAST_OFFSET]), run.run_id
+            )
+            for run in runs
+            if TAG_FIRST_OFFSET in run.tags and TAG_LAST_OFFSET in run.tags
+        ]
+
+    def is_stored(ahead: RunningBatch) -> bool:
+        # The database only when a run is ahead: alone, the batch goes straight on.
+        engine = database.get_engine()
+        end = contiguous_end(engine, batch.topic, batch.partition, ahead.first_offset)
+        return end > ahead.last_offset
+
+    outcome = wait_for_batches_ahead(
+        list_running, is_stored, batch.first_offset, context.run_id, config.max_wait_seconds
+    )
+    if outcome.gave_up:
+        context.log.warning(
+            f"waited {outcome.waited_seconds:.0f} s for earlier batches of {batch.label} "
+            "(runs "
+            + ", ".join(
+                f"{b.run_id} offsets {b.first_offset}-{b.last_offset}" for b in outcome.gave_up_on
+            )
+            + "); going on without their rows in the features"
+        )
+    elif outcome.waited_for:
+        context.log.info(
+            f"waited {outcome.waited_seconds:.2f} s until run(s) {', '.join(outcome.waited_for)} "
+            f"stored the offsets before {batch.first_offset}"
+        )
+    return dg.Output(
+        None,
+        metadata={
+            "waited_seconds": round(outcome.waited_seconds, 3),
+            "waited_for_runs": len(outcome.waited_for),
+            "gave_up_on_runs": len(outcome.gave_up_on),
+        },
+    )
+
+
+@dg.op(ins={"raw": dg.In(), "in_order": dg.In(dg.Nothing)}, retry_policy=IO_RETRY_POLICY)
 def preprocess(
     context: dg.OpExecutionContext, raw: RawBatch, database: DatabaseResource
 ) -> pipeline.PreparedBatch:
@@ -438,9 +522,11 @@ def send_due_alerts(
     }
 )
 def transaction_batch(transactions_topic, fraud_model):
-    """fetch -> preprocess -> score -> persist -> alert (and check_batch), for one offset range
-    of one partition."""
-    scored = score(preprocess(fetch(transactions_topic)), fraud_model)
+    """fetch -> wait_for_earlier_batches -> preprocess -> score -> persist -> alert (and
+    check_batch), for one offset range of one partition."""
+    raw, batch_range = fetch(transactions_topic)
+    in_order = wait_for_earlier_batches(batch_range)
+    scored = score(preprocess(raw, in_order), fraud_model)
     scored_out, suspicious_out, batch = persist(scored)
     checks = check_batch(scored, stored=batch)
     return {

@@ -2,9 +2,11 @@
 and a partition added to the topic while the system runs.
 
 The sensor hands a partition that has more than FRAUD_MAX_BATCH_SIZE waiting several batches in
-one tick, so the QueuedRunCoordinator's limit of one run per `fraud_dagster/topic_partition`
-(dagster.yaml) is what keeps them apart; while one of them waits in the queue, later ticks add
-no more to that partition. Times come from the Dagster instance's run records (start and end).
+one tick. The QueuedRunCoordinator's limit of two runs per `fraud_dagster/topic_partition`
+(dagster.yaml) lets the next batch start while the previous one works; its
+wait_for_earlier_batches step must hold its preprocess (the features read stored history) until
+the previous range is stored. Times come from the Dagster instance (run records, step stats)
+and from `stored_ranges.stored_at`, written inside the persisting transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
+from datetime import UTC
 from pathlib import Path
 
 import dagster as dg
@@ -23,8 +26,15 @@ from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
-from fraud_dagster_tests.helpers import produce
-from fraud_dagster_tests.operations_support import accounting, wait_for
+from fraud_dagster.storage import schema
+from fraud_dagster.storage.store import create_engine, ensure_schema
+from fraud_dagster_tests.helpers import produce, table_rows
+from fraud_dagster_tests.operations_support import (
+    accept_inserts,
+    accounting,
+    refuse_inserts,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -67,20 +77,62 @@ def offsets(record: dg.RunRecord) -> tuple[int, int]:
     return int(tags[TAG_FIRST_OFFSET]), int(tags[TAG_LAST_OFFSET])
 
 
-def assert_partition_runs_in_offset_order_one_at_a_time(
-    runs: list[dg.RunRecord], end_offset: int
+def stored_at(database_url: str, topic: str) -> dict[tuple[int, int], float]:
+    """When each stored (partition, first offset) range was written, as epoch seconds."""
+    return {
+        (row["source_partition"], row["first_offset"]): row["stored_at"]
+        .replace(tzinfo=UTC)
+        .timestamp()
+        for row in table_rows(database_url, schema.stored_ranges)
+        if row["source_topic"] == topic
+    }
+
+
+def preprocess_started(instance: dg.DagsterInstance, run_id: str) -> float:
+    (stats,) = instance.get_run_step_stats(run_id, step_keys=["transaction_batch.preprocess"])
+    return stats.start_time
+
+
+def assert_partition_runs_in_offset_order(
+    instance: dg.DagsterInstance,
+    database_url: str,
+    runs: list[dg.RunRecord],
+    end_offset: int,
 ) -> None:
-    """The runs cover 0..end-1 without gap or overlap, and each starts after the previous ended."""
+    """The runs cover 0..end-1 without gap or overlap; each computes its features (preprocess)
+    only after the previous range is stored; at most two of them are under way at once."""
     expected_first = 0
     for record in runs:
         first, last = offsets(record)
         assert first == expected_first, f"gap or overlap before offset {first}"
         expected_first = last + 1
     assert expected_first == end_offset
+    partition = int(runs[0].dagster_run.tags[TAG_PARTITION])
+    topic = runs[0].dagster_run.tags[TAG_TOPIC]
+    written = stored_at(database_url, topic)
     for earlier, later in itertools.pairwise(runs):
-        assert later.start_time >= earlier.end_time, (
-            f"runs {offsets(earlier)} and {offsets(later)} of one partition overlapped in time"
+        earlier_stored = written[(partition, offsets(earlier)[0])]
+        assert preprocess_started(instance, later.dagster_run.run_id) >= earlier_stored, (
+            f"run {offsets(later)} computed features before {offsets(earlier)} was stored"
         )
+    for record in runs:
+        under_way = sum(1 for r in runs if r.start_time <= record.start_time < r.end_time)
+        assert under_way <= 2, f"more than two runs of partition {partition} at once"
+
+
+def same_partition_overlaps(runs: list[dg.RunRecord]) -> int:
+    """How many consecutive runs of one partition were under way at the same time."""
+    return sum(1 for a, b in itertools.pairwise(runs) if b.start_time < a.end_time)
+
+
+def timeline(runs: list[dg.RunRecord]) -> str:
+    """Each run's offsets and its created / started / ended times, relative to the first."""
+    zero = min(r.create_timestamp.timestamp() for r in runs)
+    return "; ".join(
+        f"{offsets(r)} created {r.create_timestamp.timestamp() - zero:.1f} "
+        f"started {r.start_time - zero:.1f} ended {r.end_time - zero:.1f}"
+        for r in runs
+    )
 
 
 def overlapping_pairs(records: list[dg.RunRecord]) -> list[tuple[int, int]]:
@@ -96,7 +148,7 @@ def overlapping_pairs(records: list[dg.RunRecord]) -> list[tuple[int, int]]:
 @pytest.mark.partitions(4)
 @pytest.mark.backends("postgresql")
 @pytest.mark.dagster_storage("postgresql")
-def test_batches_of_a_partition_run_one_at_a_time_in_offset_order_and_partitions_overlap(
+def test_batches_of_a_partition_keep_offset_order_while_runs_overlap(
     settings: Settings,
     env: dict[str, str],
     dagster_home: Path,
@@ -124,13 +176,71 @@ def test_batches_of_a_partition_run_one_at_a_time_in_offset_order_and_partitions
     assert sorted(partitions) == [0, 1, 2, 3]
     for partition, runs in partitions.items():
         assert len(runs) >= 2, f"partition {partition} needed several batches"
-        assert_partition_runs_in_offset_order_one_at_a_time(runs, end[partition])
+        assert_partition_runs_in_offset_order(instance, database_url, runs, end[partition])
     assert overlapping_pairs(records), "runs of different partitions never ran side by side"
     running_at_once = max(
         sum(1 for r in records if r.start_time <= record.start_time < r.end_time)
         for record in records
     )
     assert running_at_once <= 3  # max_concurrent_runs of dagster.yaml
+
+
+def step_in_progress(instance: dg.DagsterInstance, run_id: str, step: str) -> bool:
+    stats = instance.get_run_step_stats(run_id, step_keys=[f"transaction_batch.{step}"])
+    return any(st.start_time and not st.end_time for st in stats)
+
+
+@pytest.mark.backends("sqlite")
+def test_the_next_batch_of_a_partition_starts_beside_the_running_one_and_waits_for_its_rows(
+    settings: Settings,
+    env: dict[str, str],
+    dagster_home: Path,
+    instance: dg.DagsterInstance,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """One partition, two batches requested in one tick, both started at once (tag limit 2).
+    The database refuses the first batch's rows for a while (its persist step retries): the
+    second batch must wait for them, not compute its features and store its rows first."""
+    env = {**env, "FRAUD_MAX_BATCH_SIZE": "40"}
+    ensure_schema(create_engine(database_url))
+    refuse_inserts(
+        database_url,
+        "scored_transactions",
+        "injected fault: first batch refused",
+        condition="NEW.source_offset < 40",
+    )
+    sent = produce(settings, to_messages(synthetic_transactions(80, seed=74)))
+    assert sent == 80
+    log = tmp_path / "daemon.log"
+    with running_daemon(dagster_home, env, log):
+
+        def second_waits_while_first_runs() -> bool:
+            runs = by_partition(batch_records(instance, settings.kafka_topic)).get(0, [])
+            return (
+                len(runs) == 2
+                and runs[0].dagster_run.status == dg.DagsterRunStatus.STARTED
+                and step_in_progress(
+                    instance, runs[1].dagster_run.run_id, "wait_for_earlier_batches"
+                )
+            )
+
+        wait_for(second_waits_while_first_runs, 60, "the second batch waiting beside the first")
+        time.sleep(1.0)
+        assert accounting(database_url, settings.kafka_topic) == {}, "a batch stored too early"
+        accept_inserts(database_url, "scored_transactions")
+        records = wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
+
+    assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(sent)}
+    assert {r.dagster_run.status for r in records} == {dg.DagsterRunStatus.SUCCESS}
+    (runs,) = by_partition(records).values()
+    assert [offsets(r) for r in runs] == [(0, 39), (40, 79)]
+    assert same_partition_overlaps(runs) == 1, timeline(runs)
+    assert_partition_runs_in_offset_order(instance, database_url, runs, sent)
+    (wait,) = instance.get_run_step_stats(
+        runs[1].dagster_run.run_id, step_keys=["transaction_batch.wait_for_earlier_batches"]
+    )
+    assert wait.end_time - wait.start_time >= 1.0
 
 
 @pytest.mark.partitions(2)
@@ -162,5 +272,5 @@ def test_a_partition_added_while_the_daemon_runs_is_picked_up_from_its_beginning
     partitions = by_partition(records)
     assert sorted(partitions) == [0, 1, 2, 3]
     for partition, runs in partitions.items():
-        assert_partition_runs_in_offset_order_one_at_a_time(runs, end[partition])
+        assert_partition_runs_in_offset_order(instance, database_url, runs, end[partition])
     assert {r.dagster_run.status for r in records} == {dg.DagsterRunStatus.SUCCESS}

@@ -180,7 +180,7 @@ def test_operator_sees_lineage_run_tags_metadata_and_checks(
             expect(page.get_by_text("Materialized value scored_transactions.")).to_be_visible()
             expect(page.get_by_text("Materialized value fraud_alerts.")).to_be_visible()
             expect(page.get_by_text("3 checks")).to_be_visible()
-            expect(page.get_by_text("Succeeded (6)")).to_be_visible()
+            expect(page.get_by_text("Succeeded (7)")).to_be_visible()  # the seven steps
             text = page.inner_text("body")
             for key, value in (
                 *batch_entries,

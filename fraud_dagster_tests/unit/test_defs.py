@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import dagster as dg
 
 from fraud_dagster.definitions import defs
+from fraud_dagster.sensors import build_kafka_transactions_sensor, dagster_minimum_interval
+from fraud_dagster.settings import load_settings
 
 
 def test_every_job_resolves() -> None:
@@ -12,12 +16,13 @@ def test_every_job_resolves() -> None:
         assert job.name
 
 
-def test_score_transactions_runs_in_process_with_the_six_ops() -> None:
+def test_score_transactions_runs_in_process_with_the_seven_ops() -> None:
     job = defs.resolve_job_def("score_transactions")
     assert job.executor_def.name == "in_process"
     graph = job.graph.node_dict["transaction_batch"].definition
     assert set(graph.node_names()) == {
         "fetch",
+        "wait_for_earlier_batches",
         "preprocess",
         "score",
         "persist",
@@ -86,3 +91,13 @@ def test_lineage() -> None:
 def test_sensor_is_on_by_default() -> None:
     sensor = defs.resolve_sensor_def("kafka_transactions_sensor")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_kafka_sensor_ticks_on_every_daemon_loop_its_interval_allows() -> None:
+    """Interval 5 must not become 10: Dagster's 5-s loop would skip every other tick at exactly
+    5 (its elapsed time is measured from the previous tick's start, just after its loop's)."""
+    assert dagster_minimum_interval(5) == 4
+    assert dagster_minimum_interval(30) == 29
+    assert dagster_minimum_interval(1) == 1
+    sensor = build_kafka_transactions_sensor(replace(load_settings(), sensor_interval_seconds=5))
+    assert sensor.minimum_interval_seconds == 4
