@@ -148,7 +148,7 @@ def overlapping_pairs(records: list[dg.RunRecord]) -> list[tuple[int, int]]:
 @pytest.mark.partitions(4)
 @pytest.mark.backends("postgresql")
 @pytest.mark.dagster_storage("postgresql")
-def test_batches_of_a_partition_keep_offset_order_while_runs_overlap(
+def test_partitions_run_side_by_side_and_each_keeps_its_offset_order(
     settings: Settings,
     env: dict[str, str],
     dagster_home: Path,
