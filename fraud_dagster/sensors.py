@@ -22,17 +22,15 @@ from fraud_dagster.jobs import (
     score_transactions_job,
     send_pending_alerts_job,
 )
+from fraud_dagster.ops import RUNNING_STATUSES
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.store import outbox_status
 
+KAFKA_SENSOR_NAME = "kafka_transactions_sensor"
 WAITING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
 # Runs not finished yet: waiting in the queue or being launched or executed.
-IN_FLIGHT_STATUSES = [
-    *WAITING_STATUSES,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
+IN_FLIGHT_STATUSES = [*WAITING_STATUSES, *RUNNING_STATUSES]
 
 
 # Dagster's sensor daemon evaluates sensors on a 5-second loop and skips a sensor while less
@@ -81,7 +79,7 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
     """
 
     @dg.sensor(
-        name="kafka_transactions_sensor",
+        name=KAFKA_SENSOR_NAME,
         job=score_transactions_job,
         minimum_interval_seconds=dagster_minimum_interval(settings.sensor_interval_seconds),
         default_status=dg.DefaultSensorStatus.RUNNING,

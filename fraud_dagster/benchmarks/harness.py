@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import numpy as np
+from dagster._core.scheduler.instigation import InstigatorType
 
 from fraud_dagster import producer
 from fraud_dagster.kafka_io import ensure_topic
 from fraud_dagster.local_services import smtp
 from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.local_services.process import free_port
+from fraud_dagster.sensors import KAFKA_SENSOR_NAME
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
 
@@ -146,6 +149,17 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
         "max": float(array.max()),
         "mean": float(array.mean()),
     }
+
+
+def kafka_sensor_ticks(instance: dg.DagsterInstance, after: float | None = None) -> list:
+    """The Kafka sensor's ticks (those after `after`, if given), oldest first."""
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
+        if state.name == KAFKA_SENSOR_NAME:
+            ticks = instance.get_ticks(
+                state.instigator_origin_id, state.selector_id, after=after, limit=100_000
+            )
+            return sorted(ticks, key=lambda tick: tick.timestamp)
+    return []
 
 
 def run_child(command: Sequence[str], what: str, **popen_options: Any) -> dict:

@@ -30,13 +30,13 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import sqlalchemy as sa
-from dagster._core.scheduler.instigation import InstigatorType
 
 from fraud_dagster import kafka_io, producer
 from fraud_dagster.batching import TAG_TOPIC
 from fraud_dagster.benchmarks.harness import (
     Services,
     emit_json,
+    kafka_sensor_ticks,
     local_services,
     machine_description,
     percentiles,
@@ -110,16 +110,7 @@ def step_profile(instance: dg.DagsterInstance, tags: dict[str, str]) -> dict[str
 def sensor_tick_spacing(instance: dg.DagsterInstance, since: float) -> dict[str, float | None]:
     """Seconds between the Kafka sensor's ticks after `since`: the interval actually in effect
     (Dagster's sensor loop runs every 5 s and skips a sensor whose interval has not passed)."""
-    states = [
-        state
-        for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
-        if state.name == "kafka_transactions_sensor"
-    ]
-    stamps = sorted(
-        tick.timestamp
-        for state in states
-        for tick in instance.get_ticks(state.instigator_origin_id, state.selector_id, after=since)
-    )
+    stamps = [tick.timestamp for tick in kafka_sensor_ticks(instance, after=since)]
     return percentiles(np.diff(stamps).tolist())
 
 

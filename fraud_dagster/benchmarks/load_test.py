@@ -38,6 +38,7 @@ from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_PARTIT
 from fraud_dagster.benchmarks.harness import (
     Services,
     emit_json,
+    kafka_sensor_ticks,
     local_services,
     machine_description,
     percentiles,
@@ -252,34 +253,29 @@ def run_phases(instance: dg.DagsterInstance, run_ids: list[str]) -> dict:
 
 
 def sensor_ticks(instance: dg.DagsterInstance) -> dict:
-    for state in instance.all_instigator_state():
-        if state.name == "kafka_transactions_sensor":
-            ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=100_000)
-            durations = [t.end_timestamp - t.timestamp for t in ticks if t.end_timestamp]
-            intervals = np.diff(sorted(t.timestamp for t in ticks)).tolist()
-            with_runs = [t for t in ticks if t.run_ids and t.end_timestamp]
-            return {
-                "ticks": len(ticks),
-                "with_runs": len(with_runs),
-                "runs_requested": sum(len(t.run_ids) for t in with_runs),
-                # a tick that requests runs creates each of them in the instance before it ends
-                "seconds_per_requested_run": (
-                    sum(t.end_timestamp - t.timestamp for t in with_runs)
-                    / sum(len(t.run_ids) for t in with_runs)
-                    if with_runs
-                    else None
-                ),
-                "duration_seconds_without_runs": percentiles(
-                    [
-                        t.end_timestamp - t.timestamp
-                        for t in ticks
-                        if t.end_timestamp and not t.run_ids
-                    ]
-                ),
-                "duration_seconds": percentiles(durations),
-                "interval_seconds": percentiles(intervals),
-            }
-    return {"ticks": 0}
+    ticks = kafka_sensor_ticks(instance)
+    if not ticks:
+        return {"ticks": 0}
+    durations = [t.end_timestamp - t.timestamp for t in ticks if t.end_timestamp]
+    intervals = np.diff([t.timestamp for t in ticks]).tolist()
+    with_runs = [t for t in ticks if t.run_ids and t.end_timestamp]
+    return {
+        "ticks": len(ticks),
+        "with_runs": len(with_runs),
+        "runs_requested": sum(len(t.run_ids) for t in with_runs),
+        # a tick that requests runs creates each of them in the instance before it ends
+        "seconds_per_requested_run": (
+            sum(t.end_timestamp - t.timestamp for t in with_runs)
+            / sum(len(t.run_ids) for t in with_runs)
+            if with_runs
+            else None
+        ),
+        "duration_seconds_without_runs": percentiles(
+            [t.end_timestamp - t.timestamp for t in ticks if t.end_timestamp and not t.run_ids]
+        ),
+        "duration_seconds": percentiles(durations),
+        "interval_seconds": percentiles(intervals),
+    }
 
 
 def plot(path: Path, samples: Samples, title: str) -> None:
