@@ -178,6 +178,25 @@ class SmtpSettings:
         )
 
 
+@dataclass(frozen=True)
+class AlertDelivery:
+    """Everything that says how alert emails go out: the server, the addresses, how many
+    sessions a delivery may open at once and the backoff after a failed one."""
+
+    smtp: SmtpSettings
+    sender: str
+    recipients: tuple[str, ...]
+    max_sessions: int = 1
+    retry_base_seconds: float = 30.0
+    retry_max_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ConfigurationError(
+                f"max SMTP sessions must be at least 1, not {self.max_sessions}"
+            )
+
+
 class SmtpMailer:
     """One SMTP session: connect (TLS, login) once, send many messages, quit."""
 

@@ -274,13 +274,9 @@ def alert(
     """
     report = pipeline.deliver_alerts(
         database.get_engine(),
-        smtp.smtp_settings(),
-        smtp.sender,
-        smtp.recipients,
+        smtp.alert_delivery(),
         token=f"{context.run_id}:{uuid.uuid4().hex[:8]}",
         batch=batch,
-        retry_base_seconds=smtp.retry_base_seconds,
-        retry_max_seconds=smtp.retry_max_seconds,
     )
     if report.error:
         context.log.warning(
@@ -479,14 +475,10 @@ def send_due_alerts(
     engine = database.get_engine()
     report = pipeline.deliver_alerts(
         engine,
-        smtp.smtp_settings(),
-        smtp.sender,
-        smtp.recipients,
+        smtp.alert_delivery(),
         token=f"{context.run_id}:{uuid.uuid4().hex[:8]}",
         limit=config.max_alerts,
         pending_grace=timedelta(seconds=config.pending_grace_seconds),
-        retry_base_seconds=smtp.retry_base_seconds,
-        retry_max_seconds=smtp.retry_max_seconds,
     )
     status = outbox_status(engine)
     metadata = {

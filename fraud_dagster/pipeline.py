@@ -1,13 +1,16 @@
 """The batch pipeline as plain functions: what each Dagster op does, callable without Dagster.
 
 fetch (Kafka) -> `prepare_batch` (validate, features) -> `score_batch` (one predict_proba call)
--> `store_batch` (one database transaction) -> `deliver_alerts` (one SMTP session).
+-> `store_batch` (one database transaction) -> `deliver_alerts` (a few SMTP sessions at once).
 Benchmarks and tests call these directly; `ops.py` wraps them for Dagster.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,7 +19,7 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from fraud_dagster.alerts import SmtpMailer, SmtpSettings, mask_account, render_alert
+from fraud_dagster.alerts import AlertDelivery, SmtpMailer, mask_account, render_alert
 from fraud_dagster.errors import AlertDeliveryError, StorageError
 from fraud_dagster.features import (
     FEATURE_COLUMNS,
@@ -25,13 +28,14 @@ from fraud_dagster.features import (
 from fraud_dagster.messages import RawBatch, Rejection, ValidationLimits, parse_batch
 from fraud_dagster.model import LoadedModel
 from fraud_dagster.storage.store import (
+    AcceptedAlert,
     PersistResult,
     claim_alerts,
     classify_stored,
     load_batch_history,
     load_labels,
-    mark_alert_sent,
     mark_alerts_failed,
+    mark_alerts_sent,
     persist_batch,
 )
 
@@ -187,29 +191,78 @@ def retry_delay(
     return timedelta(seconds=min(base_seconds * 2 ** max(attempts - 1, 0), max_seconds))
 
 
+ALERTS_PER_EXTRA_SESSION = 25
+
+
+def smtp_session_count(alerts: int, max_sessions: int) -> int:
+    """How many SMTP sessions send `alerts` emails: one more per 25 alerts, up to the limit.
+
+    A session costs a connection (and TLS + login) before its first email, so a small batch
+    uses one; a large one spreads over `max_sessions`, which the server serves side by side.
+    """
+    return max(1, min(max_sessions, -(-alerts // ALERTS_PER_EXTRA_SESSION)))
+
+
+@dataclass
+class _SessionOutcome:
+    """What one SMTP session of a delivery got through before it ended or broke."""
+
+    unsent: list[dict] = field(default_factory=list)
+    error: AlertDeliveryError | None = None
+
+
+def _send_share(
+    share: list[dict],
+    delivery: AlertDelivery,
+    accepted: queue.Queue[AcceptedAlert | None],
+    stop: threading.Event,
+) -> _SessionOutcome:
+    """Send `share` over one session, reporting each acceptance on `accepted` at once.
+
+    Stops early when `stop` is set (the marking thread failed): what was not sent then stays
+    claimed, and the claim's expiry returns it to the outbox."""
+    sent = 0
+    try:
+        with SmtpMailer(delivery.smtp) as mailer:
+            for alert in share:
+                if stop.is_set():
+                    break
+                message = render_alert(alert, delivery.sender, delivery.recipients)
+                refused = mailer.send(message)
+                note = (
+                    f"accepted, but recipients refused: {', '.join(refused)}" if refused else None
+                )
+                accepted.put(AcceptedAlert(alert["transaction_id"], message["Message-ID"], note))
+                sent += 1
+    except AlertDeliveryError as exc:
+        return _SessionOutcome(unsent=share[sent:], error=exc)
+    finally:
+        accepted.put(None)  # this session is done
+    return _SessionOutcome()
+
+
 def deliver_alerts(
     engine: Engine,
-    smtp: SmtpSettings,
-    sender: str,
-    recipients: list[str],
+    delivery: AlertDelivery,
     token: str,
     *,
     batch: BatchRef | None = None,
     limit: int | None = None,
     pending_grace: timedelta | None = None,
-    retry_base_seconds: float = 30.0,
-    retry_max_seconds: float = 3600.0,
 ) -> DeliveryReport:
-    """Send the due alerts of `batch` (or every due alert) over one SMTP session.
+    """Send the due alerts of `batch` (or every due alert) over up to `delivery.max_sessions`
+    SMTP sessions at once (`smtp_session_count`), each taking an equal share in date order.
 
-    Each alert is marked sent right after the server accepted it. If the session fails, the
-    alerts not yet sent are marked failed with the error and a backoff; they stay in the outbox
-    for the next attempt. Nothing is raised for an SMTP failure: the report says what happened.
+    This thread marks accepted alerts sent as the sessions report them, a group per database
+    transaction, while the sessions go on sending. If a session fails, its alerts not yet sent
+    are marked failed with the error and a backoff; they stay in the outbox for the next
+    attempt. Nothing is raised for an SMTP failure: the report says what happened.
 
     Guarantee: an alert is marked sent only after the server accepted it, and two senders never
     hold it at once, so it is sent once. The one gap is a sender dying (or the database failing)
-    between the server's acceptance and the UPDATE: the claim then expires and the alert is
-    sent again, with the same Message-ID, which mail clients use to drop the copy.
+    between the server's acceptance and the UPDATE (milliseconds: the marks follow the sends):
+    the claim then expires and the alert is sent again, with the same Message-ID, which mail
+    clients use to drop the copy.
     """
     source = (
         (batch.topic, batch.partition, batch.first_offset, batch.last_offset) if batch else None
@@ -220,38 +273,66 @@ def deliver_alerts(
     report = DeliveryReport(claimed=len(claimed))
     if not claimed:
         return report
-    try:
-        with SmtpMailer(smtp) as mailer:
-            for alert in claimed:
-                message = render_alert(alert, sender, recipients)
-                refused = mailer.send(message)
-                note = (
-                    f"accepted, but recipients refused: {', '.join(refused)}" if refused else None
-                )
-                if not mark_alert_sent(
-                    engine, alert["transaction_id"], token, message["Message-ID"], note
-                ):
-                    logger.warning(
-                        "alert %s was sent, but its claim had expired", alert["transaction_id"]
-                    )
-                report.sent += 1
-                report.sent_ids.append(alert["transaction_id"])
-                logger.info(
-                    "alert sent for transaction %s (account %s)",
-                    alert["transaction_id"],
-                    mask_account(alert["account_id"]),
-                )
-    except AlertDeliveryError as exc:
-        remaining = claimed[report.sent :]
-        attempts = max(int(alert["attempts"]) for alert in remaining)
+    sessions = smtp_session_count(len(claimed), delivery.max_sessions)
+    accepted: queue.Queue[AcceptedAlert | None] = queue.Queue()
+    accounts = {alert["transaction_id"]: alert["account_id"] for alert in claimed}
+    stop = threading.Event()
+    with ThreadPoolExecutor(sessions, thread_name_prefix="smtp-session") as pool:
+        outcomes = [
+            pool.submit(_send_share, claimed[i::sessions], delivery, accepted, stop)
+            for i in range(sessions)
+        ]
+        running = sessions
+        try:
+            while running:
+                group = [accepted.get()]
+                while not accepted.empty():
+                    group.append(accepted.get_nowait())
+                running -= group.count(None)
+                _record_sent([x for x in group if x is not None], engine, token, accounts, report)
+        except BaseException:
+            stop.set()
+            raise
+    ended = [outcome.result() for outcome in outcomes]
+    unsent = [alert for outcome in ended for alert in outcome.unsent]
+    errors = [str(outcome.error) for outcome in ended if outcome.error is not None]
+    if unsent:
+        attempts = max(int(alert["attempts"]) for alert in unsent)
         mark_alerts_failed(
             engine,
-            [alert["transaction_id"] for alert in remaining],
+            [alert["transaction_id"] for alert in unsent],
             token,
-            str(exc),
-            retry_delay(attempts, retry_base_seconds, retry_max_seconds),
+            errors[0],
+            retry_delay(attempts, delivery.retry_base_seconds, delivery.retry_max_seconds),
         )
-        report.failed = len(remaining)
-        report.error = str(exc)
-        logger.warning("alert delivery stopped after %d sent: %s", report.sent, exc)
+        report.failed = len(unsent)
+    if errors:
+        report.error = errors[0]
+        logger.warning(
+            "alert delivery: %d sent, %d left for a retry: %s",
+            report.sent,
+            report.failed,
+            errors[0],
+        )
     return report
+
+
+def _record_sent(
+    group: list[AcceptedAlert],
+    engine: Engine,
+    token: str,
+    accounts: dict[str, str],
+    report: DeliveryReport,
+) -> None:
+    if not group:
+        return
+    for transaction_id in mark_alerts_sent(engine, group, token):
+        logger.warning("alert %s was sent, but its claim had expired", transaction_id)
+    for alert in group:
+        report.sent += 1
+        report.sent_ids.append(alert.transaction_id)
+        logger.info(
+            "alert sent for transaction %s (account %s)",
+            alert.transaction_id,
+            mask_account(accounts[alert.transaction_id]),
+        )

@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr
 from sqlalchemy.engine import Engine
 
 from fraud_dagster import kafka_io
-from fraud_dagster.alerts import SmtpSettings
+from fraud_dagster.alerts import AlertDelivery, SmtpSettings
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.model import LoadedModel, load_verified, read_manifest
 from fraud_dagster.settings import Settings
@@ -154,6 +154,11 @@ class SmtpResource(dg.ConfigurableResource):
         default=30.0, description="First backoff after a failed delivery; doubles per attempt."
     )
     retry_max_seconds: float = Field(default=3600.0, description="Longest backoff between tries.")
+    max_sessions: int = Field(
+        default=4,
+        description="SMTP sessions one delivery opens at once for a large batch's alerts "
+        "(one more per 25 alerts; FRAUD_SMTP_MAX_SESSIONS).",
+    )
 
     def smtp_settings(self) -> SmtpSettings:
         return SmtpSettings(
@@ -164,6 +169,17 @@ class SmtpResource(dg.ConfigurableResource):
             password=self.password,
             timeout_seconds=self.timeout_seconds,
             verify_certificate=self.verify_certificate,
+        )
+
+    def alert_delivery(self) -> AlertDelivery:
+        """How the analysts' alert emails go out (see `pipeline.deliver_alerts`)."""
+        return AlertDelivery(
+            smtp=self.smtp_settings(),
+            sender=self.sender,
+            recipients=tuple(self.recipients),
+            max_sessions=self.max_sessions,
+            retry_base_seconds=self.retry_base_seconds,
+            retry_max_seconds=self.retry_max_seconds,
         )
 
 
@@ -229,6 +245,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             verify_certificate=settings.smtp_verify_certificate,
             retry_base_seconds=settings.alert_retry_base_seconds,
             retry_max_seconds=settings.alert_retry_max_seconds,
+            max_sessions=settings.smtp_max_sessions,
         ),
         "batch_checks": BatchChecksResource(
             max_rejected_share=settings.check_max_rejected_share,

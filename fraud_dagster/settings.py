@@ -59,6 +59,7 @@ class Settings:
     operator_recipients: tuple[str, ...] = ("fraud-operators@localhost",)
     smtp_timeout_seconds: float = 10.0
     smtp_verify_certificate: bool = True
+    smtp_max_sessions: int = 4
     alert_retry_interval_seconds: int = 30
     alert_retry_base_seconds: float = 30.0
     alert_retry_max_seconds: float = 3600.0
@@ -123,6 +124,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         smtp_timeout_seconds=float(get("FRAUD_SMTP_TIMEOUT_SECONDS", "10")),
         smtp_verify_certificate=_flag(get("FRAUD_SMTP_VERIFY_CERTIFICATE", "true")),
+        smtp_max_sessions=int(get("FRAUD_SMTP_MAX_SESSIONS", "4")),
         alert_retry_interval_seconds=int(get("FRAUD_ALERT_RETRY_INTERVAL_SECONDS", "30")),
         alert_retry_base_seconds=float(get("FRAUD_ALERT_RETRY_BASE_SECONDS", "30")),
         alert_retry_max_seconds=float(get("FRAUD_ALERT_RETRY_MAX_SECONDS", "3600")),

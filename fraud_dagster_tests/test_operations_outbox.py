@@ -88,9 +88,7 @@ def alerts_failed_while_smtp_was_down(
 def send_due_alerts(
     engine: sa.Engine, smtp: SmtpResource, token: str, **options: Any
 ) -> pipeline.DeliveryReport:
-    return pipeline.deliver_alerts(
-        engine, smtp.smtp_settings(), smtp.sender, smtp.recipients, token=token, **options
-    )
+    return pipeline.deliver_alerts(engine, smtp.alert_delivery(), token=token, **options)
 
 
 def test_smtp_down_keeps_alerts_in_the_outbox_and_retry_alerts_sends_each_once_when_back(
@@ -293,3 +291,76 @@ def test_a_dead_senders_claim_expires_and_the_resend_keeps_the_message_id(
     rows = outbox(database_url)
     assert {m["Message-ID"] for m in copies} == {rows[accepted["transaction_id"]]["message_id"]}
     assert {(row["status"], row["claimed_by"]) for row in rows.values()} == {("sent", "successor")}
+
+
+@pytest.fixture
+def several_sessions(
+    fast_retries: Settings, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Settings, list[int]]:
+    """Up to 3 SMTP sessions per delivery, one per alert (the test has only a few alerts);
+    the list records how many alerts each opened session was given."""
+    monkeypatch.setenv("FRAUD_SMTP_MAX_SESSIONS", "3")
+    monkeypatch.setattr(pipeline, "ALERTS_PER_EXTRA_SESSION", 1)
+    shares: list[int] = []
+    send_share = pipeline._send_share
+
+    def counting_send_share(share: list[dict], *args: Any) -> Any:
+        shares.append(len(share))
+        return send_share(share, *args)
+
+    monkeypatch.setattr(pipeline, "_send_share", counting_send_share)
+    return load_settings(), shares
+
+
+def test_alerts_sent_over_several_sessions_arrive_once_each_and_are_all_marked_sent(
+    several_sessions: tuple[Settings, list[int]],
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+) -> None:
+    settings, shares = several_sessions
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
+    assert len(suspicious) >= 3, "the test data must give every session an alert"
+    shares.clear()
+    smtp = resolved_resources(settings)["smtp"]
+    engine = create_engine(database_url)
+
+    report = send_due_alerts(engine, smtp, "parallel", pending_grace=timedelta(0))
+    engine.dispose()
+
+    assert sorted(shares) == sorted(len(range(i, len(suspicious), 3)) for i in range(3))
+    assert (report.claimed, report.sent, report.failed) == (len(suspicious), len(suspicious), 0)
+    assert sorted(report.sent_ids) == sorted(suspicious)
+    emails = mailbox.wait_for(len(suspicious))
+    assert emails_by_transaction(emails) == dict.fromkeys(suspicious, 1)
+    rows = outbox(database_url)
+    assert {m["X-Fraud-Transaction-Id"]: m["Message-ID"] for m in emails} == {
+        tid: row["message_id"] for tid, row in rows.items()
+    }
+    assert {(row["status"], row["claimed_by"]) for row in rows.values()} == {("sent", "parallel")}
+
+
+def test_every_session_failing_leaves_every_alert_for_a_retry_and_none_marked_sent(
+    several_sessions: tuple[Settings, list[int]],
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+) -> None:
+    settings, shares = several_sessions
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
+    smtp_server.stop()
+    shares.clear()
+    smtp = resolved_resources(settings)["smtp"]
+    engine = create_engine(database_url)
+
+    report = send_due_alerts(engine, smtp, "parallel", pending_grace=timedelta(0))
+    engine.dispose()
+
+    assert len(shares) == 3
+    assert (report.claimed, report.sent, report.failed) == (len(suspicious), 0, len(suspicious))
+    assert report.error and "cannot open an SMTP session" in report.error
+    rows = outbox(database_url)
+    assert {(row["status"], row["claimed_by"]) for row in rows.values()} == {("failed", "parallel")}
+    assert all(row["attempts"] == 2 and backoff(row) > 0 for row in rows.values())

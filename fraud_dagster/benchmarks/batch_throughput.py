@@ -59,14 +59,8 @@ def measure_stages(services: Services, topic: str, size: int) -> dict:
     with watch.time("persist"):
         pipeline.store_batch(scored, engine, run_id="benchmark")
     with watch.time("alert"):
-        smtp = resources["smtp"]
         report = pipeline.deliver_alerts(
-            engine,
-            smtp.smtp_settings(),
-            smtp.sender,
-            smtp.recipients,
-            token="bench",
-            batch=scored.ref,
+            engine, resources["smtp"].alert_delivery(), token="bench", batch=scored.ref
         )
     total = sum(watch.timings.values())
     return {

@@ -4,8 +4,8 @@ The seed consumed with a KafkaConsumer loop and, for every message, built a one-
 called model.predict and model.predict_proba, INSERTed and committed each suspicious transaction
 and opened one SMTP connection per alert. This benchmark rebuilds that design with the project's
 model, features and email rendering, runs it on N messages of a real broker, then runs the batch
-pipeline (`pipeline.py`: one batch, one predict_proba, one transaction, one SMTP session) on the
-same messages, and prints both rates and their ratio.
+pipeline (`pipeline.py`: one batch, one predict_proba, one transaction, a few SMTP sessions) on
+the same messages, and prints both rates and their ratio.
 
 Reproduce: python -m fraud_dagster.benchmarks.seed_baseline --count 5000
 """
@@ -107,14 +107,12 @@ def batch_design(resources: dict, topic: str, count: int) -> dict:
     """The project's pipeline on the same messages, one batch."""
     engine = resources["database"].get_engine()
     model = resources["model"].load(engine)
-    smtp = resources["smtp"]
+    delivery = resources["smtp"].alert_delivery()
     started = time.perf_counter()
     raw = kafka_io.read_range(resources["kafka"].client_options(), topic, 0, 0, count - 1)
     scored = pipeline.score_batch(pipeline.prepare_batch(raw, engine), model)
     pipeline.store_batch(scored, engine, run_id="benchmark")
-    report = pipeline.deliver_alerts(
-        engine, smtp.smtp_settings(), smtp.sender, smtp.recipients, token="bench", batch=scored.ref
-    )
+    report = pipeline.deliver_alerts(engine, delivery, token="bench", batch=scored.ref)
     seconds = time.perf_counter() - started
     return {
         "processed": len(raw),

@@ -608,19 +608,48 @@ def claim_alerts(
         return [dict(row._mapping) for row in conn.execute(query)]
 
 
-def mark_alert_sent(
-    engine: Engine, transaction_id: str, token: str, message_id: str, note: str | None = None
-) -> bool:
-    """Record that the SMTP server accepted the alert; False if `token` no longer held it."""
-    with engine.begin() as conn:
-        result = conn.execute(
-            sa.update(fraud_alerts)
-            .where(
-                fraud_alerts.c.transaction_id == transaction_id, fraud_alerts.c.claimed_by == token
-            )
-            .values(status="sent", sent_at=utcnow(), message_id=message_id, last_error=note)
+@dataclass(frozen=True)
+class AcceptedAlert:
+    """An alert the SMTP server accepted: what marking it sent records."""
+
+    transaction_id: str
+    message_id: str
+    note: str | None = None
+
+
+def mark_alerts_sent(engine: Engine, accepted: Sequence[AcceptedAlert], token: str) -> list[str]:
+    """Record in one transaction that the server accepted `accepted`; return the ids whose
+    claim `token` no longer held (another sender took them over; they were left as they are)."""
+    if not accepted:
+        return []
+    a = fraud_alerts
+    statement = (
+        sa.update(a)
+        .where(a.c.transaction_id == sa.bindparam("tid"), a.c.claimed_by == token)
+        .values(
+            status="sent",
+            sent_at=utcnow(),
+            message_id=sa.bindparam("mid"),
+            last_error=sa.bindparam("note"),
         )
-    return result.rowcount == 1
+    )
+    ids = [alert.transaction_id for alert in accepted]
+    with engine.begin() as conn:
+        conn.execute(
+            statement,
+            [{"tid": x.transaction_id, "mid": x.message_id, "note": x.note} for x in accepted],
+        )
+        lost: list[str] = []
+        for chunk in _chunks(ids):
+            lost.extend(
+                conn.execute(
+                    sa.select(a.c.transaction_id).where(
+                        a.c.transaction_id.in_(chunk),
+                        sa.or_(a.c.claimed_by.is_(None), a.c.claimed_by != token),
+                    )
+                ).scalars()
+            )
+    return lost
 
 
 def mark_alerts_failed(

@@ -8,7 +8,16 @@ from datetime import datetime
 
 import pytest
 
-from fraud_dagster.alerts import alert_message_id, header_safe, mask_account, render_alert
+from fraud_dagster.alerts import (
+    AlertDelivery,
+    SmtpSettings,
+    alert_message_id,
+    header_safe,
+    mask_account,
+    render_alert,
+)
+from fraud_dagster.errors import ConfigurationError
+from fraud_dagster.pipeline import smtp_session_count
 
 ALERT = {
     "transaction_id": "tx-1",
@@ -84,3 +93,18 @@ def test_helpers() -> None:
     assert header_safe("x" * 200, 10).endswith("…")
     assert mask_account("ACC-123456") == "******3456"
     assert mask_account("12") == "**"
+
+
+@pytest.mark.parametrize(
+    ("alerts", "max_sessions", "sessions"),
+    [(1, 4, 1), (25, 4, 1), (26, 4, 2), (75, 4, 3), (100, 4, 4), (2_000, 4, 4), (2_000, 1, 1)],
+)
+def test_a_delivery_opens_one_more_smtp_session_per_25_alerts_up_to_the_limit(
+    alerts: int, max_sessions: int, sessions: int
+) -> None:
+    assert smtp_session_count(alerts, max_sessions) == sessions
+
+
+def test_a_delivery_needs_at_least_one_session() -> None:
+    with pytest.raises(ConfigurationError, match="at least 1"):
+        AlertDelivery(SmtpSettings("127.0.0.1", 25), "a@b", ("c@d",), max_sessions=0)
