@@ -7,6 +7,7 @@ it afterwards, so a benchmark run leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import shutil
@@ -41,7 +42,11 @@ class Services:
     mail_dir: Path
 
     def env(self, topic: str, database_url: str, **extra: str) -> dict[str, str]:
+        """The pipeline's settings for these services. Other FRAUD_* variables of the
+        benchmark's own environment pass through, so a setting can be compared by running a
+        benchmark twice (e.g. FRAUD_SMTP_MAX_SESSIONS=1)."""
         return {
+            **{name: value for name, value in os.environ.items() if name.startswith("FRAUD_")},
             "FRAUD_VAR_DIR": str(self.work_dir / "var"),
             "FRAUD_MODELS_DIR": str(PROJECT_ROOT / "models"),
             "FRAUD_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
