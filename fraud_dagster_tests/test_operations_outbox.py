@@ -312,6 +312,17 @@ def several_sessions(
     return load_settings(), shares
 
 
+def send_every_due_alert(
+    settings: Settings, database_url: str, token: str
+) -> pipeline.DeliveryReport:
+    engine = create_engine(database_url)
+    try:
+        smtp = resolved_resources(settings)["smtp"]
+        return send_due_alerts(engine, smtp, token, pending_grace=timedelta(0))
+    finally:
+        engine.dispose()
+
+
 def test_alerts_sent_over_several_sessions_arrive_once_each_and_are_all_marked_sent(
     several_sessions: tuple[Settings, list[int]],
     instance: dg.DagsterInstance,
@@ -323,11 +334,8 @@ def test_alerts_sent_over_several_sessions_arrive_once_each_and_are_all_marked_s
     suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
     assert len(suspicious) >= 3, "the test data must give every session an alert"
     shares.clear()
-    smtp = resolved_resources(settings)["smtp"]
-    engine = create_engine(database_url)
 
-    report = send_due_alerts(engine, smtp, "parallel", pending_grace=timedelta(0))
-    engine.dispose()
+    report = send_every_due_alert(settings, database_url, "parallel")
 
     assert sorted(shares) == sorted(len(range(i, len(suspicious), 3)) for i in range(3))
     assert (report.claimed, report.sent, report.failed) == (len(suspicious), len(suspicious), 0)
@@ -345,18 +353,14 @@ def test_every_session_failing_leaves_every_alert_for_a_retry_and_none_marked_se
     several_sessions: tuple[Settings, list[int]],
     instance: dg.DagsterInstance,
     smtp_server: LocalSmtpServer,
-    mailbox: MailBox,
     database_url: str,
 ) -> None:
     settings, shares = several_sessions
     suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
     smtp_server.stop()
     shares.clear()
-    smtp = resolved_resources(settings)["smtp"]
-    engine = create_engine(database_url)
 
-    report = send_due_alerts(engine, smtp, "parallel", pending_grace=timedelta(0))
-    engine.dispose()
+    report = send_every_due_alert(settings, database_url, "parallel")
 
     assert len(shares) == 3
     assert (report.claimed, report.sent, report.failed) == (len(suspicious), 0, len(suspicious))
