@@ -635,10 +635,12 @@ def mark_alerts_sent(engine: Engine, accepted: Sequence[AcceptedAlert], token: s
     )
     ids = [alert.transaction_id for alert in accepted]
     with engine.begin() as conn:
-        conn.execute(
+        result = conn.execute(
             statement,
             [{"tid": x.transaction_id, "mid": x.message_id, "note": x.note} for x in accepted],
         )
+        if engine.dialect.supports_sane_multi_rowcount and result.rowcount == len(accepted):
+            return []  # every claim held: no need to look for lost ones
         lost: list[str] = []
         for chunk in _chunks(ids):
             lost.extend(
