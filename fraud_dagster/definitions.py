@@ -11,6 +11,7 @@ from fraud_dagster.ops import transaction_batch_assets
 from fraud_dagster.resources import build_resources
 from fraud_dagster.schedules import build_reload_model_schedule
 from fraud_dagster.sensors import (
+    build_dead_worker_sensor,
     build_kafka_transactions_sensor,
     build_retry_alerts_sensor,
     build_run_failure_sensor,
@@ -20,14 +21,16 @@ from fraud_dagster.settings import Settings, load_settings
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     """The code location for `settings`; tests build their own with their services' settings."""
+    jobs = [score_transactions_job, send_pending_alerts_job, reload_model_job, train_model_job]
     return dg.Definitions(
         assets=[transactions_topic, fraud_model, transaction_batch_assets],
-        jobs=[score_transactions_job, send_pending_alerts_job, reload_model_job, train_model_job],
+        jobs=jobs,
         schedules=[build_reload_model_schedule(settings)],
         sensors=[
             build_kafka_transactions_sensor(settings),
             build_retry_alerts_sensor(settings),
             build_run_failure_sensor(settings),
+            build_dead_worker_sensor(settings, [job.name for job in jobs]),
         ],
         resources=build_resources(settings),
     )

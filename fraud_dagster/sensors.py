@@ -1,7 +1,11 @@
-"""Sensors: the Kafka poller that launches batch runs, the alert retrier, the failure mailer."""
+"""Sensors: the Kafka poller that launches batch runs, the alert retrier, the failure mailer,
+and the watch for runs whose worker died with its server."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Collection
 from datetime import timedelta
 
 import dagster as dg
@@ -24,6 +28,7 @@ from fraud_dagster.jobs import (
 )
 from fraud_dagster.ops import RUNNING_STATUSES
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
+from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.store import outbox_status
 
@@ -235,3 +240,55 @@ def build_run_failure_sensor(settings: Settings) -> dg.SensorDefinition:
         context.log.info(f"emailed the operators about failed run {run.run_id}")
 
     return email_operators_on_run_failure
+
+
+# A run seen with its worker gone is failed only when a tick at least this much later still sees
+# it so: if the server that launched it is alive, that server fails it first (within a second).
+DEAD_WORKER_CONFIRM_SECONDS = 5.0
+
+
+def build_dead_worker_sensor(settings: Settings, job_names: Collection[str]) -> dg.SensorDefinition:
+    """Mark failed the STARTED runs of `job_names` whose worker process died with its server.
+
+    Failed, not canceled: Dagster then retries them (`run_retries`, same offsets, idempotent
+    writes) and `email_operators_on_run_failure` tells the operators, exactly as for any other
+    failure; until then such a run holds a run slot for ever (see `run_health`). The cursor
+    holds {run id: when it was first seen dead}.
+    """
+
+    @dg.sensor(
+        name="fail_runs_whose_worker_died",
+        minimum_interval_seconds=dagster_minimum_interval(settings.run_health_interval_seconds),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Marks failed (so that Dagster retries them) the runs left STARTED by a worker "
+            "process that died together with the server that launched it."
+        ),
+    )
+    def fail_runs_whose_worker_died(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+        instance = context.instance
+        if not isinstance(instance.run_launcher, dg.DefaultRunLauncher):
+            return dg.SkipReason("runs are not local processes of this host: nothing to check")
+        first_seen: dict[str, float] = json.loads(context.cursor or "{}")
+        now = time.time()
+        still_dead: dict[str, float] = {}
+        failed = []
+        for worker in runs_with_dead_workers(instance, job_names):
+            seen = first_seen.get(worker.run_id, now)
+            run = instance.get_run_by_id(worker.run_id)
+            if run is None or run.status != dg.DagsterRunStatus.STARTED:
+                continue  # finished meanwhile (its worker wrote the end, then exited)
+            if now - seen < DEAD_WORKER_CONFIRM_SECONDS:
+                still_dead[worker.run_id] = seen
+                continue
+            instance.report_run_failed(run, dead_worker_message(worker))
+            context.log.warning(f"run {run.run_id}: worker pid {worker.pid} gone, marked failed")
+            failed.append(f"{run.run_id} (pid {worker.pid})")
+        context.update_cursor(json.dumps(still_dead))
+        if failed:
+            return dg.SkipReason(f"marked failed, worker gone: {', '.join(failed)}")
+        if still_dead:
+            return dg.SkipReason(f"worker gone, confirming next tick: {', '.join(still_dead)}")
+        return dg.SkipReason("every started run's worker is alive")
+
+    return fail_runs_whose_worker_died

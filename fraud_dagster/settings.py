@@ -69,6 +69,7 @@ class Settings:
     check_max_rejected_share: float = 0.05
     check_max_score_psi: float = 0.25
     check_drift_min_scores: int = 200
+    run_health_interval_seconds: int = 15
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -134,5 +135,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         check_max_rejected_share=float(get("FRAUD_CHECK_MAX_REJECTED_SHARE", "0.05")),
         check_max_score_psi=float(get("FRAUD_CHECK_MAX_SCORE_PSI", "0.25")),
         check_drift_min_scores=int(get("FRAUD_CHECK_DRIFT_MIN_SCORES", "200")),
+        run_health_interval_seconds=int(get("FRAUD_RUN_HEALTH_INTERVAL_SECONDS", "15")),
         env=env,
     )

@@ -64,6 +64,7 @@ def test_everything_an_operator_sees_has_a_description() -> None:
         "kafka_transactions_sensor",
         "retry_alerts",
         "email_operators_on_run_failure",
+        "fail_runs_whose_worker_died",
     }
     for sensor in repository.sensor_defs:
         assert sensor.description, sensor.name

@@ -1,0 +1,96 @@
+"""Runs whose worker process died together with the server that launched it.
+
+With the DefaultRunLauncher each run executes in a process spawned by the code location server.
+If only that process dies (out of memory, `kill -9`), the server notices within a second and
+marks the run failed; Dagster retries it (`run_retries`) and the failure sensor emails the
+operators. If the server dies with it (the machine, or the whole `dagster dev`, killed), nobody
+is left to notice: the run stays STARTED for ever, holds one of the queue's run slots and its
+partition's tag slot, its offset range is never stored, and each later batch of its partition
+waits the full `max_wait_seconds` for it. Dagster's own run monitoring cannot tell either: the
+DefaultRunLauncher has no worker health check.
+
+A dead worker is recognized from the instance and the process table alone: the run worker's
+first engine event records its pid. A run still STARTED whose pid no longer exists, or now
+belongs to a process created after that event (pid reuse, reboot), will never finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import dagster as dg
+import psutil
+
+# A process's creation time (from /proc) and an event's timestamp come from different clocks
+# readings; a process created this long after the event is not the one that reported it.
+CREATION_TOLERANCE_SECONDS = 2.0
+# The first engine events of a run include the worker's "Started process for run (pid: …)".
+ENGINE_EVENTS_TO_READ = 20
+
+
+@dataclass(frozen=True)
+class RunWorker:
+    """The process a run reported executing it, and when it reported it (epoch seconds)."""
+
+    run_id: str
+    pid: int
+    reported_at: float
+
+
+def run_worker(instance: dg.DagsterInstance, run_id: str) -> RunWorker | None:
+    """The run's worker process: the first engine event of the run that carries a pid.
+
+    None for a run with no such event (a run executed inside another program, such as a test's
+    `execute_job`): nothing to check.
+    """
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=ENGINE_EVENTS_TO_READ
+    ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        data = event.event_specific_data if event is not None else None
+        metadata = getattr(data, "metadata", None) or {}
+        if "pid" in metadata:
+            return RunWorker(run_id, int(metadata["pid"].value), record.event_log_entry.timestamp)
+    return None
+
+
+def process_is_alive(pid: int, created_by: float) -> bool:
+    """Whether a live process with `pid` exists that was created by `created_by` (epoch
+    seconds); a zombie (exited, not yet reaped) is not alive."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return process.create_time() <= created_by + CREATION_TOLERANCE_SECONDS
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists; whose it is cannot be told, so it is not declared dead
+
+
+def runs_with_dead_workers(
+    instance: dg.DagsterInstance, job_names: Collection[str]
+) -> list[RunWorker]:
+    """STARTED runs of `job_names` whose worker process is gone (one runs query, then one
+    event query per started run)."""
+    started = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    dead = []
+    for run in started:
+        if run.job_name not in job_names:
+            continue
+        worker = run_worker(instance, run.run_id)
+        if worker is not None and not process_is_alive(worker.pid, worker.reported_at):
+            dead.append(worker)
+    return dead
+
+
+def dead_worker_message(worker: RunWorker) -> str:
+    """What the failed run's event log, the UI and the operators' email say."""
+    return (
+        f"The run's worker process (pid {worker.pid}) is gone and the run never finished: it "
+        "died with the server that launched it (machine or `dagster dev` killed). Marked failed "
+        "by the fail_runs_whose_worker_died sensor, so that Dagster retries it (run_retries) "
+        "and nothing it had read is lost; its writes are idempotent."
+    )
