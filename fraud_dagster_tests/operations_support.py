@@ -21,6 +21,7 @@ from typing import Any
 import dagster as dg
 import sqlalchemy as sa
 
+from fraud_dagster.batching import TAG_TOPIC
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.postgres import LocalPostgres, temporary_postgres
 from fraud_dagster.resources import build_resources
@@ -164,6 +165,29 @@ def wait_for(check: Callable[[], bool], timeout_seconds: float, what: str) -> No
             return
         time.sleep(0.5)
     raise AssertionError(f"{what} did not happen within {timeout_seconds:.0f}s")
+
+
+def batch_records(instance: dg.DagsterInstance, topic: str) -> list[dg.RunRecord]:
+    return list(instance.get_run_records(filters=dg.RunsFilter(tags={TAG_TOPIC: topic})))
+
+
+def wait_until_settled(
+    instance: dg.DagsterInstance, database_url: str, topic: str, expected: int, log: Path
+) -> list[dg.RunRecord]:
+    """Wait until every produced offset is stored and no batch run is queued or running."""
+
+    def settled() -> bool:
+        records = batch_records(instance, topic)
+        stored = sum(accounting(database_url, topic).values())
+        return stored >= expected and all(r.dagster_run.is_finished for r in records)
+
+    try:
+        wait_for(settled, 300, f"{expected} messages stored by the daemon's runs")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}; daemon log:\n{log.read_text(errors='replace')[-3000:]}"
+        ) from None
+    return batch_records(instance, topic)
 
 
 def tampered_models_dir(source: Path, destination: Path) -> Path:

@@ -32,34 +32,13 @@ from fraud_dagster_tests.helpers import produce, table_rows
 from fraud_dagster_tests.operations_support import (
     accept_inserts,
     accounting,
+    batch_records,
     refuse_inserts,
     wait_for,
+    wait_until_settled,
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
-
-
-def batch_records(instance: dg.DagsterInstance, topic: str) -> list[dg.RunRecord]:
-    return list(instance.get_run_records(filters=dg.RunsFilter(tags={TAG_TOPIC: topic})))
-
-
-def wait_until_settled(
-    instance: dg.DagsterInstance, database_url: str, topic: str, expected: int, log: Path
-) -> list[dg.RunRecord]:
-    """Wait until every produced offset is stored and no batch run is queued or running."""
-
-    def settled() -> bool:
-        records = batch_records(instance, topic)
-        stored = sum(accounting(database_url, topic).values())
-        return stored >= expected and all(r.dagster_run.is_finished for r in records)
-
-    try:
-        wait_for(settled, 300, f"{expected} messages stored by the daemon's runs")
-    except AssertionError as exc:
-        raise AssertionError(
-            f"{exc}; daemon log:\n{log.read_text(errors='replace')[-3000:]}"
-        ) from None
-    return batch_records(instance, topic)
 
 
 def by_partition(records: list[dg.RunRecord]) -> dict[int, list[dg.RunRecord]]:

@@ -1,0 +1,182 @@
+"""A batch run's worker process killed, through the real dagster-daemon, broker, SMTP server and
+database: the run is marked failed, Dagster retries it, nothing is lost or written twice, the
+operators are told.
+
+Two ways to die: the worker alone (the code location server that launched it sees it and fails
+the run), and the worker together with that server and the daemon (a machine crash, `kill -9`
+of the whole `dagster dev`): then only the `fail_runs_whose_worker_died` sensor of the restarted
+daemon can tell the run will never finish. In both, the database refuses the batch's rows at
+first, so the run is still at its persist step (retrying) when it is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from fraud_dagster.local_services.dagster_processes import running_daemon, start_daemon
+from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.run_health import RunWorker, process_is_alive, run_worker
+from fraud_dagster.settings import Settings
+from fraud_dagster.simulator import to_messages
+from fraud_dagster.storage.store import create_engine, ensure_schema
+from fraud_dagster_tests.helpers import MailBox, produce, suspicious_ids
+from fraud_dagster_tests.operations_support import (
+    accept_inserts,
+    accounting,
+    batch_records,
+    emails_by_transaction,
+    refuse_inserts,
+    wait_for,
+    wait_until_settled,
+)
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+OPERATORS = "operators@bank.example"
+
+
+@pytest.fixture
+def daemon_env(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "FRAUD_RUN_HEALTH_INTERVAL_SECONDS": "1", "FRAUD_OPERATOR_RECIPIENTS": OPERATORS}
+
+
+def wait_for_the_batch_at_persist(instance: dg.DagsterInstance, topic: str) -> RunWorker:
+    """The worker of the topic's batch run, once that run has reached its persist step."""
+
+    def persisting() -> RunWorker | None:
+        for record in batch_records(instance, topic):
+            run = record.dagster_run
+            stats = instance.get_run_step_stats(run.run_id, ["transaction_batch.persist"])
+            if run.status == dg.DagsterRunStatus.STARTED and stats:
+                return run_worker(instance, run.run_id)
+        return None
+
+    wait_for(lambda: persisting() is not None, 120, "the batch run at its persist step")
+    worker = persisting()
+    assert worker is not None
+    return worker
+
+
+def failure_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+    return [record.event_log_entry.dagster_event.message or "" for record in records]
+
+
+def stall_a_batch(settings: Settings, database_url: str) -> int:
+    """Produce one batch whose rows the database refuses until `accept_inserts`."""
+    ensure_schema(create_engine(database_url))
+    refuse_inserts(database_url, "scored_transactions", "injected fault: database stalls")
+    return produce(settings, to_messages(synthetic_transactions(60, seed=91)))
+
+
+def wait_until_worker_gone(worker: RunWorker) -> None:
+    wait_for(
+        lambda: not process_is_alive(worker.pid, worker.reported_at),
+        30,
+        f"worker pid {worker.pid} exiting",
+    )
+
+
+def assert_retried_once_and_nothing_lost(
+    instance: dg.DagsterInstance,
+    settings: Settings,
+    database_url: str,
+    mailbox: MailBox,
+    dead: RunWorker,
+    sent: int,
+    log: Path,
+) -> None:
+    """The dead run failed (once), its retry stored every message once, one email per
+    suspicious transaction, and the operators were told about the dead run."""
+    topic = settings.kafka_topic
+    records = wait_until_settled(instance, database_url, topic, sent, log)
+    dead_run = instance.get_run_by_id(dead.run_id)
+    assert dead_run is not None and dead_run.status == dg.DagsterRunStatus.FAILURE
+    assert len(failure_messages(instance, dead.run_id)) == 1, "failed more than once"
+    retries = [r.dagster_run for r in records if r.dagster_run.parent_run_id == dead.run_id]
+    assert [r.status for r in retries] == [dg.DagsterRunStatus.SUCCESS]
+    assert accounting(database_url, topic) == {(0, offset): 1 for offset in range(sent)}
+    suspicious = suspicious_ids(database_url)
+    assert suspicious, "the batch should hold suspicious transactions"
+
+    def all_mail_in() -> bool:
+        analysts = [m for m in mailbox.messages() if not m["X-Fraud-Run-Id"]]
+        told = {m["X-Fraud-Run-Id"] for m in mailbox.messages() if m["X-Fraud-Run-Id"]}
+        return len(analysts) >= len(suspicious) and dead.run_id in told
+
+    wait_for(all_mail_in, 60, "the analysts' alerts and the operators' email")
+    analysts = [m for m in mailbox.messages() if not m["X-Fraud-Run-Id"]]
+    assert emails_by_transaction(analysts) == {tx: 1 for tx in suspicious}
+    (told,) = [m for m in mailbox.messages() if m["X-Fraud-Run-Id"] == dead.run_id]
+    assert told["To"] == OPERATORS
+    assert "Dagster retries it" in told.get_content()
+
+
+@pytest.mark.backends("sqlite")
+def test_a_worker_that_died_with_its_server_and_daemon_is_failed_and_retried_after_restart(
+    settings: Settings,
+    daemon_env: dict[str, str],
+    dagster_home: Path,
+    instance: dg.DagsterInstance,
+    database_url: str,
+    mailbox: MailBox,
+    tmp_path: Path,
+) -> None:
+    sent = stall_a_batch(settings, database_url)
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(dagster_home, daemon_env, log)
+    try:
+        dead = wait_for_the_batch_at_persist(instance, settings.kafka_topic)
+        os.killpg(daemon.pid, signal.SIGKILL)  # daemon, code server and run worker at once
+    finally:
+        daemon.kill()
+        daemon.wait()
+    wait_until_worker_gone(dead)
+    # Nothing of Dagster's is left to notice: the run stays STARTED.
+    assert instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.STARTED
+
+    accept_inserts(database_url, "scored_transactions")
+    with running_daemon(dagster_home, daemon_env, log):
+        assert_retried_once_and_nothing_lost(
+            instance, settings, database_url, mailbox, dead, sent, log
+        )
+    (message,) = failure_messages(instance, dead.run_id)
+    assert f"worker process (pid {dead.pid}) is gone" in message
+
+
+@pytest.mark.backends("sqlite")
+def test_a_worker_killed_alone_is_failed_once_by_its_server_and_retried(
+    settings: Settings,
+    daemon_env: dict[str, str],
+    dagster_home: Path,
+    instance: dg.DagsterInstance,
+    database_url: str,
+    mailbox: MailBox,
+    tmp_path: Path,
+) -> None:
+    """The server that launched the worker fails the run itself; the sensor, which waits
+    `DEAD_WORKER_CONFIRM_SECONDS` before it acts, must not fail it a second time."""
+    sent = stall_a_batch(settings, database_url)
+    log = tmp_path / "daemon.log"
+    with running_daemon(dagster_home, daemon_env, log):
+        dead = wait_for_the_batch_at_persist(instance, settings.kafka_topic)
+        os.kill(dead.pid, signal.SIGKILL)
+        wait_until_worker_gone(dead)
+        accept_inserts(database_url, "scored_transactions")
+        assert_retried_once_and_nothing_lost(
+            instance, settings, database_url, mailbox, dead, sent, log
+        )
+    (message,) = failure_messages(instance, dead.run_id)
+    assert "is gone" not in message, "the sensor, not the server, failed the run"
+    engine_events = instance.get_records_for_run(
+        dead.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT
+    ).records
+    assert any(
+        "terminated by signal 9 (SIGKILL)" in (r.event_log_entry.dagster_event.message or "")
+        for r in engine_events
+    ), "the server's explanation is missing from the run's event log"
