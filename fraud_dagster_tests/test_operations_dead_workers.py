@@ -6,13 +6,15 @@ Two ways to die: the worker alone (the code location server that launched it see
 the run), and the worker together with that server and the daemon (a machine crash, `kill -9`
 of the whole `dagster dev`): then only the `fail_runs_whose_worker_died` sensor of the restarted
 daemon can tell the run will never finish. In both, the database refuses the batch's rows at
-first, so the run is still at its persist step (retrying) when it is killed.
+first, so the run is still at its persist step (retrying) when it is killed. A run that died
+before its process reported anything stays STARTING: dagster.yaml's run monitoring fails it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -180,3 +182,39 @@ def test_a_worker_killed_alone_is_failed_once_by_its_server_and_retried(
         "terminated by signal 9 (SIGKILL)" in (r.event_log_entry.dagster_event.message or "")
         for r in engine_events
     ), "the server's explanation is missing from the run's event log"
+
+
+@dg.op
+def never_runs() -> None:
+    """The stuck run's only step; its process never started."""
+
+
+@pytest.mark.backends("sqlite")
+def test_a_run_stuck_starting_is_failed_by_dagsters_run_monitoring(
+    env: dict[str, str], dagster_home: Path, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    """A run launched 10 minutes ago whose process never reported (it died with the server
+    that launched it, between launch and its first event): dagster.yaml's run monitoring
+    (start_timeout_seconds 180, polled every 30 s) fails it through the real daemon."""
+    job = dg.GraphDefinition(name="stuck_job", node_defs=[never_runs]).to_job()
+    run = instance.create_run_for_job(
+        job, status=dg.DagsterRunStatus.STARTING, tags={"dagster/max_retries": "0"}
+    )
+    launched = dg.DagsterEvent(
+        event_type_value=dg.DagsterEventType.RUN_STARTING.value, job_name=job.name
+    )
+    instance.report_dagster_event(launched, run.run_id, timestamp=time.time() - 600)
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTING
+
+    log = tmp_path / "daemon.log"
+    with running_daemon(dagster_home, env, log):
+        try:
+            wait_for(
+                lambda: instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE,
+                120,
+                "run monitoring failing the stuck run",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; daemon log:\n{log.read_text()[-3000:]}") from None
+    (message,) = failure_messages(instance, run.run_id)
+    assert "taking longer than 180 seconds to start" in message
