@@ -7,7 +7,8 @@ operators. If the server dies with it (the machine, or the whole `dagster dev`, 
 is left to notice: the run stays STARTED for ever, holds one of the queue's run slots and its
 partition's tag slot, its offset range is never stored, and each later batch of its partition
 waits the full `max_wait_seconds` for it. Dagster's own run monitoring cannot tell either: the
-DefaultRunLauncher has no worker health check.
+DefaultRunLauncher has no worker health check (dagster.yaml enables run monitoring for what it
+can see: a run stuck STARTING).
 
 A dead worker is recognized from the instance and the process table alone: the run worker's
 first engine event records its pid. A run still STARTED whose pid no longer exists, or now
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 import dagster as dg
 import psutil
 
-# A process's creation time (from /proc) and an event's timestamp come from different clocks
-# readings; a process created this long after the event is not the one that reported it.
+# A process's creation time (from /proc, rounded) and an event's timestamp are separate clock
+# readings; only a process created more than this after the event is not the one that wrote it.
 CREATION_TOLERANCE_SECONDS = 2.0
 # The first engine events of a run include the worker's "Started process for run (pid: …)".
 ENGINE_EVENTS_TO_READ = 20
