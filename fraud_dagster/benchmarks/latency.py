@@ -257,7 +257,8 @@ def run_phase(
         "floor": floor,
     }
     if args.plot_dir:
-        _plot(args.plot_dir / f"latency-{phase.rate}.png", phase, rows, emails)
+        # One file per rate and duration: a 180-s run must not replace the 60-s plot.
+        _plot(args.plot_dir / f"latency-{phase.rate}-{phase.seconds}s.png", phase, rows, emails)
     return result
 
 
