@@ -289,6 +289,6 @@ def build_dead_worker_sensor(settings: Settings, job_names: Collection[str]) -> 
             return dg.SkipReason(f"marked failed, worker gone: {', '.join(failed)}")
         if still_dead:
             return dg.SkipReason(f"worker gone, confirming next tick: {', '.join(still_dead)}")
-        return dg.SkipReason("every started run's worker is alive")
+        return dg.SkipReason("no started run has lost its worker")
 
     return fail_runs_whose_worker_died
