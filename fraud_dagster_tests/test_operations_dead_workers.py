@@ -119,7 +119,8 @@ def assert_retried_once_and_nothing_lost(
     assert "Dagster retries it" in told.get_content()
 
 
-@pytest.mark.backends("sqlite")
+@pytest.mark.backends("postgresql")
+@pytest.mark.dagster_storage("postgresql")
 def test_a_worker_that_died_with_its_server_and_daemon_is_failed_and_retried_after_restart(
     settings: Settings,
     daemon_env: dict[str, str],
@@ -129,6 +130,7 @@ def test_a_worker_that_died_with_its_server_and_daemon_is_failed_and_retried_aft
     mailbox: MailBox,
     tmp_path: Path,
 ) -> None:
+    """The production set-up (instance and application database on PostgreSQL)."""
     sent = stall_a_batch(settings, database_url)
     log = tmp_path / "daemon.log"
     daemon = start_daemon(dagster_home, daemon_env, log)
