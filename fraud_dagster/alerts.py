@@ -44,6 +44,12 @@ def alert_message_id(transaction_id: str) -> str:
     return f"<fraud-alert.{digest}@{MESSAGE_ID_DOMAIN}>"
 
 
+def run_failure_message_id(run_id: str) -> str:
+    """Deterministic Message-ID of a run's failure email, so a resent one is deduped too (the
+    run id without hyphens keeps the header on one line)."""
+    return f"<failed-run.{header_safe(run_id.replace('-', ''), 64)}@{MESSAGE_ID_DOMAIN}>"
+
+
 def mask_account(account_id: str) -> str:
     """Account id for logs: only the last four characters stay readable."""
     text = str(account_id)
@@ -146,6 +152,7 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
                     max_length=160,
                 ),
             ),
+            ("Message-ID", run_failure_message_id(notice.run_id)),
             ("Date", format_datetime(datetime.now(UTC))),
             ("X-Fraud-Run-Id", header_safe(notice.run_id, 64)),
         ],

@@ -22,6 +22,7 @@ from fraud_dagster.settings import Settings, load_settings
 def build_definitions(settings: Settings) -> dg.Definitions:
     """The code location for `settings`; tests build their own with their services' settings."""
     jobs = [score_transactions_job, send_pending_alerts_job, reload_model_job, train_model_job]
+    job_names = [job.name for job in jobs]
     return dg.Definitions(
         assets=[transactions_topic, fraud_model, transaction_batch_assets],
         jobs=jobs,
@@ -29,8 +30,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         sensors=[
             build_kafka_transactions_sensor(settings),
             build_retry_alerts_sensor(settings),
-            build_run_failure_sensor(settings),
-            build_dead_worker_sensor(settings, [job.name for job in jobs]),
+            build_run_failure_sensor(settings, job_names),
+            build_dead_worker_sensor(settings, job_names),
         ],
         resources=build_resources(settings),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 
 import dagster as dg
@@ -19,7 +19,7 @@ from fraud_dagster.batching import (
     SensorCursor,
     plan_batches,
 )
-from fraud_dagster.errors import FraudDagsterError
+from fraud_dagster.errors import AlertDeliveryError, FraudDagsterError
 from fraud_dagster.jobs import (
     SEND_PENDING_ALERTS_JOB,
     batch_run_config,
@@ -200,44 +200,123 @@ def _error_chain(error: object) -> str:
     return "\ncaused by: ".join(parts)
 
 
-def build_run_failure_sensor(settings: Settings) -> dg.SensorDefinition:
-    """Email the operators (not the analysts) when any run of this code location fails."""
+def run_failure_notice(
+    run_id: str,
+    job_name: str,
+    tags: Mapping[str, str],
+    errors: Sequence[str],
+    retries_enabled: bool,
+    default_max_retries: int,
+) -> RunFailureNotice:
+    """What the operators' email says about a failed run: its offsets (batch runs carry them in
+    tags), its errors and whether Dagster retries it by itself."""
+    offset_range = (
+        f"{tags[TAG_TOPIC]}/{tags[TAG_PARTITION]} offsets {tags[TAG_OFFSET_RANGE]}"
+        if TAG_OFFSET_RANGE in tags
+        else None
+    )
+    attempt = int(tags.get("dagster/retry_number", "0"))
+    max_retries = int(tags.get("dagster/max_retries", default_max_retries))
+    if retries_enabled and attempt < max_retries:
+        retry_note = f"attempt {attempt + 1} of {max_retries + 1}; Dagster retries it"
+    else:
+        retry_note = f"attempt {attempt + 1}; no automatic retry left, rerun it by hand"
+    return RunFailureNotice(run_id, job_name, offset_range, tuple(errors), retry_note)
 
-    @dg.run_failure_sensor(
-        name="email_operators_on_run_failure",
-        default_status=dg.DefaultSensorStatus.RUNNING,
+
+def _failed_run_notice(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, failure: dg.EventLogEntry
+) -> RunFailureNotice:
+    step_failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    errors = [
+        _error_chain(entry.dagster_event.step_failure_data.error)
+        for entry in step_failures
+        if entry.dagster_event is not None and entry.dagster_event.step_failure_data.error
+    ] or [failure.message or "the run failed (see its event log)"]
+    return run_failure_notice(
+        run.run_id,
+        run.job_name,
+        run.tags,
+        errors,
+        instance.run_retries_enabled,
+        instance.run_retries_max_retries,
+    )
+
+
+OPERATOR_EMAIL_SENSOR = "email_operators_on_run_failure"
+# Failed runs mailed per tick at most; a longer backlog (SMTP was down) goes out on later ticks.
+FAILURE_EMAILS_PER_TICK = 20
+
+
+def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> dg.SensorDefinition:
+    """Email the operators (not the analysts) once about every failed run of `job_names`.
+
+    A plain sensor rather than Dagster's `run_failure_sensor`: that one moves its cursor past a
+    failed run even when the email could not be sent, so a failure while SMTP is down was never
+    mailed. Here the cursor is the storage id of the last RUN_FAILURE event the server accepted
+    an email for, so such failures are mailed when SMTP is back. A tick that crashes between
+    sending and saving its cursor sends again; the email's Message-ID is the run's, so mail
+    clients drop the copy.
+    """
+    jobs = frozenset(job_names)  # filtered here: the SQL storages cannot filter by job name
+
+    def failures(after_storage_id: int | None = None) -> dg.RunStatusChangeRecordsFilter:
+        return dg.RunStatusChangeRecordsFilter(
+            dg.DagsterEventType.RUN_FAILURE, after_storage_id=after_storage_id
+        )
+
+    @dg.sensor(
+        name=OPERATOR_EMAIL_SENSOR,
         minimum_interval_seconds=dagster_minimum_interval(settings.sensor_interval_seconds),
+        default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             "Emails FRAUD_OPERATOR_RECIPIENTS the run id, offset range and error of every "
-            "failed run."
+            "failed run; failures while SMTP is down are mailed when it is back."
         ),
     )
     def email_operators_on_run_failure(
-        context: dg.RunFailureSensorContext, smtp: SmtpResource
-    ) -> None:
-        run = context.dagster_run
-        tags = run.tags
-        offset_range = (
-            f"{tags[TAG_TOPIC]}/{tags[TAG_PARTITION]} offsets {tags[TAG_OFFSET_RANGE]}"
-            if TAG_OFFSET_RANGE in tags
-            else None
+        context: dg.SensorEvaluationContext, smtp: SmtpResource
+    ) -> dg.SensorResult:
+        instance = context.instance
+        if context.cursor is None or not context.cursor.isdigit():
+            latest = instance.fetch_run_status_changes(failures(), limit=1).records
+            start = latest[0].storage_id if latest else 0
+            return dg.SensorResult(
+                skip_reason=f"watching failures after event {start}", cursor=str(start)
+            )
+        cursor = int(context.cursor)
+        records = instance.fetch_run_status_changes(
+            failures(after_storage_id=cursor),
+            limit=FAILURE_EMAILS_PER_TICK,
+            ascending=True,
+        ).records
+        if not records:
+            return dg.SensorResult(skip_reason="no new failed run", cursor=str(cursor))
+        mailed: list[dg.DagsterRun] = []
+        try:
+            with SmtpMailer(smtp.smtp_settings()) as mailer:
+                for record in records:
+                    run = instance.get_run_by_id(record.run_id)
+                    if run is not None and run.job_name in jobs:
+                        notice = _failed_run_notice(instance, run, record.event_log_entry)
+                        mailer.send(
+                            render_run_failure(notice, smtp.sender, smtp.operator_recipients)
+                        )
+                        mailed.append(run)
+                    cursor = record.storage_id
+        except AlertDeliveryError as exc:
+            if not mailed:
+                raise  # an error tick; the cursor stays, the next tick tries again
+            context.log.error(f"operator email not sent, tried again next tick: {exc}")
+        for run in mailed:  # said in the run's own event log too
+            context.log.info(f"emailed the operators about failed run {run.run_id}")
+            instance.report_engine_event(f"{OPERATOR_EMAIL_SENSOR} emailed the operators", run)
+        unsent = sum(1 for record in records if record.storage_id > cursor)
+        return dg.SensorResult(
+            skip_reason=f"emailed the operators about {len(mailed)} failed run(s)"
+            + (f"; {unsent} wait for the next tick (SMTP failed)" if unsent else ""),
+            cursor=str(cursor),
         )
-        errors = [
-            _error_chain(event.step_failure_data.error)
-            for event in context.get_step_failure_events()
-            if event.step_failure_data.error is not None
-        ] or [context.failure_event.message or "the run failed (see its event log)"]
-        attempt = int(tags.get("dagster/retry_number", "0"))
-        max_retries = int(tags.get("dagster/max_retries", context.instance.run_retries_max_retries))
-        if context.instance.run_retries_enabled and attempt < max_retries:
-            retry_note = f"attempt {attempt + 1} of {max_retries + 1}; Dagster retries it"
-        else:
-            retry_note = f"attempt {attempt + 1}; no automatic retry left, rerun it by hand"
-        notice = RunFailureNotice(run.run_id, run.job_name, offset_range, tuple(errors), retry_note)
-        message = render_run_failure(notice, smtp.sender, smtp.operator_recipients)
-        with SmtpMailer(smtp.smtp_settings()) as mailer:
-            mailer.send(message)
-        context.log.info(f"emailed the operators about failed run {run.run_id}")
 
     return email_operators_on_run_failure
 

@@ -21,8 +21,16 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.scheduler.instigation import (
+    InstigatorState,
+    InstigatorTick,
+    InstigatorType,
+    TickStatus,
+)
 
+from fraud_dagster.alerts import run_failure_message_id
 from fraud_dagster.definitions import build_definitions
+from fraud_dagster.errors import AlertDeliveryError
 from fraud_dagster.kafka_io import ensure_topic
 from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.local_services.kafka import LocalKafka
@@ -51,6 +59,19 @@ def set_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     return load_settings()
+
+
+def operators_tick(
+    defs: dg.Definitions, instance: dg.DagsterInstance, settings: Settings, cursor: str | None
+) -> dg.SensorResult:
+    """One tick of the operator-email sensor, as the daemon evaluates it."""
+    sensor = defs.resolve_sensor_def("email_operators_on_run_failure")
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"smtp": build_resources(settings)["smtp"]}
+    )
+    result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
 
 
 def stored_ids(database_url: str) -> Counter[str]:
@@ -174,6 +195,7 @@ def test_tampered_model_is_refused_the_run_says_so_and_the_operators_are_emailed
         FRAUD_OPERATOR_RECIPIENTS="ops-oncall@bank.example,ops-lead@bank.example",
     )
     defs = build_definitions(settings)
+    watching = operators_tick(defs, instance, settings, cursor=None)  # the sensor's first tick
     produce(settings, to_messages(synthetic_transactions(20, seed=41)))
     (request,) = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
 
@@ -188,15 +210,7 @@ def test_tampered_model_is_refused_the_run_says_so_and_the_operators_are_emailed
     assert "refusing to load" in cause.message
     assert sum(accounting(database_url, settings.kafka_topic).values()) == 0
 
-    sensor = defs.resolve_sensor_def("email_operators_on_run_failure")
-    context = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name,
-        dagster_event=failed.get_run_failure_event(),
-        dagster_instance=instance,
-        dagster_run=instance.get_run_by_id(failed.run_id),
-        resources={"smtp": build_resources(settings)["smtp"]},
-    )
-    sensor(context)
+    operators_tick(defs, instance, settings, cursor=watching.cursor)
 
     (email,) = mailbox.wait_for(1)
     assert email["To"] == "ops-oncall@bank.example, ops-lead@bank.example"
@@ -213,6 +227,156 @@ def test_tampered_model_is_refused_the_run_says_so_and_the_operators_are_emailed
         shutil.copyfile(PROJECT_ROOT / "models" / path.name, path)
     assert reexecute(instance, failed.run_id, from_failure=True).success
     assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(20)}
+
+
+def test_a_run_that_fails_while_smtp_is_down_is_mailed_to_the_operators_once_smtp_is_back(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    models = tampered_models_dir(settings.models_dir, tmp_path / "models")
+    settings = set_env(monkeypatch, FRAUD_MODELS_DIR=str(models))
+    defs = build_definitions(settings)
+    watching = operators_tick(defs, instance, settings, cursor=None)
+    produce(settings, to_messages(synthetic_transactions(20, seed=43)))
+    (request,) = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
+    failed = run_request(request, instance)
+    assert not failed.success
+
+    smtp_server.stop()
+    try:
+        # The tick fails; the daemon then keeps the sensor's previous cursor (sensor.py).
+        with pytest.raises(AlertDeliveryError, match="cannot open an SMTP session"):
+            operators_tick(defs, instance, settings, cursor=watching.cursor)
+    finally:
+        smtp_server.start()
+    assert mailbox.messages() == []
+
+    mailed = operators_tick(defs, instance, settings, cursor=watching.cursor)
+    (email,) = mailbox.wait_for(1)
+    assert email["X-Fraud-Run-Id"] == failed.run_id
+    assert email["Message-ID"] == run_failure_message_id(failed.run_id)
+    assert "refusing to load" in email.get_content()
+
+    again = operators_tick(defs, instance, settings, cursor=mailed.cursor)
+    assert again.cursor == mailed.cursor
+    assert again.skip_reason is not None and "no new failed run" in again.skip_reason.skip_message
+    assert len(mailbox.messages()) == 1
+
+
+@dg.op
+def _does_nothing() -> None:
+    """An op of a job from another code location."""
+
+
+def test_the_operators_hear_once_about_each_failed_run_of_this_code_location_only(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+) -> None:
+    defs = build_definitions(settings)
+    watching = operators_tick(defs, instance, settings, cursor=None)
+    foreign = dg.GraphDefinition(name="someone_elses_job", node_defs=[_does_nothing]).to_job()
+    theirs = instance.create_run_for_job(foreign, status=dg.DagsterRunStatus.STARTED)
+    sender = defs.resolve_job_def("send_pending_alerts")  # its tags, as a launched run has them
+    ours = instance.create_run_for_job(sender, status=dg.DagsterRunStatus.STARTED, tags=sender.tags)
+    for run in (theirs, ours):
+        instance.report_run_failed(run, "injected: the run's worker vanished")
+
+    mailed = operators_tick(defs, instance, settings, cursor=watching.cursor)
+
+    (email,) = mailbox.messages()
+    assert email["X-Fraud-Run-Id"] == ours.run_id
+    body = email.get_content()
+    assert "injected: the run's worker vanished" in body  # no step failed: the run's message
+    assert "no automatic retry left" in body  # send_pending_alerts opts out of run retries
+    again = operators_tick(defs, instance, settings, cursor=mailed.cursor)
+    assert again.cursor == mailed.cursor
+    assert len(mailbox.messages()) == 1
+
+
+def operator_sensor_state(instance: dg.DagsterInstance) -> InstigatorState | None:
+    states = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+    return next((s for s in states if s.name == "email_operators_on_run_failure"), None)
+
+
+def operator_sensor_ticks(instance: dg.DagsterInstance) -> list[InstigatorTick]:
+    state = operator_sensor_state(instance)
+    if state is None:
+        return []
+    return list(instance.get_ticks(state.instigator_origin_id, state.selector_id))
+
+
+@pytest.mark.slow
+@pytest.mark.backends("sqlite")  # the sensor and the daemon only; no application-database work
+def test_through_the_daemon_runs_failed_while_smtp_was_down_are_mailed_once_when_it_is_back(
+    env: dict[str, str],
+    settings: Settings,
+    dagster_home: Path,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    tmp_path: Path,
+) -> None:
+    models = tampered_models_dir(settings.models_dir, tmp_path / "models")
+    env = {**env, "FRAUD_MODELS_DIR": str(models), "FRAUD_SENSOR_INTERVAL_SECONDS": "1"}
+    topic = settings.kafka_topic
+
+    def failed_batch_runs() -> list[dg.DagsterRun]:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"fraud_dagster/topic": topic}))
+        return [run for run in runs if run.status == dg.DagsterRunStatus.FAILURE]
+
+    daemon = start_daemon(dagster_home, env, tmp_path / "daemon.log")
+    try:
+        wait_for(
+            lambda: (
+                (state := operator_sensor_state(instance)) is not None
+                and state.instigator_data is not None
+                and state.instigator_data.cursor is not None
+            ),
+            120,
+            "the operator-email sensor's first tick",
+        )
+        smtp_server.stop()
+        try:
+            produce(settings, to_messages(synthetic_transactions(20, seed=47)))
+            # The run and its two automatic retries fail on the tampered model.
+            wait_for(lambda: len(failed_batch_runs()) == 3, 240, "three failed attempts")
+            wait_for(
+                lambda: any(
+                    t.status == TickStatus.FAILURE for t in operator_sensor_ticks(instance)
+                ),
+                60,
+                "a failed tick of the operator-email sensor (SMTP down)",
+            )
+            assert mailbox.messages() == []
+        finally:
+            smtp_server.start()
+        failed = {run.run_id for run in failed_batch_runs()}
+        wait_for(lambda: len(mailbox.messages()) >= 3, 60, "the three operator emails")
+        mailed_at = time.time()
+        wait_for(
+            lambda: any(
+                t.status == TickStatus.SKIPPED and t.timestamp > mailed_at
+                for t in operator_sensor_ticks(instance)
+            ),
+            60,
+            "a later tick with nothing to mail",
+        )
+    finally:
+        stop_dagster_process(daemon)
+        _kill_group(daemon)
+
+    emails = mailbox.messages()
+    assert Counter(m["X-Fraud-Run-Id"] for m in emails) == Counter(failed)
+    assert {m["To"] for m in emails} == {", ".join(settings.operator_recipients)}
+    for run_id in failed:  # the run's own event log says so
+        logs = instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+        assert any("emailed the operators" in (entry.message or "") for entry in logs)
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ from datetime import timedelta
 import dagster as dg
 import yaml
 
-from fraud_dagster.alerts import RunFailureNotice, render_run_failure
+from fraud_dagster.alerts import RunFailureNotice, render_run_failure, run_failure_message_id
 from fraud_dagster.definitions import defs
 from fraud_dagster.pipeline import retry_delay
+from fraud_dagster.sensors import run_failure_notice
 from fraud_dagster.settings import PROJECT_ROOT
 
 
@@ -55,3 +56,36 @@ def test_operator_email_carries_run_offsets_error_and_no_injected_header() -> No
     assert "0123456789abcdef" in body
     assert "refusing to load it" in body and "  second line" in body
     assert "no automatic retry left" in body
+
+
+def test_failure_notice_names_the_offsets_and_whether_dagster_retries_the_run() -> None:
+    tags = {
+        "fraud_dagster/topic": "transactions",
+        "fraud_dagster/partition": "2",
+        "fraud_dagster/offset_range": "100-199",
+    }
+    first = run_failure_notice("r1", "score_transactions", tags, ["boom"], True, 2)
+    assert first.offset_range == "transactions/2 offsets 100-199"
+    assert first.errors == ("boom",)
+    assert first.retry_note == "attempt 1 of 3; Dagster retries it"
+
+    last = run_failure_notice(
+        "r3", "score_transactions", {**tags, "dagster/retry_number": "2"}, ["boom"], True, 2
+    )
+    assert last.retry_note == "attempt 3; no automatic retry left, rerun it by hand"
+
+    opted_out = run_failure_notice(
+        "r4", "send_pending_alerts", {"dagster/max_retries": "0"}, ["smtp"], True, 2
+    )
+    assert opted_out.offset_range is None
+    assert "no automatic retry left" in opted_out.retry_note
+    assert "no automatic retry" in run_failure_notice("r5", "j", {}, ["e"], False, 2).retry_note
+
+
+def test_a_resent_failure_email_has_the_same_one_line_message_id() -> None:
+    run_id = "7f0ffb1b-e328-4379-b001-1da34c5f1fd8"
+    notice = RunFailureNotice(run_id, "score_transactions", None, ("e",), "attempt 1")
+    first = render_run_failure(notice, "from@x", ["ops@x"])
+    again = render_run_failure(notice, "from@x", ["ops@x"])
+    assert first["Message-ID"] == again["Message-ID"] == run_failure_message_id(run_id)
+    assert b"Message-ID: <failed-run.7f0ffb1b" in first.as_bytes()  # not folded
