@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -247,11 +248,30 @@ def prepare_dagster_home(
     return write_dagster_home(home or settings.var_dir / "dagster", postgres=postgres)
 
 
+def _stop_like_ctrl_c_on_termination() -> None:
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) stops the demo the way Ctrl-C does.
+
+    Python's default for both is to exit on the spot, and the broker, the SMTP server and
+    `dagster dev` outlived the demo holding their ports, so the next demo could not start its
+    UI. The first signal interrupts; later ones are ignored so that the stopping can finish.
+    """
+
+    def interrupt(signum: int, _frame: object) -> None:
+        for ignored in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(ignored, signal.SIG_IGN)
+        logger.info("%s received: stopping the demo", signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """Services, topic, demo transactions, then `dagster dev` with the sensor on.
 
-    Ctrl-C stops `dagster dev` and every service this command started.
+    Ctrl-C (or SIGTERM, SIGHUP) stops `dagster dev` and every service this command started.
     """
+    _stop_like_ctrl_c_on_termination()
     from fraud_dagster import producer
     from fraud_dagster.kafka_io import ensure_topic
     from fraud_dagster.local_services import smtp
@@ -296,7 +316,9 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
             "-p",
             str(args.dagster_port),
         ]
-        dagster = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env)
+        # Its own process group: whatever of it outlives its shutdown (a code location server
+        # has been seen to) is ended with the group. Ctrl-C reaches it through the handler below.
+        dagster = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, start_new_session=True)
         try:
             return dagster.wait()
         except KeyboardInterrupt:
@@ -306,6 +328,9 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 dagster.kill()
             return 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(dagster.pid, signal.SIGKILL)
     finally:
         if not args.keep_services:
             if started_smtp:
