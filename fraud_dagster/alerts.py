@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
+from fraud_dagster.kafka_watch import KafkaNotice
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,48 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
             ("Message-ID", run_failure_message_id(notice.run_id)),
             ("Date", format_datetime(datetime.now(UTC))),
             ("X-Fraud-Run-Id", header_safe(notice.run_id, 64)),
+        ],
+        "\n".join(lines) + "\n",
+    )
+
+
+def render_kafka_notice(
+    notice: KafkaNotice, topic: str, servers: str, sender: str, recipients: Sequence[str]
+) -> Message:
+    """The operators' email when the transaction topic has been unreadable for a while, and the
+    one when it is readable again."""
+    since = datetime.fromtimestamp(notice.down_since, UTC)
+    minutes = max(round((notice.observed_at - notice.down_since) / 60), 1)
+    where = f"The transaction topic {topic} on {servers}"
+    if notice.kind == "down":
+        subject = f"Kafka unreachable since {since:%H:%M} UTC: no transactions are being scored"
+        lines = [
+            f"{where} cannot be read since {since:%Y-%m-%d %H:%M:%S} UTC ({minutes} min).",
+            "No batch run is launched while this lasts. Nothing is lost: the sensor resumes",
+            "from the last offsets it launched when the broker is back.",
+            "",
+            "Last error:",
+            *(f"  {line}" for line in (notice.error or "-").splitlines()),
+            "",
+            'What to do: docs/operations.md, "When the broker is down". A second email says',
+            "when the topic is readable again.",
+        ]
+    else:
+        until = datetime.fromtimestamp(notice.observed_at, UTC)
+        subject = f"Kafka reachable again after {minutes} min (unreachable since {since:%H:%M} UTC)"
+        lines = [
+            f"{where} was unreadable from {since:%Y-%m-%d %H:%M:%S} to {until:%H:%M:%S} UTC",
+            f"({minutes} min) and can be read again. The sensor resumes from where it stopped;",
+            "the backlog is scored by the next runs (Dagster UI, Runs).",
+        ]
+    return _plain_text_email(
+        [
+            ("From", header_safe(sender, 254)),
+            ("To", header_safe(", ".join(recipients), 2000)),
+            ("Subject", header_safe(f"[fraud-dagster] {subject}", max_length=160)),
+            ("Message-ID", f"<kafka-{notice.kind}.{int(notice.down_since)}@{MESSAGE_ID_DOMAIN}>"),
+            ("Date", format_datetime(datetime.now(UTC))),
+            ("X-Fraud-Kafka-Notice", notice.kind),
         ],
         "\n".join(lines) + "\n",
     )

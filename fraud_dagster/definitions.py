@@ -13,6 +13,7 @@ from fraud_dagster.schedules import build_reload_model_schedule
 from fraud_dagster.sensors import (
     build_dead_worker_sensor,
     build_kafka_transactions_sensor,
+    build_kafka_watch_sensor,
     build_retry_alerts_sensor,
     build_run_failure_sensor,
 )
@@ -29,6 +30,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         schedules=[build_reload_model_schedule(settings)],
         sensors=[
             build_kafka_transactions_sensor(settings),
+            build_kafka_watch_sensor(settings),
             build_retry_alerts_sensor(settings),
             build_run_failure_sensor(settings, job_names),
             build_dead_worker_sensor(settings, job_names),

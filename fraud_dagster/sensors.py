@@ -1,17 +1,22 @@
-"""Sensors: the Kafka poller that launches batch runs, the alert retrier, the failure mailer,
-and the watch for runs whose worker died with its server."""
+"""Sensors: the Kafka poller that launches batch runs, the alert retrier, the operators' mailers
+(failed runs, an unreadable topic) and the watch for runs whose worker died with its server."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Collection, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
 
-from fraud_dagster.alerts import RunFailureNotice, SmtpMailer, render_run_failure
+from fraud_dagster.alerts import (
+    RunFailureNotice,
+    SmtpMailer,
+    render_kafka_notice,
+    render_run_failure,
+)
 from fraud_dagster.batching import (
     TAG_OFFSET_RANGE,
     TAG_PARTITION,
@@ -26,6 +31,7 @@ from fraud_dagster.jobs import (
     score_transactions_job,
     send_pending_alerts_job,
 )
+from fraud_dagster.kafka_watch import KafkaWatch, observe
 from fraud_dagster.ops import RUNNING_STATUSES
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
@@ -319,6 +325,58 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
         )
 
     return email_operators_on_run_failure
+
+
+# How often the watch looks at the topic; an outage is noticed at most this much late.
+KAFKA_WATCH_INTERVAL_SECONDS = 30
+
+
+def build_kafka_watch_sensor(settings: Settings) -> dg.SensorDefinition:
+    """Email the operators when the transaction topic has been unreadable for
+    FRAUD_KAFKA_DOWN_ALERT_SECONDS, and again when it is readable (see `kafka_watch`).
+
+    The cursor (`KafkaWatch`) is saved only with its notice sent: a tick whose email fails
+    raises, the daemon keeps the previous cursor, and the next tick sends it.
+    """
+
+    @dg.sensor(
+        name="email_operators_when_kafka_is_unreachable",
+        minimum_interval_seconds=KAFKA_WATCH_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Emails FRAUD_OPERATOR_RECIPIENTS when the transaction topic has been unreadable "
+            f"for {settings.kafka_down_alert_seconds:g} s (no run is launched meanwhile), and "
+            "when it is readable again."
+        ),
+    )
+    def email_operators_when_kafka_is_unreachable(
+        context: dg.SensorEvaluationContext, kafka: KafkaResource, smtp: SmtpResource
+    ) -> dg.SensorResult:
+        try:
+            kafka.offset_bounds()
+            error = None
+        except FraudDagsterError as exc:
+            error = str(exc)
+        watch, notice = observe(
+            KafkaWatch.parse(context.cursor), error, time.time(), settings.kafka_down_alert_seconds
+        )
+        if notice is not None:
+            message = render_kafka_notice(
+                notice, kafka.topic, kafka.bootstrap_servers, smtp.sender, smtp.operator_recipients
+            )
+            with SmtpMailer(smtp.smtp_settings()) as mailer:
+                mailer.send(message)
+            context.log.warning(f"emailed the operators: {message['Subject']}")
+            return dg.SensorResult(skip_reason=message["Subject"], cursor=watch.serialize())
+        status = (
+            f"{kafka.topic} readable"
+            if watch.down_since is None
+            else f"{kafka.topic} unreadable since "
+            f"{datetime.fromtimestamp(watch.down_since, UTC):%H:%M:%S} UTC: {error}"
+        )
+        return dg.SensorResult(skip_reason=status, cursor=watch.serialize())
+
+    return email_operators_when_kafka_is_unreachable
 
 
 # A run seen with its worker gone is failed only when a tick at least this much later still sees

@@ -70,6 +70,7 @@ class Settings:
     check_max_score_psi: float = 0.25
     check_drift_min_scores: int = 200
     run_health_interval_seconds: int = 15
+    kafka_down_alert_seconds: float = 300.0
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -136,5 +137,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         check_max_score_psi=float(get("FRAUD_CHECK_MAX_SCORE_PSI", "0.25")),
         check_drift_min_scores=int(get("FRAUD_CHECK_DRIFT_MIN_SCORES", "200")),
         run_health_interval_seconds=int(get("FRAUD_RUN_HEALTH_INTERVAL_SECONDS", "15")),
+        kafka_down_alert_seconds=float(get("FRAUD_KAFKA_DOWN_ALERT_SECONDS", "300")),
         env=env,
     )

@@ -17,6 +17,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -61,38 +62,42 @@ def set_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
     return load_settings()
 
 
-def operators_tick(
-    defs: dg.Definitions, instance: dg.DagsterInstance, settings: Settings, cursor: str | None
+def sensor_tick(
+    name: str,
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    settings: Settings,
+    cursor: str | None,
 ) -> dg.SensorResult:
-    """One tick of the operator-email sensor, as the daemon evaluates it."""
-    sensor = defs.resolve_sensor_def("email_operators_on_run_failure")
+    """One tick of the sensor `name` with `cursor`, as the daemon evaluates it (an error
+    propagates; the daemon would then keep `cursor`)."""
+    sensor = defs.resolve_sensor_def(name)
     context = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"smtp": build_resources(settings)["smtp"]}
+        instance=instance, cursor=cursor, resources=build_resources(settings)
     )
     result = sensor(context)
     assert isinstance(result, dg.SensorResult)
     return result
 
 
-def stored_ids(database_url: str) -> Counter[str]:
-    return Counter(
-        row["transaction_id"] for row in table_rows(database_url, schema.scored_transactions)
-    )
+def operators_tick(
+    defs: dg.Definitions, instance: dg.DagsterInstance, settings: Settings, cursor: str | None
+) -> dg.SensorResult:
+    return sensor_tick("email_operators_on_run_failure", defs, instance, settings, cursor)
 
 
-def test_broker_down_sensor_skips_then_catches_up_without_gap_or_duplicate(
-    settings: Settings,
-    instance: dg.DagsterInstance,
-    database_url: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@contextlib.contextmanager
+def own_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str
+) -> Iterator[tuple[LocalKafka, Settings]]:
+    """A broker of this test's own, which it may stop, with a one-partition topic, and the
+    project's settings pointed at it (2-s connect timeout)."""
     broker = LocalKafka(
         data_dir=tmp_path / "own-kafka", port=free_port(), controller_port=free_port(), heap="512m"
     )
     broker.start()
     try:
-        topic = f"outage-{uuid.uuid4().hex[:6]}"
+        topic = f"{prefix}-{uuid.uuid4().hex[:6]}"
         ensure_topic({"bootstrap_servers": [broker.bootstrap_servers]}, topic, 1)
         settings = set_env(
             monkeypatch,
@@ -101,6 +106,26 @@ def test_broker_down_sensor_skips_then_catches_up_without_gap_or_duplicate(
             FRAUD_KAFKA_CONSUMER_GROUP=f"group-{topic}",
             FRAUD_KAFKA_CONNECT_TIMEOUT_SECONDS="2",
         )
+        yield broker, settings
+    finally:
+        broker.stop()
+
+
+def stored_ids(database_url: str) -> Counter[str]:
+    return Counter(
+        row["transaction_id"] for row in table_rows(database_url, schema.scored_transactions)
+    )
+
+
+@pytest.mark.usefixtures("settings")  # the test services; own_broker repoints Kafka
+def test_broker_down_sensor_skips_then_catches_up_without_gap_or_duplicate(
+    instance: dg.DagsterInstance,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with own_broker(tmp_path, monkeypatch, "outage") as (broker, settings):
+        topic = settings.kafka_topic
         defs = build_definitions(settings)
         first = to_messages(synthetic_transactions(30, seed=21))
         produce(settings, first)
@@ -134,8 +159,54 @@ def test_broker_down_sensor_skips_then_catches_up_without_gap_or_duplicate(
         assert accounting(database_url, topic) == {(0, o): 1 for o in range(55)}
         assert stored_ids(database_url) == Counter(m["transaction_id"] for m in [*first, *second])
         assert resolved_resources(settings)["kafka"].committed_offsets() == {0: 55}
-    finally:
+
+
+@pytest.mark.backends("sqlite")  # Kafka and SMTP only; no application-database work
+@pytest.mark.usefixtures("settings")  # the test services; own_broker repoints Kafka
+def test_the_operators_hear_when_kafka_has_been_unreachable_and_when_it_is_back(
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FRAUD_KAFKA_DOWN_ALERT_SECONDS", "0")  # tell at the first tick down
+    with own_broker(tmp_path, monkeypatch, "watched") as (broker, settings):
+        topic = settings.kafka_topic
+        defs = build_definitions(settings)
+
+        def watch(cursor: str | None) -> dg.SensorResult:
+            name = "email_operators_when_kafka_is_unreachable"
+            return sensor_tick(name, defs, instance, settings, cursor)
+
+        readable = watch(None)
+        assert mailbox.messages() == []
+
         broker.stop()
+        smtp_server.stop()  # SMTP down too: the notice waits, the cursor with it
+        try:
+            with pytest.raises(AlertDeliveryError):
+                watch(readable.cursor)
+        finally:
+            smtp_server.start()
+        down = watch(readable.cursor)
+        (email,) = mailbox.messages()
+        assert email["X-Fraud-Kafka-Notice"] == "down"
+        assert email["To"] == ", ".join(settings.operator_recipients)
+        assert "no transactions are being scored" in email["Subject"]
+        body = email.get_content()
+        assert f"{topic} on {broker.bootstrap_servers}" in body
+        assert "Last error:" in body and "When the broker is down" in body
+
+        still_down = watch(down.cursor)
+        assert len(mailbox.messages()) == 1, "one email per outage, not one per tick"
+
+        broker.start()
+        back = watch(still_down.cursor)
+        notices = [m["X-Fraud-Kafka-Notice"] for m in mailbox.messages()]
+        assert sorted(notices) == ["back", "down"]
+        assert watch(back.cursor).skip_reason.skip_message == f"{topic} readable"
+        assert len(mailbox.messages()) == 2
 
 
 @pytest.mark.postgres
@@ -229,6 +300,7 @@ def test_tampered_model_is_refused_the_run_says_so_and_the_operators_are_emailed
     assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(20)}
 
 
+@pytest.mark.backends("sqlite")  # the run fails before it writes; the sensor reads Dagster
 def test_a_run_that_fails_while_smtp_is_down_is_mailed_to_the_operators_once_smtp_is_back(
     settings: Settings,
     instance: dg.DagsterInstance,
@@ -272,6 +344,7 @@ def _does_nothing() -> None:
     """An op of a job from another code location."""
 
 
+@pytest.mark.backends("sqlite")  # the sensor reads the Dagster instance only
 def test_the_operators_hear_once_about_each_failed_run_of_this_code_location_only(
     settings: Settings,
     instance: dg.DagsterInstance,
