@@ -249,7 +249,7 @@ def _failed_run_notice(
     )
 
 
-OPERATOR_EMAIL_SENSOR = "email_operators_on_run_failure"
+RUN_FAILURE_EMAIL_SENSOR = "email_operators_on_run_failure"
 # Failed runs mailed per tick at most; a longer backlog (SMTP was down) goes out on later ticks.
 FAILURE_EMAILS_PER_TICK = 20
 
@@ -272,7 +272,7 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
         )
 
     @dg.sensor(
-        name=OPERATOR_EMAIL_SENSOR,
+        name=RUN_FAILURE_EMAIL_SENSOR,
         minimum_interval_seconds=dagster_minimum_interval(settings.sensor_interval_seconds),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
@@ -316,7 +316,7 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
             context.log.error(f"operator email not sent, tried again next tick: {exc}")
         for run in mailed:  # said in the run's own event log too
             context.log.info(f"emailed the operators about failed run {run.run_id}")
-            instance.report_engine_event(f"{OPERATOR_EMAIL_SENSOR} emailed the operators", run)
+            instance.report_engine_event(f"{RUN_FAILURE_EMAIL_SENSOR} emailed the operators", run)
         unsent = sum(1 for record in records if record.storage_id > cursor)
         return dg.SensorResult(
             skip_reason=f"emailed the operators about {len(mailed)} failed run(s)"
