@@ -122,6 +122,7 @@ class RunFailureNotice:
     offset_range: str | None
     errors: tuple[str, ...]
     retry_note: str
+    run_url: str | None = None  # the run's page in the Dagster UI
 
 
 def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequence[str]) -> Message:
@@ -134,11 +135,12 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
         f"Job:           {notice.job_name}",
         f"Offset range:  {notice.offset_range or '-'}",
         f"Retry:         {notice.retry_note}",
+        f"In the UI:     {notice.run_url or '-'}",
         "",
         "Error:",
         *(f"  {line}" for error in notice.errors for line in error.splitlines()),
         "",
-        "Fix the cause, then re-execute the run from the Dagster UI (Runs > this run > "
+        "Fix the cause, then re-execute the run from the Dagster UI (the run's page > "
         "Re-execute > From failure); see docs/operations.md.",
     ]
     return _plain_text_email(

@@ -306,6 +306,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         home = prepare_dagster_home(settings, postgres=postgres is not None)
         env = {**os.environ, **storage_env, "DAGSTER_HOME": str(home)}
+        env.setdefault("FRAUD_DAGSTER_UI_URL", f"http://127.0.0.1:{args.dagster_port}")
         command = [
             str(Path(sys.executable).with_name("dagster")),
             "dev",

@@ -213,6 +213,7 @@ def run_failure_notice(
     errors: Sequence[str],
     retries_enabled: bool,
     default_max_retries: int,
+    ui_url: str | None = None,
 ) -> RunFailureNotice:
     """What the operators' email says about a failed run: its offsets (batch runs carry them in
     tags), its errors and whether Dagster retries it by itself."""
@@ -227,11 +228,12 @@ def run_failure_notice(
         retry_note = f"attempt {attempt + 1} of {max_retries + 1}; Dagster retries it"
     else:
         retry_note = f"attempt {attempt + 1}; no automatic retry left, rerun it by hand"
-    return RunFailureNotice(run_id, job_name, offset_range, tuple(errors), retry_note)
+    run_url = f"{ui_url}/runs/{run_id}" if ui_url else None
+    return RunFailureNotice(run_id, job_name, offset_range, tuple(errors), retry_note, run_url)
 
 
 def _failed_run_notice(
-    instance: dg.DagsterInstance, run: dg.DagsterRun, failure: dg.EventLogEntry
+    instance: dg.DagsterInstance, run: dg.DagsterRun, failure: dg.EventLogEntry, ui_url: str
 ) -> RunFailureNotice:
     step_failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
     errors = [
@@ -246,6 +248,7 @@ def _failed_run_notice(
         errors,
         instance.run_retries_enabled,
         instance.run_retries_max_retries,
+        ui_url,
     )
 
 
@@ -304,7 +307,9 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
                 for record in records:
                     run = instance.get_run_by_id(record.run_id)
                     if run is not None and run.job_name in jobs:
-                        notice = _failed_run_notice(instance, run, record.event_log_entry)
+                        notice = _failed_run_notice(
+                            instance, run, record.event_log_entry, settings.dagster_ui_url
+                        )
                         mailer.send(
                             render_run_failure(notice, smtp.sender, smtp.operator_recipients)
                         )

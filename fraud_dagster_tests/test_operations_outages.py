@@ -292,6 +292,7 @@ def test_tampered_model_is_refused_the_run_says_so_and_the_operators_are_emailed
     assert f"{settings.kafka_topic}/0 offsets 0-19" in body
     assert "refusing to load" in body
     assert "attempt 1 of 3; Dagster retries it" in body
+    assert f"{settings.dagster_ui_url}/runs/{failed.run_id}" in body
     assert "0-19" in email["Subject"]
 
     for path in settings.models_dir.glob("*.joblib"):  # the operator restores the file

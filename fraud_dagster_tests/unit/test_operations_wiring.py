@@ -68,7 +68,13 @@ def test_failure_notice_names_the_offsets_and_whether_dagster_retries_the_run() 
         "fraud_dagster/partition": "2",
         "fraud_dagster/offset_range": "100-199",
     }
-    first = run_failure_notice("r1", "score_transactions", tags, ["boom"], True, 2)
+    first = run_failure_notice(
+        "r1", "score_transactions", tags, ["boom"], True, 2, "http://dagster.bank:3000"
+    )
+    assert first.run_url == "http://dagster.bank:3000/runs/r1"
+    assert "In the UI:     http://dagster.bank:3000/runs/r1" in (
+        render_run_failure(first, "from@x", ["ops@x"]).get_payload()
+    )
     assert first.offset_range == "transactions/2 offsets 100-199"
     assert first.errors == ("boom",)
     assert first.retry_note == "attempt 1 of 3; Dagster retries it"
