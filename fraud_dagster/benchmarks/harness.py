@@ -44,11 +44,12 @@ class Services:
     def env(self, topic: str, database_url: str, **extra: str) -> dict[str, str]:
         """The pipeline's settings for these services. Other FRAUD_* variables of the
         benchmark's own environment pass through, so a setting can be compared by running a
-        benchmark twice (e.g. FRAUD_SMTP_MAX_SESSIONS=1)."""
+        benchmark twice (e.g. FRAUD_SMTP_MAX_SESSIONS=1), and FRAUD_MODELS_DIR picks another
+        model directory (e.g. one written by `fraud-dagster train --kind logistic --default`)."""
         return {
             **{name: value for name, value in os.environ.items() if name.startswith("FRAUD_")},
             "FRAUD_VAR_DIR": str(self.work_dir / "var"),
-            "FRAUD_MODELS_DIR": str(PROJECT_ROOT / "models"),
+            "FRAUD_MODELS_DIR": os.environ.get("FRAUD_MODELS_DIR", str(PROJECT_ROOT / "models")),
             "FRAUD_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "FRAUD_KAFKA_TOPIC": topic,
             "FRAUD_KAFKA_CONSUMER_GROUP": f"bench-{topic}",
