@@ -7,6 +7,9 @@ fresh process (so that peak memory is the batch's own):
 * `run`: the Dagster job `score_transactions` executed in process on a real instance, on another
   fresh database, as a batch run would be.
 
+With `--repeat N` each size is measured N times (fresh processes and databases each time) and a
+median row follows: on a shared 2-core machine one run of a size varies by 10-25 %.
+
 Reproduce: python -m fraud_dagster.benchmarks.batch_throughput --sizes 1000 10000 100000
 """
 
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -39,11 +43,11 @@ logger = logging.getLogger(__name__)
 COMMAND = "python -m fraud_dagster.benchmarks.batch_throughput"
 
 
-def measure_stages(services: Services, topic: str, size: int) -> dict:
+def measure_stages(services: Services, topic: str, size: int, attempt: int) -> dict:
     from fraud_dagster import kafka_io, pipeline
     from fraud_dagster.resources import resolved_resources
 
-    database_url = services.sqlite_url(f"stages-{topic}")
+    database_url = services.sqlite_url(f"stages-{topic}-{attempt}")
     os.environ.update(services.env(topic, database_url))
     settings = services.settings(topic, database_url)
     resources = resolved_resources(settings)
@@ -75,14 +79,14 @@ def measure_stages(services: Services, topic: str, size: int) -> dict:
     }
 
 
-def measure_run(services: Services, topic: str, size: int) -> dict:
+def measure_run(services: Services, topic: str, size: int, attempt: int) -> dict:
     import dagster as dg
 
     from fraud_dagster.batching import PlannedBatch
     from fraud_dagster.definitions import build_definitions
     from fraud_dagster.jobs import batch_run_config
 
-    database_url = services.sqlite_url(f"run-{topic}")
+    database_url = services.sqlite_url(f"run-{topic}-{attempt}")
     os.environ.update(services.env(topic, database_url))  # EnvVar secrets resolve from here
     defs = build_definitions(services.settings(topic, database_url))
     job = defs.resolve_job_def("score_transactions")
@@ -111,20 +115,27 @@ def _instance_dir(home: str) -> str:
     return home
 
 
-def _profiled(measure, services: Services, topic: str, size: int, directory: Path) -> dict:
+def _profiled(
+    measure, services: Services, topic: str, size: int, attempt: int, directory: Path
+) -> dict:
     """The stages under pyinstrument (a sampling profiler: a few % of overhead)."""
     from pyinstrument import Profiler
 
     directory.mkdir(parents=True, exist_ok=True)
     with Profiler(interval=0.001) as profiler:
-        result = measure(services, topic, size)
+        result = measure(services, topic, size, attempt)
     (directory / f"stages-{size}.txt").write_text(profiler.output_text(show_all=False))
     profiler.write_html(directory / f"stages-{size}.html")
     return result
 
 
 def _child(
-    services: Services, topic: str, size: int, mode: str, profile: Path | None = None
+    services: Services,
+    topic: str,
+    size: int,
+    mode: str,
+    attempt: int,
+    profile: Path | None = None,
 ) -> dict:
     """Run one measurement in a fresh Python process and return its JSON result."""
     command = [
@@ -137,6 +148,8 @@ def _child(
         topic,
         "--size",
         str(size),
+        "--attempt",
+        str(attempt),
         "--services",
         json.dumps(
             {
@@ -156,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--repeat", type=int, default=1, help="measurements per size")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
         "--profile",
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", choices=["stages", "run"], help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--attempt", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--services", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -180,9 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         measure = measure_stages if args.child == "stages" else measure_run
         if args.profile and args.child == "stages":
-            result = _profiled(measure, services, args.topic, args.size, args.profile)
+            result = _profiled(measure, services, args.topic, args.size, args.attempt, args.profile)
         else:
-            result = measure(services, args.topic, args.size)
+            result = measure(services, args.topic, args.size, args.attempt)
         sys.stdout.write(json.dumps(result) + "\n")
         return
 
@@ -193,14 +208,35 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes:
             topic = f"bench-throughput-{size}"
             fill_topic(services, topic, size, seed=size)
-            stages = _child(services, topic, size, "stages", args.profile)
-            run = _child(services, topic, size, "run")
-            rows.append({**stages, "run": run})
-    _print(rows)
+            for attempt in range(args.repeat):
+                stages = _child(services, topic, size, "stages", attempt, args.profile)
+                run = _child(services, topic, size, "run", attempt)
+                rows.append({**stages, "run": run})
+    _print(rows, args.repeat)
     emit_json(args.json, {"machine": machine_description(), "command": COMMAND, "rows": rows})
 
 
-def _print(rows: list[dict]) -> None:
+def median_row(rows: list[dict]) -> dict:
+    """The per-field median of repeated measurements of one size (same shape as a row)."""
+    stage_names = rows[0]["stages_seconds"].keys()
+    return {
+        "size": rows[0]["size"],
+        "suspicious": rows[0]["suspicious"],
+        "stages_seconds": {
+            name: statistics.median(r["stages_seconds"][name] for r in rows) for name in stage_names
+        },
+        **{
+            key: statistics.median(r[key] for r in rows)
+            for key in ("stages_total_seconds", "stages_tx_per_second")
+        },
+        "run": {
+            key: statistics.median(r["run"][key] for r in rows)
+            for key in ("run_seconds", "run_tx_per_second", "peak_rss_mib")
+        },
+    }
+
+
+def _print(rows: list[dict], repeat: int) -> None:
     out = sys.stdout
     out.write(f"machine: {machine_description()}\n")
     out.write(
@@ -208,16 +244,27 @@ def _print(rows: list[dict]) -> None:
         f"{'stages':>7} {'stage tx/s':>11} {'run s':>7} {'run tx/s':>9} {'susp':>6} "
         f"{'peak MiB':>9}\n"
     )
-    for row in rows:
-        s = row["stages_seconds"]
-        run = row["run"]
-        out.write(
-            f"{row['size']:>8} {s['fetch']:>7.2f} {s['preprocess']:>7.2f} {s['score']:>7.2f} "
-            f"{s['persist']:>8.2f} {s['alert']:>7.2f} {row['stages_total_seconds']:>7.2f} "
-            f"{row['stages_tx_per_second']:>11.0f} {run['run_seconds']:>7.2f} "
-            f"{run['run_tx_per_second']:>9.0f} {row['suspicious']:>6} {run['peak_rss_mib']:>9.0f}\n"
-        )
-    out.write(f"reproduce: {COMMAND} --sizes {' '.join(str(r['size']) for r in rows)}\n")
+    for start in range(0, len(rows), repeat):
+        group = rows[start : start + repeat]
+        for row in group:
+            out.write(_line(row, ""))
+        if repeat > 1:
+            out.write(_line(median_row(group), "  median"))
+    sizes = " ".join(str(size) for size in dict.fromkeys(r["size"] for r in rows))
+    repeat_option = f" --repeat {repeat}" if repeat > 1 else ""
+    out.write(f"reproduce: {COMMAND} --sizes {sizes}{repeat_option}\n")
+
+
+def _line(row: dict, label: str) -> str:
+    s = row["stages_seconds"]
+    run = row["run"]
+    return (
+        f"{row['size']:>8} {s['fetch']:>7.2f} {s['preprocess']:>7.2f} {s['score']:>7.2f} "
+        f"{s['persist']:>8.2f} {s['alert']:>7.2f} {row['stages_total_seconds']:>7.2f} "
+        f"{row['stages_tx_per_second']:>11.0f} {run['run_seconds']:>7.2f} "
+        f"{run['run_tx_per_second']:>9.0f} {row['suspicious']:>6} {run['peak_rss_mib']:>9.0f}"
+        f"{label}\n"
+    )
 
 
 if __name__ == "__main__":
