@@ -247,7 +247,7 @@ def compute_batch_features(
 ) -> pd.DataFrame:
     """Features of the `batch` rows, with windows filled from the stored `history`.
 
-    `history` is a `BatchHistory` (see `storage.store.load_batch_history`) or plain stored rows
+    `history` is a `BatchHistory` (see `storage.history.load_batch_history`) or plain stored rows
     with is_fraud labels. History rows whose transaction_id is in the batch are ignored (a rerun
     finds its own rows stored). The result is indexed like `batch`.
     """

@@ -20,12 +20,8 @@ from sqlalchemy.engine import Engine
 
 from fraud_dagster.errors import LabelError
 from fraud_dagster.features import DELAY_DAYS
-from fraud_dagster.storage.store import (
-    latest_transaction_date,
-    load_labels,
-    record_labels,
-    stored_sources,
-)
+from fraud_dagster.storage.history import stored_sources
+from fraud_dagster.storage.labels import latest_transaction_date, load_labels, record_labels
 
 logger = logging.getLogger(__name__)
 

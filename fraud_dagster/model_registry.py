@@ -26,7 +26,7 @@ from fraud_dagster.errors import ModelIntegrityError
 from fraud_dagster.features import FEATURE_COLUMNS, compute_features
 from fraud_dagster.model import LoadedModel, Manifest, ModelEntry, load_verified, sha256_of_file
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions
-from fraud_dagster.storage.store import active_model_version, record_promotion
+from fraud_dagster.storage.promotions import active_model_version, record_promotion
 
 logger = logging.getLogger(__name__)
 

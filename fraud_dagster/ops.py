@@ -37,7 +37,8 @@ from fraud_dagster.resources import (
     ModelResource,
     SmtpResource,
 )
-from fraud_dagster.storage.store import contiguous_end, count_rejected, outbox_status
+from fraud_dagster.storage.batches import contiguous_end, count_rejected
+from fraud_dagster.storage.outbox import outbox_status
 
 FRAUD_ALERTS_KEY = dg.AssetKey("fraud_alerts")
 

@@ -27,16 +27,14 @@ from fraud_dagster.features import (
 )
 from fraud_dagster.messages import RawBatch, Rejection, ValidationLimits, parse_batch
 from fraud_dagster.model import LoadedModel
-from fraud_dagster.storage.store import (
+from fraud_dagster.storage.batches import PersistResult, persist_batch
+from fraud_dagster.storage.history import classify_stored, load_batch_history
+from fraud_dagster.storage.labels import load_labels
+from fraud_dagster.storage.outbox import (
     AcceptedAlert,
-    PersistResult,
     claim_alerts,
-    classify_stored,
-    load_batch_history,
-    load_labels,
     mark_alerts_failed,
     mark_alerts_sent,
-    persist_batch,
 )
 
 logger = logging.getLogger(__name__)

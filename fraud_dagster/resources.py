@@ -21,7 +21,8 @@ from fraud_dagster.alerts import AlertDelivery, SmtpSettings
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.model import LoadedModel, load_verified, read_manifest
 from fraud_dagster.settings import Settings
-from fraud_dagster.storage.store import active_model_version, create_engine, ensure_schema
+from fraud_dagster.storage.database import create_engine, ensure_schema
+from fraud_dagster.storage.promotions import active_model_version
 
 # Engines are expensive to build and safe to share: one per database URL per process.
 _ENGINES: dict[str, Engine] = {}

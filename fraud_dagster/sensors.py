@@ -36,7 +36,7 @@ from fraud_dagster.ops import RUNNING_STATUSES
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
-from fraud_dagster.storage.store import outbox_status
+from fraud_dagster.storage.outbox import outbox_status
 
 KAFKA_SENSOR_NAME = "kafka_transactions_sensor"
 WAITING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]

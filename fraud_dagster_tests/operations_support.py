@@ -27,7 +27,7 @@ from fraud_dagster.local_services.postgres import LocalPostgres, temporary_postg
 from fraud_dagster.resources import build_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema
-from fraud_dagster.storage.store import create_engine, ensure_schema
+from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster_tests.helpers import table_rows
 
 

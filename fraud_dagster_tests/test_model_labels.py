@@ -10,7 +10,8 @@ import pytest
 
 from fraud_dagster import cli
 from fraud_dagster.storage import schema
-from fraud_dagster.storage.store import create_engine, ensure_schema, persist_batch, utcnow
+from fraud_dagster.storage.batches import persist_batch
+from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
 from fraud_dagster_tests.helpers import table_rows
 
 START = datetime(2026, 3, 1)

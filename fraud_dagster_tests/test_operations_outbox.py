@@ -22,8 +22,9 @@ from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.resources import SmtpResource, resolved_resources
 from fraud_dagster.settings import Settings, load_settings
-from fraud_dagster.storage import schema, store
-from fraud_dagster.storage.store import create_engine
+from fraud_dagster.storage import schema
+from fraud_dagster.storage.database import create_engine, utcnow
+from fraud_dagster.storage.outbox import STALE_CLAIM_AFTER, claim_alerts
 from fraud_dagster_tests.helpers import (
     MailBox,
     evaluate_sensor,
@@ -262,7 +263,7 @@ def test_a_dead_senders_claim_expires_and_the_resend_keeps_the_message_id(
     smtp = resolved_resources(settings)["smtp"]
     engine = create_engine(database_url)
 
-    held = store.claim_alerts(engine, "dead-sender", pending_grace=timedelta(0))
+    held = claim_alerts(engine, "dead-sender", pending_grace=timedelta(0))
     assert sorted(alert["transaction_id"] for alert in held) == sorted(suspicious)
     accepted = held[0]
     with SmtpMailer(smtp.smtp_settings()) as mailer:
@@ -273,7 +274,7 @@ def test_a_dead_senders_claim_expires_and_the_resend_keeps_the_message_id(
         return send_due_alerts(engine, smtp, token, pending_grace=timedelta(0))
 
     assert send("too-early").claimed == 0  # a fresh claim is never taken over
-    expired = store.utcnow() - store.STALE_CLAIM_AFTER - timedelta(seconds=1)
+    expired = utcnow() - STALE_CLAIM_AFTER - timedelta(seconds=1)
     with engine.begin() as conn:
         conn.execute(
             sa.update(schema.fraud_alerts)

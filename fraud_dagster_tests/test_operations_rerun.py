@@ -18,7 +18,7 @@ from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
-from fraud_dagster.storage.store import create_engine, ensure_schema
+from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster_tests.helpers import (
     evaluate_sensor,
     produce,

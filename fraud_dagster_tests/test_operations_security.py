@@ -18,7 +18,8 @@ from fraud_dagster.local_services.process import free_port, wait_until
 from fraud_dagster.local_services.smtp import LocalSmtpServer, MaildirHandler
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema
-from fraud_dagster.storage.store import create_engine, record_labels
+from fraud_dagster.storage.database import create_engine
+from fraud_dagster.storage.labels import record_labels
 from fraud_dagster_tests.helpers import MailBox, evaluate_sensor, graphql_text, produce, table_rows
 from fraud_dagster_tests.operations_support import local_postgres, run_request
 from fraud_dagster_tests.test_end_to_end import known_transactions

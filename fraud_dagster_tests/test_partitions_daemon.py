@@ -27,7 +27,7 @@ from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
-from fraud_dagster.storage.store import create_engine, ensure_schema
+from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster_tests.helpers import produce, table_rows
 from fraud_dagster_tests.operations_support import (
     accept_inserts,

@@ -29,14 +29,10 @@ from kafka.structs import OffsetAndMetadata
 from fraud_dagster import kafka_io
 from fraud_dagster.benchmarks.harness import fill_topic, local_services, machine_description
 from fraud_dagster.cli import print_line
+from fraud_dagster.storage.batches import contiguous_end
+from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
+from fraud_dagster.storage.outbox import claim_alerts
 from fraud_dagster.storage.schema import fraud_alerts, stored_ranges
-from fraud_dagster.storage.store import (
-    claim_alerts,
-    contiguous_end,
-    create_engine,
-    ensure_schema,
-    utcnow,
-)
 
 COMMAND = "python -m fraud_dagster.benchmarks.batch_bookkeeping"
 BATCH = 100

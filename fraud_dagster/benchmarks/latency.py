@@ -263,7 +263,7 @@ def run_phase(
 
 
 def _wait_for_schema(engine: sa.Engine) -> None:
-    from fraud_dagster.storage.store import ensure_schema
+    from fraud_dagster.storage.database import ensure_schema
 
     ensure_schema(engine)
 

@@ -50,7 +50,7 @@ from fraud_dagster.local_services.postgres import DAGSTER_DATABASE, temporary_po
 from fraud_dagster.sensors import IN_FLIGHT_STATUSES
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions, to_messages
 from fraud_dagster.storage import schema
-from fraud_dagster.storage.store import create_engine, ensure_schema
+from fraud_dagster.storage.database import create_engine, ensure_schema
 
 logger = logging.getLogger(__name__)
 COMMAND = "python -m fraud_dagster.benchmarks.load_test"

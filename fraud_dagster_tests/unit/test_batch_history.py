@@ -12,8 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from fraud_dagster.features import compute_batch_features, compute_features, history_plan
+from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
+from fraud_dagster.storage.history import load_batch_history
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
-from fraud_dagster.storage.store import create_engine, ensure_schema, load_batch_history, utcnow
 
 
 def transactions(n: int, seed: int) -> pd.DataFrame:

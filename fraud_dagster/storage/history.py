@@ -1,0 +1,211 @@
+"""What a batch reads before it is scored: stored history for its features, and its ids.
+
+Reads only; one IN list per `IN_CHUNK` keys. The history is compact (see `load_batch_history`),
+so a batch reads about as many rows as it has, however much is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from fraud_dagster.features import (
+    ACCOUNT_EDGES_DAYS,
+    ACCOUNT_HISTORY_COLUMNS,
+    MERCHANT_EDGES_DAYS,
+    MERCHANT_HISTORY_COLUMNS,
+    WEIGHT,
+    BatchHistory,
+    HistoryPlan,
+    history_plan,
+)
+from fraud_dagster.messages import Rejection
+from fraud_dagster.storage.database import (
+    frame_from_rows,
+    in_chunks,
+)
+from fraud_dagster.storage.schema import (
+    fraud_labels,
+    scored_transactions,
+)
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _second(second: int) -> datetime:
+    return _EPOCH + timedelta(seconds=second)
+
+
+def _within(column: sa.Column, interval: tuple[int, int]) -> sa.ColumnElement[bool]:
+    """`column` falls in the closed interval of whole epoch seconds [first, last]."""
+    first, last = interval
+    return sa.and_(column >= _second(first), column < _second(last + 1))
+
+
+def _not_from(source: tuple[str, int, int, int] | None) -> sa.ColumnElement[bool]:
+    s = scored_transactions
+    if source is None:
+        return sa.true()
+    topic, partition, first, last = source
+    return sa.not_(
+        sa.and_(
+            s.c.source_topic == topic,
+            s.c.source_partition == partition,
+            s.c.source_offset.between(first, last),
+        )
+    )
+
+
+def _history_part(
+    conn: Connection,
+    key: sa.Column,
+    keys: Sequence[str],
+    plan: HistoryPlan,
+    value: sa.ColumnElement,
+    exclude_source: tuple[str, int, int, int] | None,
+) -> pd.DataFrame:
+    """Rows of `plan.rows` and one aggregate row per key and band of `plan.bands`."""
+    s, labels = scored_transactions, fraud_labels
+    joined = s.outerjoin(labels, labels.c.transaction_id == s.c.transaction_id)
+    date = s.c.transaction_date
+    rows: list[Any] = []
+    bands: list[Any] = []
+    for chunk in in_chunks(list(keys)):
+        selected = sa.and_(key.in_(chunk), _not_from(exclude_source))
+        if plan.rows:
+            query = (
+                sa.select(s.c.transaction_id, key, date, value, sa.literal(1.0))
+                .select_from(joined)
+                .where(selected, sa.or_(*(_within(date, interval) for interval in plan.rows)))
+            )
+            rows.extend(conn.execute(query).all())
+        if plan.bands:
+            band = sa.case(
+                *((_within(date, interval), i) for i, interval in enumerate(plan.bands)),
+                else_=-1,
+            ).label("band")
+            query = (
+                sa.select(key, band, sa.func.count(), sa.func.sum(value))
+                .select_from(joined)
+                .where(selected, sa.or_(*(_within(date, interval) for interval in plan.bands)))
+                .group_by(key, band)
+            )
+            bands.extend(conn.execute(query).all())
+    names = ["transaction_id", "key", "transaction_date", "value", WEIGHT]
+    aggregates = [
+        # One row for the n transactions of a key in a band, at the band's last second;
+        # the NUL in its id cannot clash with a real id (identifiers exclude control characters).
+        (
+            f"\x00band{band_index}:{key_value}",
+            key_value,
+            _second(plan.bands[band_index][1]),
+            total,
+            count,
+        )
+        for key_value, band_index, count, total in bands
+    ]
+    frame = frame_from_rows([*rows, *aggregates], names)
+    frame["transaction_date"] = pd.to_datetime(frame["transaction_date"])
+    frame["value"] = frame["value"].astype(float).fillna(0.0)
+    frame[WEIGHT] = frame[WEIGHT].astype(float)
+    return frame
+
+
+def load_batch_history(
+    conn: Connection,
+    batch: pd.DataFrame,
+    exclude_source: tuple[str, int, int, int] | None = None,
+) -> BatchHistory:
+    """What the windows of `batch` (account_id, merchant, transaction_date) need from storage.
+
+    Near the windows' edges stored transactions come as rows, elsewhere as one aggregate row
+    per key and band (see `features.history_plan`), so the history of a batch stays about as
+    large as the batch however much is stored. `exclude_source` = (topic, partition, first,
+    last) leaves out the batch's own messages, which a rerun finds stored already.
+    """
+    seconds = pd.to_datetime(batch["transaction_date"]).astype("datetime64[s]").astype("int64")
+    first, last = int(seconds.min()), int(seconds.max())
+    s, labels = scored_transactions, fraud_labels
+    accounts = _history_part(
+        conn,
+        s.c.account_id,
+        batch["account_id"].unique().tolist(),
+        history_plan(first, last, ACCOUNT_EDGES_DAYS),
+        s.c.transaction_amount,
+        exclude_source,
+    ).rename(columns={"key": "account_id", "value": "transaction_amount"})
+    fraud = sa.case((labels.c.is_fraud == sa.true(), 1.0), else_=0.0)
+    merchants = _history_part(
+        conn,
+        s.c.merchant,
+        batch["merchant"].unique().tolist(),
+        history_plan(first, last, MERCHANT_EDGES_DAYS),
+        fraud,
+        exclude_source,
+    ).rename(columns={"key": "merchant", "value": "is_fraud"})
+    return BatchHistory(
+        accounts=accounts[[*ACCOUNT_HISTORY_COLUMNS, WEIGHT]],
+        merchants=merchants[[*MERCHANT_HISTORY_COLUMNS, WEIGHT]],
+    )
+
+
+def stored_sources(conn: Connection, transaction_ids: Sequence[str]) -> pd.DataFrame:
+    """Where already-stored transaction ids came from: one row per stored id, with
+    stored_topic, stored_partition and stored_offset."""
+    s = scored_transactions
+    rows: list[Any] = []
+    for ids in in_chunks(list(transaction_ids)):
+        query = sa.select(
+            s.c.transaction_id, s.c.source_topic, s.c.source_partition, s.c.source_offset
+        ).where(s.c.transaction_id.in_(ids))
+        rows.extend(conn.execute(query).all())
+    return frame_from_rows(
+        rows, ["transaction_id", "stored_topic", "stored_partition", "stored_offset"]
+    )
+
+
+def classify_stored(conn: Connection, frame: pd.DataFrame) -> tuple[pd.Series, list[Rejection]]:
+    """Check `frame`'s rows against what is stored: (already stored here, duplicates).
+
+    A row whose transaction id is stored from the same Kafka coordinates is the same message
+    read again (a rerun): the boolean Series marks those. A row whose id is stored from other
+    coordinates is a duplicate and becomes a rejection. Rows that match nothing stored are
+    neither. One query per 5,000 ids; the comparison is vectorized.
+    """
+    rerun = pd.Series(False, index=frame.index)
+    if frame.empty:
+        return rerun, []
+    stored = stored_sources(conn, frame["transaction_id"].tolist())
+    if stored.empty:
+        return rerun, []
+    matched = frame[["transaction_id", "source_topic", "source_partition", "source_offset"]].merge(
+        stored, on="transaction_id", how="left"
+    )
+    matched.index = frame.index
+    found = matched["stored_topic"].notna()
+    same_place = (
+        found
+        & (matched["source_topic"] == matched["stored_topic"])
+        & (matched["source_partition"] == matched["stored_partition"])
+        & (matched["source_offset"] == matched["stored_offset"])
+    )
+    rerun = same_place.astype(bool)
+    rejections = [
+        Rejection(
+            frame.at[pos, "source_topic"],
+            int(frame.at[pos, "source_partition"]),
+            int(frame.at[pos, "source_offset"]),
+            frame.at[pos, "raw_value"],
+            "duplicate transaction_id, first stored from "
+            f"{matched.at[pos, 'stored_topic']}/{int(matched.at[pos, 'stored_partition'])} "
+            f"offset {int(matched.at[pos, 'stored_offset'])}",
+            frame.at[pos, "transaction_id"],
+        )
+        for pos in frame.index[found & ~same_place]
+    ]
+    return rerun, rejections

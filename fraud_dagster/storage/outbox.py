@@ -1,0 +1,225 @@
+"""The alert outbox: alerts are written with their batch and sent afterwards, at least once.
+
+A sender claims due alerts with one UPDATE (two senders never hold the same alert), marks the
+ones the SMTP server accepted as sent, and the failed ones for a later retry with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from fraud_dagster.storage.database import (
+    in_chunks,
+    utcnow,
+)
+from fraud_dagster.storage.schema import (
+    fraud_alerts,
+    scored_transactions,
+    suspicious_transactions,
+)
+
+ALERT_VIEW_COLUMNS = (
+    suspicious_transactions.c.transaction_id,
+    suspicious_transactions.c.account_id,
+    suspicious_transactions.c.merchant,
+    suspicious_transactions.c.transaction_amount,
+    suspicious_transactions.c.transaction_date,
+    suspicious_transactions.c.fraud_probability,
+    suspicious_transactions.c.threshold,
+    suspicious_transactions.c.model_version,
+    fraud_alerts.c.attempts,
+)
+
+
+STALE_CLAIM_AFTER = timedelta(minutes=10)
+
+
+def _due_condition(
+    now: datetime, stale_after: timedelta, pending_grace: timedelta | None
+) -> sa.ColumnElement[bool]:
+    """Alerts a sender may take now (see `claim_alerts`)."""
+    a = fraud_alerts
+    pending = a.c.status == "pending"
+    if pending_grace is not None:
+        pending = sa.and_(pending, a.c.created_at <= now - pending_grace)
+    return sa.or_(
+        pending,
+        sa.and_(a.c.status == "failed", a.c.next_attempt_at <= now),
+        sa.and_(a.c.status == "sending", a.c.claimed_at < now - stale_after),
+    )
+
+
+def claim_alerts(
+    engine: Engine,
+    token: str,
+    *,
+    source_range: tuple[str, int, int, int] | None = None,
+    stale_after: timedelta = STALE_CLAIM_AFTER,
+    pending_grace: timedelta | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Mark due alerts as being sent by `token` and return them with what the email shows.
+
+    Due: pending, or failed with its next attempt time reached, or left `sending` by a sender
+    that died more than `stale_after` ago. `source_range` = (topic, partition, first, last)
+    restricts the claim to one batch's messages. `pending_grace` leaves pending alerts younger
+    than that to the batch run that wrote them (the retry sender uses it). The claim is a
+    single UPDATE, so two senders never hold the same alert.
+    """
+    now = utcnow()
+    a, s = fraud_alerts, scored_transactions
+    condition = _due_condition(now, stale_after, pending_grace)
+    if source_range is not None:
+        topic, partition, first, last = source_range
+        in_batch = sa.select(s.c.transaction_id).where(
+            s.c.source_topic == topic,
+            s.c.source_partition == partition,
+            s.c.source_offset.between(first, last),
+        )
+        condition = sa.and_(condition, a.c.transaction_id.in_(in_batch.scalar_subquery()))
+    if limit is not None:
+        candidates = (
+            sa.select(a.c.transaction_id).where(condition).order_by(a.c.created_at).limit(limit)
+        )
+        # The due condition stays in the outer WHERE: PostgreSQL re-checks it on a row another
+        # sender claimed meanwhile (a sub-select alone would not be re-evaluated).
+        condition = sa.and_(condition, a.c.transaction_id.in_(candidates.scalar_subquery()))
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(a)
+            .where(condition)
+            .values(status="sending", claimed_by=token, claimed_at=now, attempts=a.c.attempts + 1)
+        )
+        query = (
+            sa.select(*ALERT_VIEW_COLUMNS)
+            .select_from(a.join(suspicious_transactions))
+            .where(a.c.claimed_by == token, a.c.status == "sending")
+            .order_by(suspicious_transactions.c.transaction_date)
+        )
+        return [dict(row._mapping) for row in conn.execute(query)]
+
+
+@dataclass(frozen=True)
+class AcceptedAlert:
+    """An alert the SMTP server accepted: what marking it sent records."""
+
+    transaction_id: str
+    message_id: str
+    note: str | None = None
+
+
+def mark_alerts_sent(engine: Engine, accepted: Sequence[AcceptedAlert], token: str) -> list[str]:
+    """Record in one transaction that the server accepted `accepted`; return the ids whose
+    claim `token` no longer held (another sender took them over; they were left as they are)."""
+    if not accepted:
+        return []
+    a = fraud_alerts
+    statement = (
+        sa.update(a)
+        .where(a.c.transaction_id == sa.bindparam("tid"), a.c.claimed_by == token)
+        .values(
+            status="sent",
+            sent_at=utcnow(),
+            message_id=sa.bindparam("mid"),
+            last_error=sa.bindparam("note"),
+        )
+    )
+    ids = [alert.transaction_id for alert in accepted]
+    with engine.begin() as conn:
+        result = conn.execute(
+            statement,
+            [{"tid": x.transaction_id, "mid": x.message_id, "note": x.note} for x in accepted],
+        )
+        if engine.dialect.supports_sane_multi_rowcount and result.rowcount == len(accepted):
+            return []  # every claim held: no need to look for lost ones
+        lost: list[str] = []
+        for chunk in in_chunks(ids):
+            lost.extend(
+                conn.execute(
+                    sa.select(a.c.transaction_id).where(
+                        a.c.transaction_id.in_(chunk),
+                        sa.or_(a.c.claimed_by.is_(None), a.c.claimed_by != token),
+                    )
+                ).scalars()
+            )
+    return lost
+
+
+def mark_alerts_failed(
+    engine: Engine, transaction_ids: Sequence[str], token: str, error: str, retry_in: timedelta
+) -> None:
+    now = utcnow()
+    with engine.begin() as conn:
+        for ids in in_chunks(list(transaction_ids)):
+            conn.execute(
+                sa.update(fraud_alerts)
+                .where(fraud_alerts.c.transaction_id.in_(ids), fraud_alerts.c.claimed_by == token)
+                .values(status="failed", last_error=error[:2000], next_attempt_at=now + retry_in)
+            )
+
+
+@dataclass
+class OutboxStatus:
+    """The outbox at a glance: what the retry sensor and the run metadata report."""
+
+    counts: dict[str, int]
+    due: int
+    next_attempt_at: datetime | None
+    oldest_unsent_at: datetime | None
+    last_error: str | None
+
+    @property
+    def unsent(self) -> int:
+        return sum(n for status, n in self.counts.items() if status != "sent")
+
+
+def outbox_status(
+    engine: Engine,
+    *,
+    stale_after: timedelta = STALE_CLAIM_AFTER,
+    pending_grace: timedelta | None = None,
+) -> OutboxStatus:
+    """Counts per status, how many are due now, and when the next failed one is due."""
+    now = utcnow()
+    a = fraud_alerts
+    unsent = a.c.status != "sent"
+    with engine.connect() as conn:
+        counts = dict(
+            conn.execute(sa.select(a.c.status, sa.func.count()).group_by(a.c.status)).all()
+        )
+        due = conn.execute(
+            sa.select(sa.func.count()).where(_due_condition(now, stale_after, pending_grace))
+        ).scalar_one()
+        next_attempt_at, oldest = conn.execute(
+            sa.select(
+                sa.func.min(sa.case((a.c.status == "failed", a.c.next_attempt_at))),
+                sa.func.min(a.c.created_at),
+            ).where(unsent)
+        ).one()
+        last_error = conn.execute(
+            sa.select(a.c.last_error)
+            .where(unsent, a.c.last_error.is_not(None))
+            .order_by(a.c.claimed_at.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+    return OutboxStatus(
+        counts={str(k): int(v) for k, v in counts.items()},
+        due=int(due),
+        next_attempt_at=next_attempt_at,
+        oldest_unsent_at=oldest,
+        last_error=last_error,
+    )
+
+
+def alert_status_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(fraud_alerts.c.status, sa.func.count()).group_by(fraud_alerts.c.status)
+        ).all()
+    return {status: count for status, count in rows}
