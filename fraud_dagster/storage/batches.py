@@ -20,10 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
 from fraud_dagster.messages import Rejection
-from fraud_dagster.storage.database import (
-    insert_ignoring_conflicts,
-    utcnow,
-)
+from fraud_dagster.storage.database import insert_ignoring_conflicts, utcnow
 from fraud_dagster.storage.history import classify_stored
 from fraud_dagster.storage.schema import (
     fraud_alerts,

@@ -25,14 +25,8 @@ from fraud_dagster.features import (
     history_plan,
 )
 from fraud_dagster.messages import Rejection
-from fraud_dagster.storage.database import (
-    frame_from_rows,
-    in_chunks,
-)
-from fraud_dagster.storage.schema import (
-    fraud_labels,
-    scored_transactions,
-)
+from fraud_dagster.storage.database import frame_from_rows, in_chunks
+from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
 _EPOCH = datetime(1970, 1, 1)
 

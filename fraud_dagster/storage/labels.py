@@ -9,14 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from fraud_dagster.storage.database import (
-    in_chunks,
-    utcnow,
-)
-from fraud_dagster.storage.schema import (
-    fraud_labels,
-    scored_transactions,
-)
+from fraud_dagster.storage.database import in_chunks, utcnow
+from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
 
 def load_labels(conn: Connection, transaction_ids: Sequence[str]) -> dict[str, bool]:

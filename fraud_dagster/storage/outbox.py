@@ -14,15 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from fraud_dagster.storage.database import (
-    in_chunks,
-    utcnow,
-)
-from fraud_dagster.storage.schema import (
-    fraud_alerts,
-    scored_transactions,
-    suspicious_transactions,
-)
+from fraud_dagster.storage.database import in_chunks, utcnow
+from fraud_dagster.storage.schema import fraud_alerts, scored_transactions, suspicious_transactions
 
 ALERT_VIEW_COLUMNS = (
     suspicious_transactions.c.transaction_id,
