@@ -8,11 +8,14 @@ already written when it fails: the test shows they were rolled back.
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
 
 from fraud_dagster.definitions import build_definitions
+from fraud_dagster.messages import ValidationLimits
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings, load_settings
@@ -152,3 +155,47 @@ def test_consumer_group_is_never_committed_past_a_batch_that_failed(
     assert meta["consumer_group_offset"] == 30  # the gap is closed: past all three batches
     assert kafka.committed_offsets() == {0: 30}
     assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(30)}
+
+
+def test_a_rerun_keeps_each_message_as_first_stored_even_when_the_clock_changes_the_verdict(
+    settings: Settings, instance: dg.DagsterInstance, mailbox, database_url: str
+) -> None:
+    """The date window moves with the clock: a message a little too far in the future is
+    rejected by the batch's run and would pass in a rerun a few seconds later. The rerun keeps
+    the rejection: the offset is not stored twice and gets no alert."""
+    defs = build_definitions(settings)
+    messages, obvious_frauds, _ = known_transactions()
+    skew = ValidationLimits().max_clock_skew
+    valid_from = datetime.now(UTC) + timedelta(seconds=15)  # the date passes the window then
+    soon_valid = valid_from + skew
+    too_early = {
+        "transaction_id": "FROM-TOMORROW",
+        "account_id": "A-X0",
+        "merchant": "M-Z",
+        "transaction_amount": 8_000.0,  # suspicious, were it scored
+        "transaction_date": soon_valid.isoformat(),
+    }
+    produce(settings, [*messages, too_early])
+    total = len(messages) + 1
+    (request,) = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
+    first = run_request(request, instance)
+    assert first.success
+    (rejected,) = table_rows(database_url, schema.rejected_transactions)
+    assert (rejected["source_offset"], rejected["transaction_id"]) == (total - 1, "FROM-TOMORROW")
+    assert "is outside" in rejected["reason"]
+    suspicious = suspicious_ids(database_url)
+    assert obvious_frauds <= suspicious
+    mailbox.wait_for(len(suspicious))
+
+    time.sleep(max(0.0, (valid_from - datetime.now(UTC)).total_seconds() + 1))
+    rerun = reexecute(instance, first.run_id, from_failure=False)
+
+    assert rerun.success
+    (meta,) = materializations(instance, rerun.run_id, "scored_transactions")
+    assert (meta["inserted"], meta["already_stored"]) == (0, total)
+    assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(total)}
+    assert table_rows(database_url, schema.rejected_transactions) == [rejected]
+    assert suspicious_ids(database_url) == suspicious
+    assert emails_by_transaction(mailbox.wait_for(len(suspicious) + 1, 3)) == dict.fromkeys(
+        suspicious, 1
+    )

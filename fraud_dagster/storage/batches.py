@@ -95,10 +95,12 @@ def persist_batch(
     `batch_range` = (topic, partition, first, last) holds every row of `scored` and is recorded
     as stored in the same transaction (see `contiguous_end`).
 
-    One transaction: either everything is written or nothing is. Rows whose Kafka coordinates
-    are already stored (a rerun) are left as they are, with their first score and alert. A
-    transaction id already stored from other coordinates is a duplicate: it goes to
-    `rejected_transactions` with the place it was first seen.
+    One transaction: either everything is written or nothing is. Messages whose Kafka
+    coordinates are already stored (a rerun) keep their first outcome: a scored row its score
+    and alert, a rejected one its rejection, even if this run judged it otherwise (the date
+    window moves with the clock, limits may have been changed). A transaction id already stored
+    from other coordinates is a duplicate: it goes to `rejected_transactions` with the place it
+    was first seen.
     """
     now = utcnow()
     result = PersistResult()
@@ -117,6 +119,33 @@ def persist_batch(
     s = scored_transactions
     try:
         with engine.begin() as conn:
+            # Same coordinates and same message (raw bytes, or transaction id where the scored
+            # table keeps no bytes): a rerun. Other content is another message there (a
+            # recreated topic) and goes on to the clash handling below.
+            rejected_before = _stored_at(conn, rejected_transactions.c.raw_value, batch_range)
+            if rejected_before:
+                was_rejected = pd.Series(
+                    [
+                        rejected_before.get(offset, _NOTHING) == value
+                        for offset, value in zip(
+                            scored["source_offset"], scored["raw_value"], strict=True
+                        )
+                    ],
+                    index=scored.index,
+                    dtype=bool,
+                )
+                result.already_stored += int(was_rejected.sum())
+                scored = scored.loc[~was_rejected]
+            if rejections:
+                scored_before = _stored_at(conn, s.c.transaction_id, batch_range)
+                kept = [
+                    r
+                    for r in rejections
+                    if r.transaction_id is None
+                    or scored_before.get(r.offset, _NOTHING) != r.transaction_id
+                ]
+                result.already_stored += len(rejections) - len(kept)
+                rejections = kept
             inserted_ids: set[str] = set()
             if len(scored):
                 # A plain multi-row insert (no RETURNING: a third faster); the rows this write
@@ -192,6 +221,24 @@ def persist_batch(
     return result
 
 
+_NOTHING = object()
+
+
+def _stored_at(
+    conn: Connection, column: sa.Column, batch_range: tuple[str, int, int, int]
+) -> dict[int, Any]:
+    """`column` of the rows of `column`'s table stored at `batch_range`'s offsets, by offset
+    (empty on a batch's first run)."""
+    table = column.table
+    topic, partition, first, last = batch_range
+    query = sa.select(table.c.source_offset, column).where(
+        table.c.source_topic == topic,
+        table.c.source_partition == partition,
+        table.c.source_offset.between(first, last),
+    )
+    return {offset: value for offset, value in conn.execute(query)}
+
+
 def contiguous_end(engine: Engine, topic: str, partition: int, start: int) -> int:
     """The offset after the gap-free run of stored ranges that covers `start` (or `start`).
 
@@ -248,6 +295,6 @@ def _classify_conflicts(
                 row.transaction_id,
             )
         )
-    result.already_stored = int(rerun.sum())
+    result.already_stored += int(rerun.sum())
     result.duplicates_rejected = len(rejections)
     return rejections
