@@ -8,6 +8,7 @@ recorded value: joblib files are pickles, and unpickling runs code.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -165,34 +166,51 @@ class LoadedModel:
         return np.asarray(self.estimator.predict_proba(matrix)[:, 1], dtype=np.float64)
 
 
-def verify_model_file(models_dir: Path, entry: ModelEntry) -> Path:
-    """The path of `entry`'s file, if it lies in `models_dir` and hashes to the recorded SHA-256.
+def read_verified_bytes(models_dir: Path, entry: ModelEntry) -> tuple[Path, bytes]:
+    """The path of `entry`'s file and its bytes, read once, if they hash to the recorded SHA-256.
 
-    Raises `ModelIntegrityError` saying what is wrong otherwise; never unpickles anything.
+    The bytes returned are exactly the bytes hashed: whoever unpickles them unpickles what was
+    verified, even if the file on disk is replaced right after. Raises `ModelIntegrityError`
+    saying what is wrong otherwise; never unpickles anything.
     """
     path = (models_dir / entry.file).resolve()
     if models_dir.resolve() not in path.parents:
         raise ModelIntegrityError(f"model file {entry.file!r} points outside {models_dir}")
     try:
-        actual = sha256_of_file(path)
+        data = path.read_bytes()
     except OSError as exc:
         raise ModelIntegrityError(f"model file {path} cannot be read: {exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
     if actual != entry.sha256:
         raise ModelIntegrityError(
             f"model file {path} has SHA-256 {actual}, but the manifest records {entry.sha256} "
             f"for version {entry.version}: refusing to load it. Restore the file or publish it "
             "again with `fraud-dagster train`."
         )
+    return path, data
+
+
+def verify_model_file(models_dir: Path, entry: ModelEntry) -> Path:
+    """The path of `entry`'s file, if it lies in `models_dir` and hashes to the recorded SHA-256.
+
+    Raises `ModelIntegrityError` saying what is wrong otherwise; never unpickles anything. Only
+    a check: to load the model, use `load_verified`, which unpickles the bytes it hashed.
+    """
+    path, _ = read_verified_bytes(models_dir, entry)
     return path
 
 
 def load_verified(
     models_dir: Path, entry: ModelEntry, threshold: float | None = None
 ) -> LoadedModel:
-    """Unpickle `entry`'s file only if its SHA-256 matches the manifest."""
-    path = verify_model_file(models_dir, entry)
+    """Unpickle `entry`'s file only if its SHA-256 matches the manifest.
+
+    The file is read once; the bytes that were hashed are the bytes unpickled (never the path,
+    which could be swapped between the check and the load).
+    """
+    path, data = read_verified_bytes(models_dir, entry)
     try:
-        estimator = joblib.load(path)
+        estimator = joblib.load(io.BytesIO(data))
     except Exception as exc:  # unpickling can fail in many ways; all mean "unusable file"
         raise ModelIntegrityError(f"model file {path} could not be unpickled: {exc!r}") from exc
     if not hasattr(estimator, "predict_proba"):

@@ -26,7 +26,11 @@ from fraud_dagster.errors import ModelIntegrityError
 from fraud_dagster.features import FEATURE_COLUMNS, compute_features
 from fraud_dagster.model import LoadedModel, Manifest, ModelEntry, load_verified, sha256_of_file
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions
-from fraud_dagster.storage.promotions import active_model_version, record_promotion
+from fraud_dagster.storage.promotions import (
+    active_model_version,
+    promoted_sha256,
+    record_promotion,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,23 @@ class ReloadDecision:
 def active_version(engine: Engine, manifest: Manifest) -> str:
     """The version batch runs load (see `Manifest.serving_version`), pins aside."""
     return manifest.serving_version(active_model_version(engine))
+
+
+def require_promoted_hash(engine: Engine, entry: ModelEntry) -> None:
+    """Refuse a promoted version whose manifest entry no longer records the promoted SHA-256.
+
+    The manifest sits next to the model files, so replacing a file *and* its manifest hash passes
+    the manifest check; the hash `reload_model` recorded in the database at promotion does not
+    move with them. Versions never promoted (the shipped default) have nothing to compare with.
+    """
+    recorded = promoted_sha256(engine, entry.version)
+    if recorded is not None and recorded.lower() != entry.sha256:
+        raise ModelIntegrityError(
+            f"model version {entry.version} was promoted with SHA-256 {recorded.lower()}, but "
+            f"the manifest now records {entry.sha256}: refusing to load it. Restore the promoted "
+            "file and its manifest entry, or publish a new version and promote it with "
+            "`reload_model`."
+        )
 
 
 def candidate_fingerprint(models_dir: Path, candidate: ModelEntry, active: str | None) -> str:

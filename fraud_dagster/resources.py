@@ -20,6 +20,7 @@ from fraud_dagster import kafka_io
 from fraud_dagster.alerts import AlertDelivery, SmtpSettings
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.model import LoadedModel, load_verified, read_manifest
+from fraud_dagster.model_registry import require_promoted_hash
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster.storage.promotions import active_model_version
@@ -128,10 +129,16 @@ class ModelResource(dg.ConfigurableResource):
         return read_manifest(Path(self.models_dir)).serving_version(promoted)
 
     def load(self, engine: Engine | None = None) -> LoadedModel:
-        """The verified model for this run; loaded once per run, however often it is asked for."""
+        """The verified model for this run; loaded once per run, however often it is asked for.
+
+        With `engine`, a version that was promoted must still carry the SHA-256 recorded at its
+        promotion; the file must hash to the manifest's SHA-256 in every case.
+        """
         if self._loaded is None:
             models_dir = Path(self.models_dir)
             entry = read_manifest(models_dir).get(self.select_version(engine))
+            if engine is not None:
+                require_promoted_hash(engine, entry)
             self._loaded = load_verified(models_dir, entry, self.threshold)
         return self._loaded
 

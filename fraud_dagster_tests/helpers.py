@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 import sqlalchemy as sa
 
 from fraud_dagster import producer
@@ -121,3 +122,24 @@ def graphql(base_url: str, query: str, variables: dict[str, Any] | None = None) 
     payload = json.loads(graphql_text(base_url, query, variables))
     assert "errors" not in payload, payload
     return payload["data"]
+
+
+def ordinary_and_large_amount(features: Iterable[str]) -> pd.DataFrame:
+    """Two feature rows alike but for the amount: 40 and 400.
+
+    The simulator (the handbook's) makes every amount above 220 a fraud, so any model trained on
+    its data must score the second row above the first; a blank or wrong model does not.
+    """
+    history = {
+        "account_tx_count_1d": 2,
+        "account_mean_amount_1d": 50.0,
+        "account_tx_count_7d": 10,
+        "account_mean_amount_7d": 50.0,
+        "account_tx_count_30d": 40,
+        "account_mean_amount_30d": 50.0,
+        "merchant_tx_count_1d": 5,
+        "merchant_tx_count_7d": 30,
+        "merchant_tx_count_30d": 120,
+    }
+    rows = [{**history, "transaction_amount": amount} for amount in (40.0, 400.0)]
+    return pd.DataFrame(rows).reindex(columns=list(features), fill_value=0.0)

@@ -9,21 +9,32 @@ trained by materializing the `fraud_model` asset.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
+import joblib
 import pytest
 
 from fraud_dagster import model_registry
 from fraud_dagster.definitions import build_definitions
+from fraud_dagster.errors import ModelIntegrityError
 from fraud_dagster.local_services.dagster_processes import running_daemon
-from fraud_dagster.model import Manifest, ModelEntry, read_manifest, sha256_of_file, write_manifest
+from fraud_dagster.model import (
+    LoadedModel,
+    Manifest,
+    ModelEntry,
+    load_verified,
+    read_manifest,
+    sha256_of_file,
+    write_manifest,
+)
 from fraud_dagster.model_ops import TAG_OUTCOME, fraud_model
 from fraud_dagster.producer import synthetic_transactions
-from fraud_dagster.resources import build_resources
+from fraud_dagster.resources import build_resources, resolved_resources
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
@@ -209,6 +220,45 @@ def test_unreadable_missing_and_worse_models_are_refused(
     assert promotions(database_url) == ["slightly-worse"]
     result = run_reload(defs, instance)
     assert output_metadata(result)["outcome"] == model_registry.UNCHANGED
+
+
+def test_promoted_version_must_keep_the_hash_recorded_at_promotion(
+    reload_settings: Settings, instance, database_url: str, models_dir: Path
+) -> None:
+    """Replacing a promoted file *and* its manifest hash passes the manifest check, not the
+    SHA-256 that reload_model recorded in the database when it promoted the version."""
+    defs = build_definitions(reload_settings)
+    better = publish_copy(models_dir, "better", order=1, metrics_delta=0.01)
+    assert output_metadata(run_reload(defs, instance))["outcome"] == "promoted"
+
+    def load_for_a_batch_run() -> LoadedModel:
+        resources = resolved_resources(reload_settings)  # a fresh run: nothing loaded yet
+        return resources["model"].load(resources["database"].get_engine())
+
+    assert load_for_a_batch_run().version == "better"
+
+    # Another valid model under the promoted version, its hash written into the manifest.
+    path = models_dir / better.file
+    promoted_bytes = path.read_bytes()
+    joblib.dump(load_verified(models_dir, better).estimator, path, compress=1)
+    replaced = replace(better, sha256=sha256_of_file(path))
+    assert replaced.sha256 != better.sha256
+    manifest = read_manifest(models_dir)
+    entries = tuple(replaced if e.version == better.version else e for e in manifest.entries)
+    write_manifest(models_dir, Manifest(entries, manifest.default_version))
+    assert load_verified(models_dir, replaced).version == "better"  # file and manifest agree
+
+    expected = (
+        f"model version better was promoted with SHA-256 {better.sha256}, "
+        f"but the manifest now records {replaced.sha256}: refusing to load it"
+    )
+    with pytest.raises(ModelIntegrityError, match=re.escape(expected)):
+        load_for_a_batch_run()
+
+    # Restoring the promoted bytes and hash serves the promoted version again.
+    path.write_bytes(promoted_bytes)
+    write_manifest(models_dir, manifest)
+    assert load_for_a_batch_run().version == "better"
 
 
 def test_schedule_cron_comes_from_settings(

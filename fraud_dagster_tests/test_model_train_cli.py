@@ -9,6 +9,7 @@ import pytest
 from fraud_dagster import cli
 from fraud_dagster.model import load_verified, read_manifest
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions
+from fraud_dagster_tests.helpers import ordinary_and_large_amount
 
 
 def run_cli(*argv: str) -> int:
@@ -33,7 +34,10 @@ def test_train_publishes_a_loadable_model_and_shows_progress(
     (entry,) = manifest.entries
     assert manifest.default_version == entry.version  # the first model of an empty directory
     assert entry.training_data["source"] == "simulator(days=50, seed=4)"
-    assert load_verified(models, entry).predict_proba is not None
+    ordinary, large = load_verified(models, entry).predict_proba(
+        ordinary_and_large_amount(entry.features)
+    )
+    assert ordinary < large
 
     labelled = simulate_transactions(SimulationConfig(n_days=50, seed=4))
     labelled.to_csv(tmp_path / "labelled.csv.gz", index=False)

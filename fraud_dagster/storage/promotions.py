@@ -20,6 +20,18 @@ def active_model_version(engine: Engine) -> str | None:
         return conn.execute(query).scalar_one_or_none()
 
 
+def promoted_sha256(engine: Engine, version: str) -> str | None:
+    """The SHA-256 recorded when `version` was last promoted, or None if it never was."""
+    query = (
+        sa.select(model_promotions.c.sha256)
+        .where(model_promotions.c.model_version == version)
+        .order_by(model_promotions.c.promoted_at.desc(), model_promotions.c.id.desc())
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        return conn.execute(query).scalar_one_or_none()
+
+
 def record_promotion(
     engine: Engine, version: str, sha256: str, reason: str, run_id: str | None = None
 ) -> None:

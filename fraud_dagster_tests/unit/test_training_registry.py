@@ -10,8 +10,11 @@ import pytest
 from sklearn.dummy import DummyClassifier
 
 from fraud_dagster import model_registry
+from fraud_dagster.errors import ModelIntegrityError
 from fraud_dagster.model import LoadedModel, load_verified, read_manifest
 from fraud_dagster.settings import PROJECT_ROOT
+from fraud_dagster.storage.database import create_engine, ensure_schema
+from fraud_dagster.storage.promotions import record_promotion
 
 
 @pytest.fixture
@@ -78,3 +81,21 @@ def test_fingerprint_changes_with_the_file_bytes_and_the_active_version(models_d
     assert model_registry.candidate_fingerprint(models_dir, entry, "v1") != first
     path.unlink()
     assert model_registry.candidate_fingerprint(models_dir, entry, "v1") != first
+
+
+def test_promoted_version_must_keep_its_promoted_hash(shipped: LoadedModel, tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'promotions.db'}")
+    try:
+        ensure_schema(engine)
+        entry = shipped.entry
+        model_registry.require_promoted_hash(engine, entry)  # never promoted: nothing to compare
+        record_promotion(engine, entry.version, "0" * 64, "first promotion")
+        record_promotion(engine, entry.version, entry.sha256.upper(), "promoted again")
+        assert model_registry.promoted_sha256(engine, entry.version) == entry.sha256.upper()
+        model_registry.require_promoted_hash(engine, entry)  # the latest promotion counts
+        replaced = replace(entry, sha256="f" * 64)
+        with pytest.raises(ModelIntegrityError, match="was promoted with SHA-256"):
+            model_registry.require_promoted_hash(engine, replaced)
+        assert model_registry.promoted_sha256(engine, "never-promoted") is None
+    finally:
+        engine.dispose()
