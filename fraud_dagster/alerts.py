@@ -249,6 +249,21 @@ class AlertDelivery:
             )
 
 
+class MessageRefusedError(AlertDeliveryError):
+    """The SMTP server refused this one message (MAIL, RCPT or DATA answered with an error, or a
+    feature it needs is missing) and the session is still usable for the next message."""
+
+
+# What smtplib raises for a refusal of one message; it resets the mail transaction (RSET)
+# afterwards, except on a 421 reply, where it closes the connection.
+_MESSAGE_REFUSALS = (
+    smtplib.SMTPRecipientsRefused,
+    smtplib.SMTPSenderRefused,
+    smtplib.SMTPDataError,
+    smtplib.SMTPNotSupportedError,
+)
+
+
 class SmtpMailer:
     """One SMTP session: connect (TLS, login) once, send many messages, quit."""
 
@@ -287,12 +302,21 @@ class SmtpMailer:
         """Hand `message` to the server; return the recipients it refused.
 
         The server accepted the message when this returns, even with some recipients refused
-        (resending it would duplicate it for the others). If every recipient is refused, or the
-        session breaks, `AlertDeliveryError` is raised and nothing was accepted.
+        (resending it would duplicate it for the others). If the server refuses this message
+        (every recipient refused, MAIL or DATA refused) and the session is still usable (it
+        answers RSET), `MessageRefusedError` is raised: the next message may be sent. If the
+        session breaks, `AlertDeliveryError` is raised. Either way nothing was accepted.
         """
-        assert self._client is not None, "use SmtpMailer as a context manager"
+        client = self._client
+        assert client is not None, "use SmtpMailer as a context manager"
         try:
-            refused = self._client.send_message(message)
+            refused = client.send_message(message)
+        except _MESSAGE_REFUSALS as exc:
+            if self._session_usable(client):
+                raise MessageRefusedError(f"SMTP server refused the message: {exc!r}") from exc
+            raise AlertDeliveryError(
+                f"SMTP server refused the message and ended the session: {exc!r}"
+            ) from exc
         except (OSError, smtplib.SMTPException) as exc:
             raise AlertDeliveryError(f"SMTP server refused the message: {exc!r}") from exc
         if refused:
@@ -302,6 +326,18 @@ class SmtpMailer:
                 sorted(refused),
             )
         return sorted(refused)
+
+    @staticmethod
+    def _session_usable(client: smtplib.SMTP) -> bool:
+        """Whether the session can carry another message after a refusal: still connected and
+        RSET accepted (also clears what is left of the refused mail transaction)."""
+        if client.sock is None:  # smtplib closed it (a 421 reply)
+            return False
+        try:
+            code, _ = client.rset()
+        except (OSError, smtplib.SMTPException):
+            return False
+        return code == 250
 
     def __exit__(
         self,

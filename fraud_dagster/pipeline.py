@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,7 +21,13 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from fraud_dagster.alerts import AlertDelivery, SmtpMailer, mask_account, render_alert
+from fraud_dagster.alerts import (
+    AlertDelivery,
+    MessageRefusedError,
+    SmtpMailer,
+    mask_account,
+    render_alert,
+)
 from fraud_dagster.errors import AlertDeliveryError, StorageError
 from fraud_dagster.features import (
     FEATURE_COLUMNS,
@@ -31,10 +39,12 @@ from fraud_dagster.storage.batches import PersistResult, persist_batch
 from fraud_dagster.storage.history import classify_stored, load_batch_history
 from fraud_dagster.storage.labels import load_labels
 from fraud_dagster.storage.outbox import (
+    SEND_WITHIN_CLAIM,
     AcceptedAlert,
     claim_alerts,
     mark_alerts_failed,
     mark_alerts_sent,
+    release_alerts,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,6 +110,7 @@ class DeliveryReport:
     failed: int = 0
     error: str | None = None
     sent_ids: list[str] = field(default_factory=list)
+    released: int = 0  # claimed, not tried before the claim's time was up, due again
 
 
 def prepare_batch(
@@ -205,8 +216,10 @@ def smtp_session_count(alerts: int, max_sessions: int) -> int:
 class _SessionOutcome:
     """What one SMTP session of a delivery got through before it ended or broke."""
 
-    unsent: list[dict] = field(default_factory=list)
+    unsent: list[dict] = field(default_factory=list)  # left when the session broke
     error: AlertDeliveryError | None = None
+    refused: list[tuple[dict, MessageRefusedError]] = field(default_factory=list)
+    untried: list[dict] = field(default_factory=list)  # left when the claim's time was up
 
 
 def _send_share(
@@ -214,29 +227,45 @@ def _send_share(
     delivery: AlertDelivery,
     accepted: queue.Queue[AcceptedAlert | None],
     stop: threading.Event,
+    time_is_up: Callable[[], bool] = lambda: False,
 ) -> _SessionOutcome:
     """Send `share` over one session, reporting each acceptance on `accepted` at once.
 
-    Stops early when `stop` is set (the marking thread failed): what was not sent then stays
-    claimed, and the claim's expiry returns it to the outbox."""
-    sent = 0
+    A message the server refuses while the session stays usable is noted against its alert
+    only, and the session goes on; a broken session ends it, the rest left unsent. Before each
+    message `time_is_up()` is asked: once it says so, the rest is left untried (the delivery
+    releases it). Stops early when `stop` is set (the marking thread failed): what was not sent
+    then stays claimed, and the claim's expiry returns it to the outbox."""
+    outcome = _SessionOutcome()
+    tried = 0
     try:
+        if time_is_up():
+            outcome.untried = share
+            return outcome
         with SmtpMailer(delivery.smtp) as mailer:
             for alert in share:
                 if stop.is_set():
                     break
+                if time_is_up():
+                    outcome.untried = share[tried:]
+                    break
                 message = render_alert(alert, delivery.sender, delivery.recipients)
-                refused = mailer.send(message)
+                try:
+                    refused = mailer.send(message)
+                except MessageRefusedError as exc:
+                    outcome.refused.append((alert, exc))
+                    tried += 1
+                    continue
                 note = (
                     f"accepted, but recipients refused: {', '.join(refused)}" if refused else None
                 )
                 accepted.put(AcceptedAlert(alert["transaction_id"], message["Message-ID"], note))
-                sent += 1
+                tried += 1
     except AlertDeliveryError as exc:
-        return _SessionOutcome(unsent=share[sent:], error=exc)
+        outcome.unsent, outcome.error = share[tried:], exc
     finally:
         accepted.put(None)  # this session is done
-    return _SessionOutcome()
+    return outcome
 
 
 def deliver_alerts(
@@ -247,14 +276,23 @@ def deliver_alerts(
     batch: BatchRef | None = None,
     limit: int | None = None,
     pending_grace: timedelta | None = None,
+    send_within: timedelta = SEND_WITHIN_CLAIM,
+    clock: Callable[[], float] = time.monotonic,
 ) -> DeliveryReport:
     """Send the due alerts of `batch` (or every due alert) over up to `delivery.max_sessions`
     SMTP sessions at once (`smtp_session_count`), each taking an equal share in date order.
 
     This thread marks accepted alerts sent as the sessions report them, a group per database
-    transaction, while the sessions go on sending. If a session fails, its alerts not yet sent
-    are marked failed with the error and a backoff; they stay in the outbox for the next
-    attempt. Nothing is raised for an SMTP failure: the report says what happened.
+    transaction, while the sessions go on sending. A message the server refuses (the session
+    still usable) is marked failed with the server's reply and a backoff, and its session goes
+    on. If a session breaks, its alerts not yet sent are marked failed with the error and a
+    backoff. Failed alerts stay in the outbox for the next attempt. Nothing is raised for an
+    SMTP failure: the report says what happened.
+
+    The claim is never renewed: no message is started once `send_within` (half the time after
+    which another sender may take the claim over) has passed since the claim, by `clock`
+    (seconds). The alerts not tried by then are released (`release_alerts`): due again at once,
+    the attempt not counted, for the next sender.
 
     Guarantee: an alert is marked sent only after the server accepted it, and two senders never
     hold it at once, so it is sent once. The one gap is a sender dying (or the database failing)
@@ -265,6 +303,7 @@ def deliver_alerts(
     source = (
         (batch.topic, batch.partition, batch.first_offset, batch.last_offset) if batch else None
     )
+    deadline = clock() + send_within.total_seconds()  # read before the claim's time is set
     claimed = claim_alerts(
         engine, token, source_range=source, limit=limit, pending_grace=pending_grace
     )
@@ -277,7 +316,14 @@ def deliver_alerts(
     stop = threading.Event()
     with ThreadPoolExecutor(sessions, thread_name_prefix="smtp-session") as pool:
         outcomes = [
-            pool.submit(_send_share, claimed[i::sessions], delivery, accepted, stop)
+            pool.submit(
+                _send_share,
+                claimed[i::sessions],
+                delivery,
+                accepted,
+                stop,
+                lambda: clock() >= deadline,
+            )
             for i in range(sessions)
         ]
         running = sessions
@@ -292,18 +338,33 @@ def deliver_alerts(
             stop.set()
             raise
     ended = [outcome.result() for outcome in outcomes]
-    unsent = [alert for outcome in ended for alert in outcome.unsent]
-    errors = [str(outcome.error) for outcome in ended if outcome.error is not None]
-    if unsent:
-        attempts = max(int(alert["attempts"]) for alert in unsent)
-        mark_alerts_failed(
-            engine,
-            [alert["transaction_id"] for alert in unsent],
-            token,
-            errors[0],
-            retry_delay(attempts, delivery.retry_base_seconds, delivery.retry_max_seconds),
+    refused = [pair for outcome in ended for pair in outcome.refused]
+    untried = [alert for outcome in ended for alert in outcome.untried]
+    errors = [str(exc) for _, exc in refused] + [
+        str(outcome.error) for outcome in ended if outcome.error is not None
+    ]
+    for alert, exc in refused:
+        logger.warning(
+            "alert for transaction %s (account %s) refused by the SMTP server: %s",
+            alert["transaction_id"],
+            mask_account(accounts[alert["transaction_id"]]),
+            exc,
         )
-        report.failed = len(unsent)
+    failures = [(alert, str(exc)) for alert, exc in refused] + [
+        (alert, str(outcome.error)) for outcome in ended for alert in outcome.unsent
+    ]
+    _record_failed(failures, engine, token, delivery)
+    report.failed = len(failures)
+    if untried:
+        report.released = release_alerts(
+            engine, [alert["transaction_id"] for alert in untried], token
+        )
+        logger.warning(
+            "alert delivery: %d alert(s) not tried within %s of the claim, released for the "
+            "next sender",
+            len(untried),
+            send_within,
+        )
     if errors:
         report.error = errors[0]
         logger.warning(
@@ -313,6 +374,25 @@ def deliver_alerts(
             errors[0],
         )
     return report
+
+
+def _record_failed(
+    failures: list[tuple[dict, str]], engine: Engine, token: str, delivery: AlertDelivery
+) -> None:
+    """Mark each alert failed with its error and a backoff after its own attempts (one UPDATE
+    per distinct error and attempt count, in one transaction each)."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for alert, error in failures:
+        key = (error, int(alert["attempts"]))
+        groups.setdefault(key, []).append(alert["transaction_id"])
+    for (error, attempts), ids in groups.items():
+        mark_alerts_failed(
+            engine,
+            ids,
+            token,
+            error,
+            retry_delay(attempts, delivery.retry_base_seconds, delivery.retry_max_seconds),
+        )
 
 
 def _record_sent(

@@ -31,6 +31,10 @@ ALERT_VIEW_COLUMNS = (
 
 
 STALE_CLAIM_AFTER = timedelta(minutes=10)
+# A sender sends on its claim for at most this long, then releases what it has not tried
+# (`release_alerts`): the other half of STALE_CLAIM_AFTER covers a send under way (its SMTP
+# timeouts), marking the accepted ones sent, and clock differences between senders.
+SEND_WITHIN_CLAIM = STALE_CLAIM_AFTER / 2
 
 
 def _due_condition(
@@ -155,6 +159,23 @@ def mark_alerts_failed(
                 .where(fraud_alerts.c.transaction_id.in_(ids), fraud_alerts.c.claimed_by == token)
                 .values(status="failed", last_error=error[:2000], next_attempt_at=now + retry_in)
             )
+
+
+def release_alerts(engine: Engine, transaction_ids: Sequence[str], token: str) -> int:
+    """Give back alerts `token` claimed and never tried to send: `pending` again (due at once),
+    the claim's attempt not counted, `last_error` and `next_attempt_at` of the last real attempt
+    kept. Alerts no longer held by `token` are left alone. Returns how many were released."""
+    a = fraud_alerts
+    released = 0
+    with engine.begin() as conn:
+        for ids in in_chunks(list(transaction_ids)):
+            released += conn.execute(
+                sa.update(a)
+                .where(a.c.transaction_id.in_(ids), a.c.claimed_by == token)
+                .where(a.c.status == "sending")
+                .values(status="pending", claimed_by=None, attempts=a.c.attempts - 1)
+            ).rowcount
+    return released
 
 
 @dataclass

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import email
 import email.policy
+import smtplib
 from datetime import datetime
 
 import pytest
 
 from fraud_dagster.alerts import (
     AlertDelivery,
+    MessageRefusedError,
+    SmtpMailer,
     SmtpSettings,
     alert_message_id,
     header_safe,
     mask_account,
     render_alert,
 )
-from fraud_dagster.errors import ConfigurationError
+from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
 from fraud_dagster.pipeline import smtp_session_count
 
 ALERT = {
@@ -108,3 +111,77 @@ def test_a_delivery_opens_one_more_smtp_session_per_25_alerts_up_to_the_limit(
 def test_a_delivery_needs_at_least_one_session() -> None:
     with pytest.raises(ConfigurationError, match="at least 1"):
         AlertDelivery(SmtpSettings("127.0.0.1", 25), "a@b", ("c@d",), max_sessions=0)
+
+
+class RefusingClient:
+    """Stands in for `smtplib.SMTP` after the server answered a message with `error`; `sock` is
+    None when smtplib closed the connection (a 421 reply), `rset_reply` is its answer to RSET."""
+
+    def __init__(
+        self,
+        error: Exception,
+        connected: bool = True,
+        rset_reply: tuple[int, bytes] | Exception = (250, b"2.0.0 OK"),
+    ) -> None:
+        self.error, self.rset_reply = error, rset_reply
+        self.sock = object() if connected else None
+
+    def send_message(self, message) -> dict:
+        raise self.error
+
+    def rset(self) -> tuple[int, bytes]:
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        if isinstance(self.rset_reply, Exception):
+            raise self.rset_reply
+        return self.rset_reply
+
+    def quit(self) -> None:
+        pass
+
+
+def send_through(client: RefusingClient) -> None:
+    mailer = SmtpMailer(SmtpSettings("127.0.0.1", 25))
+    mailer._client = client  # type: ignore[assignment]  # the session as if connected
+    mailer.send(render_alert(ALERT, "from@x", ["a@x"]))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        smtplib.SMTPRecipientsRefused({"a@x": (550, b"5.1.1 no such user")}),
+        smtplib.SMTPSenderRefused(553, b"5.7.1 sender not allowed", "from@x"),
+        smtplib.SMTPDataError(554, b"5.7.1 message rejected as spam"),
+        smtplib.SMTPNotSupportedError("SMTPUTF8 not supported"),
+    ],
+    ids=["rcpt", "mail", "data", "smtputf8"],
+)
+def test_a_message_refused_on_a_usable_session_is_a_refusal_of_that_message_only(
+    error: Exception,
+) -> None:
+    with pytest.raises(MessageRefusedError, match="refused the message") as raised:
+        send_through(RefusingClient(error))
+    assert raised.value.__cause__ is error
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        RefusingClient(smtplib.SMTPDataError(421, b"4.3.0 closing"), connected=False),
+        RefusingClient(
+            smtplib.SMTPDataError(554, b"5.7.1 no"),
+            rset_reply=smtplib.SMTPServerDisconnected("Connection unexpectedly closed"),
+        ),
+        RefusingClient(smtplib.SMTPRecipientsRefused({"a@x": (550, b"no")}), rset_reply=(421, b"")),
+        RefusingClient(smtplib.SMTPServerDisconnected("Connection unexpectedly closed")),
+        RefusingClient(TimeoutError("timed out")),
+        RefusingClient(ConnectionResetError(104, "Connection reset by peer")),
+    ],
+    ids=["421-closed", "rset-disconnected", "rset-refused", "disconnected", "timeout", "reset"],
+)
+def test_a_broken_session_is_not_taken_for_a_refusal_of_one_message(
+    client: RefusingClient,
+) -> None:
+    with pytest.raises(AlertDeliveryError) as raised:
+        send_through(client)
+    assert not isinstance(raised.value, MessageRefusedError)
