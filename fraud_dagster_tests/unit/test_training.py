@@ -178,8 +178,13 @@ def test_training_needs_frauds_in_both_periods(simulated: pd.DataFrame) -> None:
 
 
 def test_every_kind_builds_and_unknown_kinds_are_refused() -> None:
-    for kind in MODEL_KINDS:
-        assert hasattr(build_estimator(kind), "predict_proba")
+    final_steps = {kind: type(build_estimator(kind).steps[-1][1]).__name__ for kind in MODEL_KINDS}
+    assert final_steps == {
+        "forest_boosting": "VotingClassifier",
+        "gradient_boosting": "HistGradientBoostingClassifier",
+        "random_forest": "RandomForestClassifier",
+        "logistic": "LogisticRegression",
+    }
     with pytest.raises(ConfigurationError, match="forest_boosting"):
         build_estimator("deep_magic")
 
