@@ -171,6 +171,21 @@ def _amount(obj: dict, limits: ValidationLimits) -> tuple[float | None, str | No
     return amount, None
 
 
+class _NonStandardConstant(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON (RFC 8259) has no such values."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonStandardConstant(name)
+
+
+# One decoder for every message (json.loads with arguments would build one per call).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+# What every ISO 8601 calendar date starts with (pandas' parser also takes words like "now").
+_ISO_DATE_START = r"\d{4}-?\d{2}-?\d{2}(?:[T ]|$)"
+
+
 def _decode(value: bytes | None, limits: ValidationLimits) -> tuple[dict | None, str | None]:
     if value is None:
         return None, "empty message (null value)"
@@ -184,11 +199,15 @@ def _decode(value: bytes | None, limits: ValidationLimits) -> tuple[dict | None,
     except UnicodeDecodeError as exc:
         return None, f"invalid UTF-8 at byte {exc.start}"
     try:
-        obj = json.loads(text)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         return None, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    except _NonStandardConstant as exc:
+        return None, f"not standard JSON: {exc.args[0]} is not a JSON value"
     except RecursionError:
         return None, f"JSON nested deeper than {limits.max_nesting_depth} levels"
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        return None, f"unreadable JSON number: {str(exc)[:80]}"
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {_json_type_name(obj)}"
     return obj, None
@@ -244,13 +263,23 @@ def parse_batch(raw: RawBatch, limits: ValidationLimits | None = None) -> Parsed
             reject(i, error, ids["transaction_id"])
             continue
         extras = {k: v for k, v in obj.items() if k not in REQUIRED_FIELDS}
-        if extras and _nesting_depth(extras, limits.max_nesting_depth) > limits.max_nesting_depth:
-            reject(
-                i,
-                f"extra fields nested deeper than {limits.max_nesting_depth} levels",
-                ids["transaction_id"],
-            )
-            continue
+        extra_json = None
+        if extras:
+            if _nesting_depth(extras, limits.max_nesting_depth) > limits.max_nesting_depth:
+                reject(
+                    i,
+                    f"extra fields nested deeper than {limits.max_nesting_depth} levels",
+                    ids["transaction_id"],
+                )
+                continue
+            try:
+                # ASCII-escaped: any JSON string (NUL, lone surrogates) stores in any database.
+                extra_json = json.dumps(extras, sort_keys=True, allow_nan=False)
+            except ValueError:  # a number like 1e999, read as infinity
+                reject(
+                    i, "extra fields hold a number too large for a double", ids["transaction_id"]
+                )
+                continue
         rows.append(
             (
                 ids["transaction_id"],
@@ -258,8 +287,7 @@ def parse_batch(raw: RawBatch, limits: ValidationLimits | None = None) -> Parsed
                 ids["merchant"],
                 amount,
                 date_value,
-                # ASCII-escaped: any JSON string (NUL, lone surrogates) stores in any database.
-                json.dumps(extras, sort_keys=True) if extras else None,
+                extra_json,
                 raw.topic,
                 raw.partition,
                 raw.offsets[i],
@@ -286,7 +314,8 @@ def _parse_dates(
         frame["kafka_timestamp"] = pd.Series(dtype="datetime64[us]")
         return frame, []
     texts = frame["transaction_date"].astype(str)
-    parsed = pd.to_datetime(texts, format="ISO8601", utc=True, errors="coerce")
+    dated = texts.str.match(_ISO_DATE_START)
+    parsed = pd.to_datetime(texts.where(dated), format="ISO8601", utc=True, errors="coerce")
     latest = pd.Timestamp(datetime.now(UTC) + limits.max_clock_skew)
     earliest = pd.Timestamp(limits.earliest_date)
     bad_format = parsed.isna()
@@ -294,19 +323,30 @@ def _parse_dates(
     rejections = []
     for pos in frame.index[bad_format | out_of_range]:
         text = texts[pos][:40]
+        real_date = bool(dated[pos]) and (not bad_format[pos] or _is_calendar_date(texts[pos]))
         reason = (
-            f"'transaction_date' is not a valid ISO 8601 date: {text!r}"
-            if bad_format[pos]
-            else f"'transaction_date' {text!r} is outside {earliest.date()}..{latest.date()}"
+            f"'transaction_date' {text!r} is outside {earliest.date()}..{latest.date()}"
+            if real_date
+            else f"'transaction_date' is not a valid ISO 8601 date: {text!r}"
         )
         rejections.append(_rejection_for_row(frame, pos, reason))
     keep = ~(bad_format | out_of_range)
     frame = frame.loc[keep].copy()
     frame["transaction_date"] = parsed[keep].dt.tz_convert(None).astype("datetime64[us]")
-    frame["kafka_timestamp"] = pd.to_datetime(frame["kafka_timestamp"], unit="ms").astype(
-        "datetime64[us]"
-    )
+    timestamps = pd.to_numeric(frame["kafka_timestamp"], errors="coerce")
+    frame["kafka_timestamp"] = pd.to_datetime(  # -1: the message carries no timestamp
+        timestamps.where(timestamps >= 0), unit="ms"
+    ).astype("datetime64[us]")
     return frame, rejections
+
+
+def _is_calendar_date(text: str) -> bool:
+    """Whether `text` is a real ISO 8601 date pandas could not hold (years 1-1677, 2262-9999)."""
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _drop_duplicate_ids(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[Rejection]]:

@@ -53,11 +53,18 @@ BAD: list[tuple[bytes | None, str]] = [
     (
         b'{"transaction_id": "n2", "account_id": "a", "merchant": "m", "transaction_amount": NaN,'
         b' "transaction_date": "2026-01-02T00:00:00Z"}',
-        "not a finite number",
+        "not standard JSON: NaN",
+    ),
+    (
+        b'{"transaction_id": "n5", "account_id": "a", "merchant": "m", "transaction_amount": '
+        + b"9" * 5000
+        + b', "transaction_date": "2026-01-02T00:00:00Z"}',
+        "unreadable JSON number",
     ),
     (message(transaction_id="n3", transaction_amount="Infinity"), "not a finite number"),
     (message(transaction_id="n4", transaction_amount=1e300), "exceeds the limit"),
     (message(transaction_id="d1", transaction_date="yesterday"), "not a valid ISO 8601 date"),
+    (message(transaction_id="d4", transaction_date="now"), "not a valid ISO 8601 date"),
     (message(transaction_id="d2", transaction_date="2026-02-30T00:00:00Z"), "not a valid"),
     (message(transaction_id="d3", transaction_date="2999-01-01T00:00:00Z"), "is outside"),
     (message(transaction_id="c1", account_id="A\r\nBcc: x@evil"), "control characters"),

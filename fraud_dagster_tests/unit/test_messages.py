@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from fraud_dagster.messages import RawBatch, parse_batch
@@ -28,6 +29,15 @@ def batch_of(*values: bytes | None) -> RawBatch:
 
 def encode(obj: object) -> bytes:
     return json.dumps(obj).encode()
+
+
+def test_a_message_without_a_broker_timestamp_stores_none_not_1969() -> None:
+    raw = batch_of(encode(GOOD), encode({**GOOD, "transaction_id": "t2"}))
+    raw.timestamps_ms[0] = -1  # what Kafka reports for a message with no timestamp
+    parsed = parse_batch(raw)
+    stamps = parsed.transactions["kafka_timestamp"].tolist()
+    assert pd.isna(stamps[0])
+    assert stamps[1] == pd.Timestamp(1_700_000_000_001, unit="ms")
 
 
 def test_valid_message_becomes_a_typed_row() -> None:
@@ -78,11 +88,31 @@ def test_integer_identifiers_and_offsets_are_normalised() -> None:
         (
             b'{"transaction_id":"t","account_id":"a","merchant":"m","transaction_amount":NaN,'
             b'"transaction_date":"2026-01-01T00:00:00Z"}',
-            "not a finite number",
+            "not standard JSON: NaN is not a JSON value",
+        ),
+        (
+            b'{"transaction_id":"t","account_id":"a","merchant":"m","transaction_amount":1,'
+            b'"x":-Infinity,"transaction_date":"2026-01-01T00:00:00Z"}',
+            "-Infinity is not a JSON value",
+        ),
+        (
+            b'{"transaction_id":"t","account_id":"a","merchant":"m","transaction_amount":'
+            + b"9" * 5000
+            + b',"transaction_date":"2026-01-01T00:00:00Z"}',
+            "unreadable JSON number",
+        ),
+        (
+            encode({**GOOD}).replace(b"}", b', "x": 1e999}'),
+            "extra fields hold a number too large for a double",
         ),
         (encode({**GOOD, "transaction_amount": "Infinity"}), "not a finite number"),
         (encode({**GOOD, "transaction_amount": 1e12}), "exceeds the limit"),
         (encode({**GOOD, "transaction_date": "yesterday"}), "not a valid ISO 8601 date"),
+        (encode({**GOOD, "transaction_date": "now"}), "not a valid ISO 8601 date"),
+        (encode({**GOOD, "transaction_date": "today"}), "not a valid ISO 8601 date"),
+        (encode({**GOOD, "transaction_date": "2026-01"}), "not a valid ISO 8601 date"),
+        (encode({**GOOD, "transaction_date": "0001-01-01T00:00:00Z"}), "is outside 1990-01-01"),
+        (encode({**GOOD, "transaction_date": "9999-12-31"}), "is outside 1990-01-01"),
         (encode({**GOOD, "transaction_date": "2026-02-30T00:00:00Z"}), "not a valid ISO 8601 date"),
         (encode({**GOOD, "transaction_date": "1900-01-01T00:00:00Z"}), "outside"),
         (encode({**GOOD, "transaction_date": "2999-01-01T00:00:00Z"}), "outside"),
