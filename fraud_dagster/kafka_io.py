@@ -157,8 +157,7 @@ def commit_stored(
         try:
             current = consumer.committed(tp)
             if current is not None and (target := stored_until(current)) > current:
-                consumer.commit({tp: OffsetAndMetadata(target, "", -1)})
-                return target
+                return _commit_forward(consumer, tp, target)
             # No commit yet, or a gap: start at the beginning if retention deleted past us.
             # (Only on this path: asking for the beginning costs a round trip per batch.)
             beginning = consumer.beginning_offsets([tp])[tp]
@@ -167,12 +166,22 @@ def commit_stored(
             target = stored_until(beginning)
             if target <= beginning:
                 return current
-            consumer.commit({tp: OffsetAndMetadata(target, "", -1)})
-            return target
+            return _commit_forward(consumer, tp, target)
         except KafkaError as exc:
             raise KafkaUnavailableError(
                 f"committing {topic}/{partition} for group {group_id}: {exc!r}"
             ) from exc
+
+
+def _commit_forward(consumer: KafkaConsumer, tp: TopicPartition, target: int) -> int:
+    """Commit `target` unless the group got there meanwhile: two runs of a partition may finish
+    together, and the one that read the database first must not move the group back. (Kafka
+    has no compare-and-set for offsets; this re-read narrows the window to one round trip.)"""
+    latest = consumer.committed(tp)
+    if latest is not None and latest >= target:
+        return latest
+    consumer.commit({tp: OffsetAndMetadata(target, "", -1)})
+    return target
 
 
 def ensure_topic(options: Mapping[str, Any], topic: str, partitions: int) -> None:

@@ -14,7 +14,9 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import pytest
 
+from fraud_dagster import kafka_io
 from fraud_dagster.definitions import build_definitions
+from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.messages import ValidationLimits
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
@@ -199,3 +201,24 @@ def test_a_rerun_keeps_each_message_as_first_stored_even_when_the_clock_changes_
     assert emails_by_transaction(mailbox.wait_for(len(suspicious) + 1, 3)) == dict.fromkeys(
         suspicious, 1
     )
+
+
+def test_the_consumer_group_never_moves_back_when_two_runs_of_a_partition_commit_together(
+    kafka_broker: LocalKafka, topic: str
+) -> None:
+    """Run A reads the stored ranges (up to 120), run B commits 150 meanwhile, then A commits:
+    the group stays at 150 (moving back would show lag for stored batches)."""
+    options = {"bootstrap_servers": [kafka_broker.bootstrap_servers]}
+    group = f"group-{topic}"
+    client = kafka_io.producer(options)
+    for future in [client.send(topic, value=b"{}") for _ in range(150)]:
+        future.get(timeout=10)
+    client.close()
+    assert kafka_io.commit_stored(options, topic, 0, group, lambda start: 100) == 100
+
+    def stored_until_while_b_commits(start: int) -> int:
+        assert kafka_io.commit_stored(options, topic, 0, group, lambda _: 150) == 150
+        return 120
+
+    assert kafka_io.commit_stored(options, topic, 0, group, stored_until_while_b_commits) == 150
+    assert kafka_io.committed_offsets(options, topic, group) == {0: 150}
