@@ -293,7 +293,7 @@ def alert(
             "first_offset": batch.first_offset,
             "last_offset": batch.last_offset,
             "alerted": report.sent,
-            "pending_retry": report.failed,
+            "pending_retry": report.failed + report.released,
             "last_error": report.error or "",
         },
     )
@@ -485,7 +485,7 @@ def send_due_alerts(
     metadata = {
         "claimed": report.claimed,
         "alerted": report.sent,
-        "pending_retry": report.failed,
+        "pending_retry": report.failed + report.released,
         "last_error": report.error or "",
         "outbox_unsent": status.unsent,
         "outbox_by_status": dg.MetadataValue.json(status.counts),
