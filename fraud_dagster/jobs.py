@@ -19,8 +19,9 @@ score_transactions_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(transaction_batch_assets),
     executor_def=dg.in_process_executor,
     description=(
-        "Score one offset range of one Kafka partition: fetch, preprocess, score, persist, alert. "
-        "Launched by kafka_transactions_sensor; safe to re-execute (nothing is written twice)."
+        "Score one offset range of one Kafka partition: fetch, wait for earlier batches of the "
+        "partition, preprocess, score, persist, alert, check. Launched by "
+        "kafka_transactions_sensor; safe to re-execute (nothing is written twice)."
     ),
 )
 

@@ -1,4 +1,7 @@
-"""The one place that reads configuration from the environment.
+"""The one place that reads the running system's configuration from the environment.
+
+(The `fraud-dagster` command and the local services read a few variables of their own, listed
+in README.md.)
 
 Every setting has a documented environment variable and a default that works on a laptop with
 the local services (`fraud-dagster kafka start`, `fraud-dagster smtp start`). Secrets are not

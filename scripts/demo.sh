@@ -4,5 +4,6 @@
 # Usage: bash scripts/demo.sh [fraud-dagster demo options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
 FRAUD_SKIP_BROWSER=1 bash scripts/setup.sh
-exec .venv/bin/fraud-dagster demo "$@"
+exec "$VENV"/bin/fraud-dagster demo "$@"

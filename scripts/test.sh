@@ -4,7 +4,8 @@
 # Usage: bash scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
 bash scripts/setup.sh
-.venv/bin/ruff check fraud_dagster fraud_dagster_tests
-.venv/bin/ruff format --check fraud_dagster fraud_dagster_tests
-exec .venv/bin/pytest -p no:cacheprovider -ra "$@"
+"$VENV"/bin/ruff check fraud_dagster fraud_dagster_tests
+"$VENV"/bin/ruff format --check fraud_dagster fraud_dagster_tests
+exec "$VENV"/bin/pytest -p no:cacheprovider -ra "$@"

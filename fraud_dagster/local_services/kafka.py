@@ -172,8 +172,10 @@ class LocalKafka:
             return
         if port_is_open(self.host, self.port):
             raise LocalServiceError(
-                f"port {self.port} on {self.host} is taken by another process; "
-                "choose another with --port (or FRAUD_KAFKA_PORT)"
+                f"port {self.port} on {self.host} is taken by another process; stop it, or "
+                "start the broker on a free port with `fraud-dagster kafka start --port PORT` "
+                f"and set FRAUD_KAFKA_BOOTSTRAP_SERVERS={self.host}:PORT (`fraud-dagster demo` "
+                "always starts it on 9092)"
             )
         config = self._write_config()
         if not (self.data_dir / "data" / "meta.properties").exists():
