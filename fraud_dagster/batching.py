@@ -3,11 +3,18 @@
 The cursor maps each partition to the next offset to hand out. A batch is one partition's
 offsets first..last inclusive, at most `max_batch_size` long; batches of a partition are planned
 in offset order, and the cursor only moves past offsets that were put in a batch.
+
+A topic deleted and created again (an operator action) starts its offsets at 0 again: its batches
+would get the run keys of the previous topic's, and Dagster skips a request whose run key was
+used before. The cursor therefore keeps the topic's id (KIP-516) and a run-key tag: empty for the
+first topic the sensor sees (keys `<topic>/<partition>/<first>-<last>`), and a new one for each
+later incarnation (keys `<topic>@<tag>/<partition>/<first>-<last>`).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -18,6 +25,7 @@ TAG_TOPIC_PARTITION = f"{TAG_PREFIX}/topic_partition"
 TAG_FIRST_OFFSET = f"{TAG_PREFIX}/first_offset"
 TAG_LAST_OFFSET = f"{TAG_PREFIX}/last_offset"
 TAG_OFFSET_RANGE = f"{TAG_PREFIX}/offset_range"
+TAG_TOPIC_ID = f"{TAG_PREFIX}/topic_id"
 
 
 @dataclass(frozen=True)
@@ -26,10 +34,13 @@ class PlannedBatch:
     partition: int
     first_offset: int
     last_offset: int
+    key_tag: str = ""  # the topic incarnation's run-key tag (see the module's docstring)
+    topic_id: str | None = None
 
     @property
     def run_key(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.first_offset}-{self.last_offset}"
+        topic = f"{self.topic}@{self.key_tag}" if self.key_tag else self.topic
+        return f"{topic}/{self.partition}/{self.first_offset}-{self.last_offset}"
 
     @property
     def size(self) -> int:
@@ -37,7 +48,7 @@ class PlannedBatch:
 
     def tags(self) -> dict[str, str]:
         """Run tags: the offset range only, never message contents."""
-        return {
+        tags = {
             TAG_TOPIC: self.topic,
             TAG_PARTITION: str(self.partition),
             TAG_TOPIC_PARTITION: f"{self.topic}/{self.partition}",
@@ -45,14 +56,25 @@ class PlannedBatch:
             TAG_LAST_OFFSET: str(self.last_offset),
             TAG_OFFSET_RANGE: f"{self.first_offset}-{self.last_offset}",
         }
+        if self.topic_id:
+            tags[TAG_TOPIC_ID] = self.topic_id
+        return tags
+
+
+# A topic id that matches no real one: what the sensor knows of a topic that earlier runs read
+# but whose id they do not say (runs from before the ids were recorded).
+UNKNOWN_TOPIC_ID = "unknown"
 
 
 @dataclass
 class SensorCursor:
-    """{partition: next offset} for one topic, serialized as JSON in the sensor's cursor."""
+    """{partition: next offset} for one topic incarnation, its topic id and run-key tag,
+    serialized as JSON in the sensor's cursor."""
 
     topic: str
     next_offsets: dict[int, int] = field(default_factory=dict)
+    topic_id: str | None = None
+    key_tag: str = ""
 
     @classmethod
     def parse(cls, raw: str | None, topic: str) -> SensorCursor:
@@ -61,16 +83,38 @@ class SensorCursor:
         data = json.loads(raw)
         if data.get("topic") != topic:
             return cls(topic)  # a cursor of another topic says nothing about this one
-        return cls(topic, {int(p): int(o) for p, o in data.get("next_offsets", {}).items()})
+        return cls(
+            topic,
+            {int(p): int(o) for p, o in data.get("next_offsets", {}).items()},
+            data.get("topic_id"),
+            data.get("key_tag", ""),
+        )
+
+    @property
+    def is_fresh(self) -> bool:
+        """Nothing known yet: no ticks before, or the cursor was reset."""
+        return not self.next_offsets and self.topic_id is None
 
     def serialize(self) -> str:
-        return json.dumps(
-            {
-                "topic": self.topic,
-                "next_offsets": {str(p): o for p, o in sorted(self.next_offsets.items())},
-            },
-            sort_keys=True,
-        )
+        data: dict = {
+            "topic": self.topic,
+            "next_offsets": {str(p): o for p, o in sorted(self.next_offsets.items())},
+        }
+        if self.topic_id:
+            data["topic_id"] = self.topic_id
+        if self.key_tag:
+            data["key_tag"] = self.key_tag
+        return json.dumps(data, sort_keys=True)
+
+
+def new_key_tag(topic_id: str | None, previous_tag: str, now: float) -> str:
+    """A run-key tag that no earlier batch of the topic used: the first 8 hex digits of the new
+    topic's id, or (no id, or the same one: a cursor reset) the time in milliseconds, base 16."""
+    if topic_id and topic_id != UNKNOWN_TOPIC_ID:
+        tag = topic_id.replace("-", "")[:8]
+        if tag != previous_tag:
+            return tag
+    return f"t{int(now * 1000):x}"
 
 
 @dataclass
@@ -79,6 +123,9 @@ class BatchPlan:
     cursor: SensorCursor
     backlog_messages: int = 0
     notes: list[str] = field(default_factory=list)
+    # The topic was recreated: its batches start over at the beginning under a new run-key tag,
+    # and what is stored of the previous topic no longer says what of this one is stored.
+    recreated: bool = False
 
 
 def plan_batches(
@@ -89,30 +136,59 @@ def plan_batches(
     max_batch_size: int,
     max_batches: int,
     busy_partitions: Collection[int] = (),
+    topic_id: str | None = None,
+    now: float | None = None,
 ) -> BatchPlan:
     """Plan the next batches of every partition and the cursor after them.
 
     A partition seen for the first time starts at the consumer group's committed offset, or at
-    its beginning. At most `max_batches` are planned per call, round-robin over partitions so
-    that one busy partition cannot starve the others; the rest waits for the next tick.
-    Partitions in `busy_partitions` (a batch of theirs is waiting to start) get no batch now:
-    their next batch then covers everything that arrived meanwhile, so batches grow with the
-    load instead of queueing up.
+    its beginning (also when the committed offset lies past the partition's end: that commit
+    was made on a previous incarnation of the topic). At most `max_batches` are planned per
+    call, round-robin over partitions so that one busy partition cannot starve the others; the
+    rest waits for the next tick. Partitions in `busy_partitions` (a batch of theirs is waiting
+    to start) get no batch now: their next batch then covers everything that arrived
+    meanwhile, so batches grow with the load instead of queueing up.
+
+    The topic was recreated if its id (`topic_id`, None if the broker does not say) differs
+    from the cursor's, or, whatever the ids, if a partition's cursor lies past its end. Every
+    partition then starts over at its beginning (committed offsets are those of the previous
+    topic, or gone) under a new run-key tag (`new_key_tag`, at time `now`), and the plan says
+    `recreated`.
     """
     if max_batch_size < 1 or max_batches < 1:
         raise ValueError("max_batch_size and max_batches must be positive")
     next_offsets = dict(cursor.next_offsets)
+    key_tag = cursor.key_tag
     notes: list[str] = []
+    if cursor.topic_id and topic_id and cursor.topic_id != topic_id:
+        reason = f"its id changed from {cursor.topic_id} to {topic_id}"
+    else:
+        reason = next(
+            (
+                f"the cursor of partition {p} ({next_offsets[p]}) is past its end {end}"
+                for p, end in sorted(end_offsets.items())
+                if p in next_offsets and next_offsets[p] > end
+            ),
+            None,
+        )
+    recreated = reason is not None
+    if recreated:
+        key_tag = new_key_tag(topic_id, cursor.key_tag, time.time() if now is None else now)
+        notes.append(
+            f"topic {cursor.topic} was recreated ({reason}): every partition restarts at its "
+            f"beginning, run keys tagged @{key_tag}"
+        )
+        next_offsets = {p: beginning_offsets.get(p, 0) for p in end_offsets}
     for partition, end in end_offsets.items():
         if partition not in next_offsets:
             start = committed_offsets.get(partition, beginning_offsets.get(partition, 0))
+            if start > end:
+                notes.append(
+                    f"partition {partition}: committed offset {start} is past the end {end} "
+                    "(committed on a previous incarnation of the topic); starting at its beginning"
+                )
+                start = beginning_offsets.get(partition, 0)
             next_offsets[partition] = start
-        elif next_offsets[partition] > end:
-            notes.append(
-                f"partition {partition}: cursor {next_offsets[partition]} is past the end {end} "
-                "(topic recreated?); restarting at its beginning"
-            )
-            next_offsets[partition] = beginning_offsets.get(partition, 0)
     batches: list[PlannedBatch] = []
     progress = True
     while progress and len(batches) < max_batches:
@@ -126,8 +202,9 @@ def plan_batches(
             if start >= end:
                 continue
             last = min(start + max_batch_size, end) - 1
-            batches.append(PlannedBatch(cursor.topic, partition, start, last))
+            batches.append(PlannedBatch(cursor.topic, partition, start, last, key_tag, topic_id))
             next_offsets[partition] = last + 1
             progress = True
     backlog = sum(max(end_offsets[p] - next_offsets[p], 0) for p in end_offsets)
-    return BatchPlan(batches, SensorCursor(cursor.topic, next_offsets), backlog, notes)
+    new_cursor = SensorCursor(cursor.topic, next_offsets, topic_id or cursor.topic_id, key_tag)
+    return BatchPlan(batches, new_cursor, backlog, notes, recreated)

@@ -71,6 +71,22 @@ def offset_bounds(options: Mapping[str, Any], topic: str) -> tuple[dict[int, int
     )
 
 
+_NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"
+
+
+def topic_id(options: Mapping[str, Any], topic: str) -> str | None:
+    """The topic's id (KIP-516), which changes when the topic is deleted and created again; None
+    if the broker does not say (before Kafka 2.8) or the topic does not exist."""
+    admin_options = {k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+    try:
+        with closing(KafkaAdminClient(**admin_options)) as admin:
+            (described,) = admin.describe_topics([topic])
+    except KafkaError as exc:
+        raise KafkaUnavailableError(f"cannot describe topic {topic!r}: {exc!r}") from exc
+    found = described.get("topic_id")
+    return str(found) if found and str(found) != _NO_TOPIC_ID else None
+
+
 def committed_offsets(options: Mapping[str, Any], topic: str, group_id: str) -> dict[int, int]:
     """The offsets `group_id` committed on `topic` (partitions without a commit are absent)."""
     with closing(_consumer(options, group_id=group_id, enable_auto_commit=False)) as consumer:

@@ -9,8 +9,11 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from fraud_dagster import kafka_io
 from fraud_dagster.alerts import (
     RunFailureNotice,
     SmtpMailer,
@@ -21,7 +24,10 @@ from fraud_dagster.batching import (
     TAG_OFFSET_RANGE,
     TAG_PARTITION,
     TAG_TOPIC,
+    TAG_TOPIC_ID,
+    UNKNOWN_TOPIC_ID,
     SensorCursor,
+    new_key_tag,
     plan_batches,
 )
 from fraud_dagster.errors import AlertDeliveryError, FraudDagsterError
@@ -37,6 +43,7 @@ from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResourc
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.outbox import outbox_status
+from fraud_dagster.storage.schema import stored_ranges
 
 KAFKA_SENSOR_NAME = "kafka_transactions_sensor"
 WAITING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
@@ -78,6 +85,53 @@ def _partitions_not_to_batch(instance: dg.DagsterInstance, topic: str) -> set[in
     return {int(run.tags[TAG_PARTITION]) for run in runs if TAG_PARTITION in run.tags}
 
 
+def _cursor_of_a_reset_sensor(
+    instance: dg.DagsterInstance, cursor: SensorCursor, now: float
+) -> SensorCursor:
+    """The cursor a fresh cursor stands for when earlier runs read the topic (the sensor's
+    cursor was reset): their topic id (so that a topic recreated meanwhile is seen as such) and
+    a new run-key tag, as the earlier runs' keys may be the ones this tick would plan."""
+    latest = instance.get_runs(
+        filters=dg.RunsFilter(job_name=score_transactions_job.name, tags={TAG_TOPIC: cursor.topic}),
+        limit=1,
+    )
+    if not latest:
+        return cursor
+    earlier_id = latest[0].tags.get(TAG_TOPIC_ID, UNKNOWN_TOPIC_ID)
+    return SensorCursor(cursor.topic, {}, earlier_id, new_key_tag(None, "", now))
+
+
+def set_aside_stored_ranges(engine: Engine, topic: str, key_tag: str) -> int:
+    """Move the stored ranges of `topic` to the key `<topic>@before-<key_tag>`: they record what
+    was stored of a previous incarnation of the topic, and must not count for the new one (the
+    consumer group is committed as far as they reach, `contiguous_end`) nor keep the new one's
+    ranges from being recorded (their key is topic, partition and first offset). Kept, not
+    deleted: they say which runs stored what. Returns how many were moved.
+
+    No real topic has an `@` in its name. Run twice for the same tag (a tick that failed after
+    this), a range already set aside is kept once.
+    """
+    suffix = f"@before-{key_tag}"
+    aside = topic[: stored_ranges.c.source_topic.type.length - len(suffix)] + suffix
+    r = stored_ranges
+    earlier = r.alias("earlier")
+    set_aside_before = (
+        sa.select(earlier.c.first_offset)
+        .where(
+            earlier.c.source_topic == aside,
+            earlier.c.source_partition == r.c.source_partition,
+            earlier.c.first_offset == r.c.first_offset,
+        )
+        .exists()
+    )
+    with engine.begin() as conn:
+        conn.execute(sa.delete(r).where(r.c.source_topic == topic, set_aside_before))
+        moved = conn.execute(
+            sa.update(r).where(r.c.source_topic == topic).values(source_topic=aside)
+        )
+    return moved.rowcount
+
+
 def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
     """Poll the topic's end offsets and request one run per new offset range of a partition.
 
@@ -87,6 +141,12 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
     meanwhile (see `_partitions_not_to_batch`).
     If the broker cannot be reached the tick is skipped with the reason and the cursor stays
     where it was: nothing is skipped over.
+
+    A topic deleted and created again (its id changed, see `batching`) is read again from its
+    beginning, under run keys tagged `<topic>@<tag>/...` that no earlier run has; before its
+    first batch is requested, the stored ranges of the previous topic are set aside
+    (`set_aside_stored_ranges`), or, if the database cannot be reached, the tick is skipped
+    with the cursor unchanged.
     """
 
     @dg.sensor(
@@ -100,15 +160,21 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
         ),
     )
     def kafka_transactions_sensor(
-        context: dg.SensorEvaluationContext, kafka: KafkaResource
+        context: dg.SensorEvaluationContext, kafka: KafkaResource, database: DatabaseResource
     ) -> dg.SensorResult | dg.SkipReason:
+        now = time.time()
         cursor = SensorCursor.parse(context.cursor, kafka.topic)
         try:
+            # The id before the offsets: a topic recreated between the two reads is then seen
+            # one tick late (its batches read again), never as the old id with the new offsets.
+            topic_id = kafka_io.topic_id(kafka.client_options(), kafka.topic)
             beginning, end = kafka.offset_bounds()
             new_partitions = set(end) - set(cursor.next_offsets)
             committed = kafka.committed_offsets() if new_partitions else {}
         except FraudDagsterError as exc:
             return dg.SkipReason(f"Kafka unavailable, cursor unchanged: {exc}")
+        if cursor.is_fresh:
+            cursor = _cursor_of_a_reset_sensor(context.instance, cursor, now)
         plan = plan_batches(
             cursor,
             beginning,
@@ -117,9 +183,25 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
             max_batch_size=settings.max_batch_size,
             max_batches=settings.max_runs_per_tick,
             busy_partitions=_partitions_not_to_batch(context.instance, kafka.topic),
+            topic_id=topic_id,
+            now=now,
         )
         for note in plan.notes:
             context.log.warning(note)
+        if plan.recreated:
+            try:
+                moved = set_aside_stored_ranges(
+                    database.get_engine(), kafka.topic, plan.cursor.key_tag
+                )
+            except (SQLAlchemyError, FraudDagsterError) as exc:
+                return dg.SkipReason(
+                    f"{kafka.topic} was recreated, but the previous topic's stored ranges could "
+                    f"not be set aside (database unavailable), cursor unchanged: {exc}"
+                )
+            context.log.warning(
+                f"set aside {moved} stored range(s) of the previous {kafka.topic}: the consumer "
+                "group is committed only as far as the new topic is stored"
+            )
         if plan.backlog_messages:
             context.log.info(f"{plan.backlog_messages} messages left for the next tick")
         if not plan.batches:

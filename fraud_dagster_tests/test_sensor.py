@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import dagster as dg
 import pytest
 
-from fraud_dagster.batching import PlannedBatch
+from fraud_dagster.batching import PlannedBatch, SensorCursor
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.jobs import batch_run_config
 from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.sensors import set_aside_stored_ranges
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
-from fraud_dagster_tests.helpers import evaluate_sensor, produce
+from fraud_dagster.storage import schema
+from fraud_dagster.storage.batches import contiguous_end
+from fraud_dagster.storage.database import create_engine, ensure_schema
+from fraud_dagster_tests.helpers import evaluate_sensor, produce, table_rows
 
-# The sensor reads the broker and the Dagster instance, never the application database.
+# The sensor reads the broker and the Dagster instance; the application database only to set
+# aside a recreated topic's stored ranges.
 pytestmark = [pytest.mark.services, pytest.mark.backends("sqlite")]
 
 
@@ -84,3 +90,67 @@ def test_broker_down_skips_with_the_reason_and_keeps_the_cursor(
     assert result.run_requests == []
     assert "Kafka unavailable" in result.skip_message
     assert result.cursor in (None, cursor)
+
+
+def test_a_recreated_topic_with_the_database_down_skips_and_keeps_the_cursor(
+    settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No batch of the new topic before the previous one's stored ranges are set aside: they
+    would let the consumer group be committed past the new batches."""
+    from fraud_dagster.local_services.process import free_port
+    from fraud_dagster.settings import load_settings
+
+    produce(settings, to_messages(synthetic_transactions(5, seed=7)))
+    monkeypatch.setenv(
+        "FRAUD_DATABASE_URL", f"postgresql+psycopg2://nobody:x@127.0.0.1:{free_port()}/none"
+    )
+    no_database = load_settings()
+    cursor = SensorCursor(no_database.kafka_topic, {0: 5}, topic_id="an-earlier-topic").serialize()
+    result = evaluate_sensor(build_definitions(no_database), no_database, instance, cursor=cursor)
+    assert result.run_requests == []
+    assert "recreated" in result.skip_message and "cursor unchanged" in result.skip_message
+    assert result.cursor in (None, cursor)
+
+
+def test_set_aside_stored_ranges_keeps_them_under_another_key_once(tmp_path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'ranges.db'}")
+    ensure_schema(engine)
+
+    def store(topic: str, first: int, last: int) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                schema.stored_ranges.insert(),
+                {
+                    "source_topic": topic,
+                    "source_partition": 0,
+                    "first_offset": first,
+                    "last_offset": last,
+                    "stored_at": datetime(2026, 1, 1),
+                },
+            )
+
+    store("t", 0, 24)
+    store("t", 25, 59)
+    store("other", 0, 9)
+    assert contiguous_end(engine, "t", 0, 0) == 60
+    assert set_aside_stored_ranges(engine, "t", "8aae0904") == 2
+    assert contiguous_end(engine, "t", 0, 0) == 0
+    assert contiguous_end(engine, "other", 0, 0) == 10
+
+    store("t", 0, 24)  # a run of the previous topic that stored late; the tick is repeated
+    assert set_aside_stored_ranges(engine, "t", "8aae0904") == 0
+    keys = sorted(
+        (r["source_topic"], r["first_offset"])
+        for r in table_rows(str(engine.url), schema.stored_ranges)
+    )
+    assert keys == [("other", 0), ("t@before-8aae0904", 0), ("t@before-8aae0904", 25)]
+
+    long_topic = "x" * 249
+    store(long_topic, 0, 1)
+    assert set_aside_stored_ranges(engine, long_topic, "t5dc") == 1
+    (aside,) = {r["source_topic"] for r in table_rows(str(engine.url), schema.stored_ranges)} - {
+        "other",
+        "t@before-8aae0904",
+    }
+    assert len(aside) == 249 and aside.endswith("@before-t5dc")
+    engine.dispose()

@@ -7,6 +7,7 @@ ranges say how far the consumer group may be committed (`contiguous_end`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +30,8 @@ from fraud_dagster.storage.schema import (
     stored_ranges,
     suspicious_transactions,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -146,6 +149,19 @@ def persist_batch(
                 ]
                 result.already_stored += len(rejections) - len(kept)
                 rejections = kept
+                for r in rejections:
+                    stored_raw = rejected_before.get(r.offset, _NOTHING)
+                    if stored_raw is not _NOTHING and stored_raw != r.raw_value:
+                        # Only after a topic was recreated; the table has no room for both.
+                        logger.warning(
+                            "rejected message at %s/%d offset %d not stored: another message is "
+                            "stored as rejected at these coordinates (was the topic recreated?); "
+                            "reason: %s",
+                            topic,
+                            partition,
+                            r.offset,
+                            r.reason,
+                        )
             inserted_ids: set[str] = set()
             if len(scored):
                 # A plain multi-row insert (no RETURNING: a third faster); the rows this write

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from fraud_dagster.batching import SensorCursor, plan_batches
+from fraud_dagster.batching import (
+    TAG_TOPIC_ID,
+    UNKNOWN_TOPIC_ID,
+    SensorCursor,
+    new_key_tag,
+    plan_batches,
+)
 
 
 def ranges(plan) -> list[tuple[int, int, int]]:
@@ -38,10 +44,71 @@ def test_new_partition_is_picked_up() -> None:
     assert ranges(plan) == [(1, 0, 1)]
 
 
-def test_cursor_past_the_end_restarts_with_a_note() -> None:
-    plan = plan_batches(SensorCursor("t", {0: 50}), {0: 0}, {0: 5}, {}, 10, 10)
+def test_cursor_past_the_end_restarts_with_a_note_and_new_run_keys() -> None:
+    """Without topic ids (brokers before 2.8) a cursor past the end is the only sign."""
+    plan = plan_batches(SensorCursor("t", {0: 50}), {0: 0}, {0: 5}, {}, 10, 10, now=1.5)
     assert ranges(plan) == [(0, 0, 4)]
     assert "recreated" in plan.notes[0]
+    assert plan.recreated
+    assert [b.run_key for b in plan.batches] == ["t@t5dc/0/0-4"]  # 1500 ms, base 16
+
+
+def test_a_new_topic_id_restarts_every_partition_at_its_beginning_under_new_run_keys() -> None:
+    """The new end may lie past the cursor: the offsets alone would not show the recreation."""
+    cursor = SensorCursor("t", {0: 30, 1: 8}, topic_id="11111111-aaaa-bbbb-cccc-000000000000")
+    new_id = "8aae0904-3595-45d7-814d-1674549a09d2"
+    plan = plan_batches(cursor, {0: 0, 1: 0}, {0: 50, 1: 3}, {0: 30}, 25, 10, topic_id=new_id)
+    assert plan.recreated
+    assert "recreated" in plan.notes[0] and new_id in plan.notes[0]
+    assert ranges(plan) == [(0, 0, 24), (1, 0, 2), (0, 25, 49)]
+    assert [b.run_key for b in plan.batches][:2] == ["t@8aae0904/0/0-24", "t@8aae0904/1/0-2"]
+    assert plan.batches[0].tags()[TAG_TOPIC_ID] == new_id
+    assert plan.batches[0].tags()["fraud_dagster/topic_partition"] == "t/0"  # limits unchanged
+    assert (plan.cursor.topic_id, plan.cursor.key_tag) == (new_id, "8aae0904")
+
+    later = plan_batches(plan.cursor, {0: 0, 1: 0}, {0: 60, 1: 3}, {}, 25, 10, topic_id=new_id)
+    assert not later.recreated and later.notes == []
+    assert [b.run_key for b in later.batches] == ["t@8aae0904/0/50-59"]
+
+
+def test_the_same_topic_id_keeps_the_cursor_and_plain_run_keys() -> None:
+    same = "8aae0904-3595-45d7-814d-1674549a09d2"
+    plan = plan_batches(
+        SensorCursor("t", {0: 7}, topic_id=same), {0: 0}, {0: 9}, {}, 10, 10, topic_id=same
+    )
+    assert not plan.recreated
+    assert [b.run_key for b in plan.batches] == ["t/0/7-8"]
+
+
+def test_a_cursor_from_before_topic_ids_adopts_the_id_without_restarting() -> None:
+    old_format = SensorCursor.parse('{"topic": "t", "next_offsets": {"0": 7}}', "t")
+    assert not old_format.is_fresh
+    plan = plan_batches(old_format, {0: 0}, {0: 9}, {}, 10, 10, topic_id="abc")
+    assert not plan.recreated and ranges(plan) == [(0, 7, 8)]
+    assert plan.cursor.topic_id == "abc" and plan.cursor.key_tag == ""
+
+
+def test_a_topic_read_by_runs_of_unknown_id_counts_as_recreated() -> None:
+    """What the sensor makes of a reset cursor whose earlier runs carry no topic id."""
+    cursor = SensorCursor("t", {}, UNKNOWN_TOPIC_ID, "t1")
+    plan = plan_batches(cursor, {0: 0}, {0: 5}, {0: 5}, 10, 10, topic_id="8aae0904-35")
+    assert plan.recreated and ranges(plan) == [(0, 0, 4)]
+
+
+def test_committed_offset_past_the_end_starts_at_the_beginning() -> None:
+    """A commit past the end was made on a previous topic of the same name: starting there
+    would skip the new topic's offsets below it."""
+    plan = plan_batches(SensorCursor("t"), {0: 0}, {0: 50}, {0: 100}, 50, 10)
+    assert ranges(plan) == [(0, 0, 49)]
+    assert "past the end" in plan.notes[0]
+    assert not plan.recreated
+
+
+def test_new_key_tags_never_repeat_the_previous_one() -> None:
+    assert new_key_tag("8aae0904-3595", "", 0) == "8aae0904"
+    assert new_key_tag("8aae0904-3595", "8aae0904", 2.0) == "t7d0"
+    assert new_key_tag(None, "", 2.0) == "t7d0"
+    assert new_key_tag(UNKNOWN_TOPIC_ID, "", 2.0) == "t7d0"
 
 
 def test_run_keys_and_tags() -> None:
@@ -54,6 +121,10 @@ def test_run_keys_and_tags() -> None:
 def test_cursor_round_trip_and_other_topic() -> None:
     cursor = SensorCursor("a", {0: 3, 2: 9})
     assert SensorCursor.parse(cursor.serialize(), "a") == cursor
+    assert SensorCursor.parse(cursor.serialize(), "a").is_fresh is False
+    tagged = SensorCursor("a", {0: 3}, "8aae0904-3595", "8aae0904")
+    assert SensorCursor.parse(tagged.serialize(), "a") == tagged
+    assert SensorCursor.parse(None, "a").is_fresh
     assert SensorCursor.parse(cursor.serialize(), "b").next_offsets == {}
 
 

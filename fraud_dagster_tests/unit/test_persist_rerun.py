@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import sqlalchemy as sa
 
 from fraud_dagster import pipeline
@@ -94,3 +96,24 @@ def test_a_message_scored_first_stays_scored_when_a_rerun_would_reject_it(
 
     assert (again.inserted, again.rejected_inserted, again.already_stored) == (0, 0, 3)
     assert outcomes(engine) == (["T0", "T1", "T2"], [], ["T0", "T1", "T2"])
+
+
+def test_a_bad_message_where_another_was_rejected_is_reported_not_dropped_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a topic was recreated, offset 0 may hold a different bad message than before."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    ensure_schema(engine)
+    before = batch([10.0])
+    before.values[0] = b"{not json"
+    run(before, engine, ValidationLimits())
+    after = batch([10.0])
+    after.values[0] = b"[1, 2]"
+
+    with caplog.at_level(logging.WARNING, logger="fraud_dagster.storage.batches"):
+        run(after, engine, ValidationLimits())
+
+    assert "offset 0 not stored: another message is stored as rejected" in caplog.text
+    assert "expected a JSON object, got array" in caplog.text
+    run(before, engine, ValidationLimits())  # a rerun of the first: the same bytes, no warning
+    assert caplog.text.count("not stored") == 1

@@ -1,0 +1,192 @@
+"""The transaction topic deleted and recreated under the running pipeline (an operator action).
+
+The new topic's offsets start at 0 again, at coordinates the previous topic's messages are stored
+under. Every message of the new topic must still be read and stored exactly once (a message at
+coordinates stored before is rejected as a clash, with its reason), and the consumer group must be
+committed exactly as far as the new topic is stored.
+
+Runs go through a real broker and a real Dagster instance; the sensor's run requests are submitted
+as the sensor daemon submits them: a request whose run key an earlier run of the sensor already
+used is skipped (dagster/_daemon/sensor.py, `_get_or_create_sensor_run`) while the tick's cursor
+is saved all the same.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import pytest
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError
+
+from fraud_dagster.definitions import build_definitions
+from fraud_dagster.errors import KafkaUnavailableError
+from fraud_dagster.kafka_io import offset_bounds
+from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.resources import resolved_resources
+from fraud_dagster.sensors import KAFKA_SENSOR_NAME
+from fraud_dagster.settings import Settings, load_settings
+from fraud_dagster.simulator import to_messages
+from fraud_dagster.storage import schema
+from fraud_dagster_tests.helpers import evaluate_sensor, produce, table_rows
+
+pytestmark = pytest.mark.services
+
+RUN_KEY_TAG = "dagster/run_key"
+SENSOR_NAME_TAG = "dagster/sensor_name"
+
+
+def tick_and_run(
+    defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[str | None, list[str], list[str]]:
+    """One sensor tick, its requests submitted as the daemon does; (cursor, run keys executed,
+    run keys skipped because an earlier run of the sensor used them)."""
+    result = evaluate_sensor(defs, settings, instance, cursor=cursor)
+    job = defs.resolve_job_def("score_transactions")
+    executed, skipped = [], []
+    for request in result.run_requests:
+        earlier = instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: request.run_key}))
+        if any(run.tags.get(SENSOR_NAME_TAG) == KAFKA_SENSOR_NAME for run in earlier):
+            skipped.append(request.run_key)
+            continue
+        outcome = job.execute_in_process(
+            run_config=request.run_config,
+            instance=instance,
+            tags={**request.tags, RUN_KEY_TAG: request.run_key, SENSOR_NAME_TAG: KAFKA_SENSOR_NAME},
+        )
+        assert outcome.success, request.run_key
+        executed.append(request.run_key)
+    return (result.cursor or cursor), executed, skipped
+
+
+def admin_client(settings: Settings) -> KafkaAdminClient:
+    options = resolved_resources(settings)["kafka"].client_options()
+    return KafkaAdminClient(
+        **{k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+    )
+
+
+def topic_id(settings: Settings) -> str:
+    """The topic's id (KIP-516), as the broker describes it."""
+    admin = admin_client(settings)
+    try:
+        return str(admin.describe_topics([settings.kafka_topic])[0]["topic_id"])
+    finally:
+        admin.close()
+
+
+def recreate_topic(settings: Settings) -> None:
+    """Delete the topic and create it again (new topic id, offsets from 0), as an operator does."""
+    options = resolved_resources(settings)["kafka"].client_options()
+    before = topic_id(settings)
+    admin = admin_client(settings)
+    try:
+        admin.delete_topics([settings.kafka_topic])
+        deadline = time.monotonic() + 60
+        while True:  # the deletion finishes in the background
+            try:
+                admin.create_topics([NewTopic(settings.kafka_topic, 1, 1)])
+                break
+            except KafkaError:
+                assert time.monotonic() < deadline, "the topic was not deleted within 60 s"
+                time.sleep(0.2)
+    finally:
+        admin.close()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if offset_bounds(options, settings.kafka_topic) == ({0: 0}, {0: 0}):
+                break
+        except KafkaUnavailableError:
+            pass
+        assert time.monotonic() < deadline, "the recreated topic did not answer within 60 s"
+        time.sleep(0.2)
+    assert topic_id(settings) != before
+
+
+def outcomes(database_url: str, transaction_id: str) -> list[tuple[str, int, str]]:
+    """Where a transaction id is stored: (table, offset, reason) for every row of it."""
+    scored = [
+        ("scored", row["source_offset"], "")
+        for row in table_rows(database_url, schema.scored_transactions)
+        if row["transaction_id"] == transaction_id
+    ]
+    rejected = [
+        ("rejected", row["source_offset"], row["reason"])
+        for row in table_rows(database_url, schema.rejected_transactions)
+        if row["transaction_id"] == transaction_id
+    ]
+    return scored + rejected
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "reset_cursor"),
+    [
+        # The new end (40) lies below the cursor (60): restarted at 0, batch 0-24 as before.
+        pytest.param(60, 40, False, id="new-end-below-cursor"),
+        # The new end (50) lies past the cursor (30): nothing in the offsets says "recreated".
+        pytest.param(30, 50, False, id="new-end-past-cursor"),
+        # The sensor's cursor reset as well (a fresh cursor, as after a sensor reset).
+        pytest.param(60, 40, True, id="cursor-reset-too"),
+    ],
+)
+def test_every_message_of_the_recreated_topic_is_stored_once_and_committed(
+    instance: dg.DagsterInstance,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    before: int,
+    after: int,
+    reset_cursor: bool,
+    settings: Settings,
+) -> None:
+    monkeypatch.setenv("FRAUD_MAX_BATCH_SIZE", "25")
+    settings = load_settings()
+    defs = build_definitions(settings)
+    kafka = resolved_resources(settings)["kafka"]
+
+    old = to_messages(synthetic_transactions(before, seed=31))
+    produce(settings, old)
+    cursor, executed, skipped = tick_and_run(defs, settings, instance, cursor=None)
+    assert skipped == [] and len(executed) == -(-before // 25)
+    assert kafka.committed_offsets() == {0: before}
+
+    recreate_topic(settings)
+    new = to_messages(synthetic_transactions(after, seed=32))
+    for message in new:
+        message["transaction_id"] = f"new-{message['transaction_id']}"
+    produce(settings, new)
+
+    cursor, executed, skipped = tick_and_run(
+        defs, settings, instance, cursor=None if reset_cursor else cursor
+    )
+    cursor, more, skipped_later = tick_and_run(defs, settings, instance, cursor=cursor)
+
+    # Every violation is collected, so that a failure shows all of them at once.
+    problems = []
+    if skipped or skipped_later:
+        problems.append(f"run keys used before, so never run: {skipped + skipped_later}")
+    if more:
+        problems.append(f"a second tick found more batches: {more}")
+    for offset, message in enumerate(new):
+        stored = outcomes(database_url, message["transaction_id"])
+        expected_table = "rejected" if offset < before else "scored"  # a clash, or new ground
+        if len(stored) != 1:
+            problems.append(f"new offset {offset} stored {len(stored)} times: {stored}")
+        elif stored[0][:2] != (expected_table, offset) or (
+            expected_table == "rejected" and "recreated" not in stored[0][2]
+        ):
+            problems.append(f"new offset {offset} stored as {stored[0]}")
+    for offset, message in enumerate(old):  # the previous topic's rows are left as they were
+        if outcomes(database_url, message["transaction_id"]) != [("scored", offset, "")]:
+            problems.append(f"old offset {offset} changed")
+    committed = kafka.committed_offsets()
+    if committed != {0: after}:
+        problems.append(f"consumer group committed at {committed}, not {{0: {after}}}")
+    new_runs = [
+        run for key in executed for run in instance.get_runs(dg.RunsFilter(tags={RUN_KEY_TAG: key}))
+    ]
+    if {run.tags.get("fraud_dagster/topic_id") for run in new_runs} != {topic_id(settings)}:
+        problems.append("the new runs are not tagged with the new topic id")
+    assert not problems, "\n".join(problems)
