@@ -352,14 +352,25 @@ def train_model(
 
 
 @contextmanager
-def _heartbeat(report: Progress, what: str, every_seconds: float = 30.0) -> Iterator[None]:
-    """Report every `every_seconds` that `what` is still going: a fit can take minutes."""
+def _heartbeat(
+    report: Progress,
+    what: str,
+    every_seconds: float = 30.0,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    wait: Callable[[threading.Event, float], bool] = threading.Event.wait,
+) -> Iterator[None]:
+    """Report every `every_seconds` that `what` is still going: a fit can take minutes.
+
+    `wait(stop, seconds)` waits one interval and returns True once `stop` is set; `clock` gives
+    the elapsed time. Both are the real ones unless a test drives the heartbeat itself.
+    """
     stop = threading.Event()
-    started = time.monotonic()
+    started = clock()
 
     def beat() -> None:
-        while not stop.wait(every_seconds):
-            report(f"      still {what}: {time.monotonic() - started:.0f}s")
+        while not wait(stop, every_seconds):
+            report(f"      still {what}: {clock() - started:.0f}s")
 
     thread = threading.Thread(target=beat, name="training-heartbeat", daemon=True)
     thread.start()

@@ -32,6 +32,7 @@ from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster_tests.helpers import MailBox
+from fraud_dagster_tests.operations_support import require
 
 DATABASE_BACKENDS = ("sqlite", "postgresql")
 
@@ -68,10 +69,13 @@ def postgres_server() -> Iterator[LocalPostgres | None]:
 
 @contextmanager
 def fresh_postgres_database(request: pytest.FixtureRequest, prefix: str) -> Iterator[str]:
-    """A new database on the session's server, dropped after the test; skips without binaries."""
+    """A new database on the session's server, dropped after the test; without binaries it
+    skips, or fails under CI (`require`)."""
     server: LocalPostgres | None = request.getfixturevalue("postgres_server")
-    if server is None:
-        pytest.skip("PostgreSQL server binaries not found (scripts/setup.sh installs them)")
+    require(
+        server is not None, "PostgreSQL server binaries not found (scripts/setup.sh installs them)"
+    )
+    assert server is not None
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     yield server.create_database(name)
     server.drop_database(name)

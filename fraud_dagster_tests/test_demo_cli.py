@@ -3,7 +3,7 @@ broker, the SMTP server and `dagster dev` it started stop with it, so the next d
 ports free.
 
 The demo's broker and SMTP server use fixed ports (9092/9093, 8025); the test skips when they
-are taken (a demo of your own running).
+are taken (a demo of your own running), and fails instead under CI (`require`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 from fraud_dagster.errors import LocalServiceError
 from fraud_dagster.local_services.process import free_port, port_is_open, wait_until
 from fraud_dagster.settings import PROJECT_ROOT
+from fraud_dagster_tests.operations_support import require
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends()]
 
@@ -52,8 +53,7 @@ def test_a_demo_stopped_by_a_signal_stops_everything_it_started(
     signum: signal.Signals, tmp_path: Path
 ) -> None:
     busy = [port for port in DEMO_SERVICE_PORTS if port_is_open("127.0.0.1", port)]
-    if busy:
-        pytest.skip(f"ports {busy} are taken (a demo running?); the demo's services need them")
+    require(not busy, f"ports {busy} are taken (a demo running?); the demo's services need them")
     var_dir = tmp_path / "var"
     ui_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FRAUD_", "DAGSTER_"))}

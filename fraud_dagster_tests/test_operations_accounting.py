@@ -20,6 +20,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+from dagster._core.scheduler.instigation import TickStatus
+from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RETRY_NUMBER_TAG, ROOT_RUN_ID_TAG
 from kafka import KafkaAdminClient
 
 from fraud_dagster.kafka_io import ensure_topic, offset_bounds
@@ -28,16 +30,19 @@ from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.producer import synthetic_transactions
-from fraud_dagster.sensors import IN_FLIGHT_STATUSES
+from fraud_dagster.sensors import IN_FLIGHT_STATUSES, KAFKA_SENSOR_NAME
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster_tests.helpers import MailBox, produce, produce_raw, table_rows
 from fraud_dagster_tests.operations_support import (
     accounting,
+    batch_records,
     emails_by_transaction,
     local_postgres,
     reexecute,
+    sensor_ticks,
+    step_errors,
     tampered_models_dir,
     wait_for,
 )
@@ -157,40 +162,69 @@ def test_every_message_is_accounted_for_once_and_every_alert_sent_once_across_fa
                 r for r in table_rows(database_url, schema.fraud_alerts) if r["status"] != "sent"
             ]
 
-            stream.chunk(30, seed=103)  # 3. broker down right after new messages
+            stream.chunk(30, seed=103)  # 3. broker down right after new messages...
+            stopped_at = time.time()
             broker.stop()
-            time.sleep(8)
+            wait_for(  # ...until the Kafka sensor has found it unreachable
+                lambda: any(
+                    tick.status == TickStatus.SKIPPED
+                    and "Kafka unavailable" in (tick.skip_reason or "")
+                    for tick in sensor_ticks(instance, KAFKA_SENSOR_NAME, after=stopped_at)
+                ),
+                120,
+                "a Kafka sensor tick skipped with the broker down",
+            )
             broker.start()
             stream.chunk(30, seed=104)
             settled()
 
             smtp.start()  # 4. SMTP back: retry_alerts sends what waited
 
-            postgres.stop()  # 5. database down for a while
+            before_outage = {run.run_id for run in batch_runs()}
+            postgres.stop()  # 5. database down until a batch run has hit it
             stream.chunk(40, seed=105)
-            time.sleep(12)
+
+            def storage_errors() -> list[str]:
+                return [
+                    error
+                    for run in batch_runs()
+                    if run.run_id not in before_outage
+                    for error in step_errors(instance, run.run_id)
+                    if "StorageError" in error
+                ]
+
+            wait_for(storage_errors, 180, "a batch run's step failing on the database down")
             postgres.start()
             settled()
 
+            tampered_at = time.time()
             for path in models.glob("*.joblib"):  # 6. model tampered: runs refuse to score
                 data = bytearray(path.read_bytes())
                 data[len(data) // 2] ^= 0xFF
                 path.write_bytes(bytes(data))
             stream.chunk(40, seed=106)
-            wait_for(
-                lambda: (
-                    any(run.status == dg.DagsterRunStatus.FAILURE for run in batch_runs())
+
+            def retries_spent() -> bool:
+                """Every batch since the tampering failed, and so did its last run retry."""
+                runs = [
+                    record.dagster_run
+                    for record in batch_records(instance, topic)
+                    if record.create_timestamp.timestamp() >= tampered_at
+                ]
+                originals = {run.run_id for run in runs if PARENT_RUN_ID_TAG not in run.tags}
+                last_retries = {
+                    run.tags[ROOT_RUN_ID_TAG]
+                    for run in runs
+                    if run.tags.get(RETRY_NUMBER_TAG) == "2"
+                }
+                return (
+                    bool(originals)
+                    and all(run.status == dg.DagsterRunStatus.FAILURE for run in runs)
+                    and originals <= last_retries
                     and not any(run.status in IN_FLIGHT_STATUSES for run in batch_runs())
-                ),
-                240,
-                "runs refusing the tampered model to fail",
-            )
-            time.sleep(5)  # the daemon's run retries come and fail too
-            wait_for(
-                lambda: not any(run.status in IN_FLIGHT_STATUSES for run in batch_runs()),
-                120,
-                "retries",
-            )
+                )
+
+            wait_for(retries_spent, 360, "runs refusing the tampered model, and their retries")
             tampered_failures = [
                 run for run in batch_runs() if run.status == dg.DagsterRunStatus.FAILURE
             ]
@@ -199,10 +233,20 @@ def test_every_message_is_accounted_for_once_and_every_alert_sent_once_across_fa
             rerun_unfinished_ranges(instance, batch_runs(), database_url, topic)  # ...and reruns
             settled()
 
-            stream.chunk(40, seed=107)  # 7. daemon killed with SIGKILL mid-stream
-            time.sleep(2)
+            produced_at = time.time()
+            stream.chunk(40, seed=107)  # 7. daemon killed with SIGKILL mid-stream: once a
+            wait_for(  # tick has requested batches of the new messages
+                lambda: any(
+                    tick.run_keys
+                    for tick in sensor_ticks(instance, KAFKA_SENSOR_NAME, after=produced_at)
+                ),
+                120,
+                "a tick requesting batches of the new messages",
+            )
             os.kill(daemons[0].pid, signal.SIGKILL)
             daemons[0].wait()
+            under_way = [run.run_id for run in batch_runs() if not run.is_finished]
+            assert under_way, "the daemon was killed with no batch under way"
             stream.chunk(30, seed=108)
             daemons.append(start_daemon(dagster_home, env, tmp_path / "daemon-2.log"))
             stream.chunk(30, seed=109)

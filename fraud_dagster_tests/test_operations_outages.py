@@ -39,6 +39,7 @@ from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import build_resources, resolved_resources
+from fraud_dagster.sensors import KAFKA_SENSOR_NAME
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
@@ -49,6 +50,7 @@ from fraud_dagster_tests.operations_support import (
     reexecute,
     retry_alerts_tick,
     run_request,
+    sensor_ticks,
     tampered_models_dir,
     wait_for,
 )
@@ -476,17 +478,41 @@ def test_daemon_killed_mid_stream_and_restarted_leaves_no_gap_and_no_duplicate(
     def batch_runs() -> list[dg.DagsterRun]:
         return list(instance.get_runs(filters=dg.RunsFilter(tags={"fraud_dagster/topic": topic})))
 
+    def offsets(run: dg.DagsterRun) -> tuple[int, int]:
+        first, last = run.tags["fraud_dagster/offset_range"].split("-")
+        return int(first), int(last)
+
+    chunk_1 = range(len(chunks[0]), len(chunks[0]) + len(chunks[1]))
+
+    def requests_chunk_1(tick: InstigatorTick) -> bool:
+        return any(int(key.rsplit("/", 1)[1].split("-")[0]) in chunk_1 for key in tick.run_keys)
+
     produce(settings, chunks[0])
     first = start_daemon(dagster_home, env, tmp_path / "daemon-1.log")
     second = None
     try:
         wait_for(lambda: len(batch_runs()) >= 1, 180, "the first batch run")
+        produced_chunk_1 = time.time()
         produce(settings, chunks[1])
-        time.sleep(1.5)  # let a tick start on the new messages
+        # The moment of the kill: just after a tick of the Kafka sensor requested chunk 1's
+        # batches, while they are queued or running.
+        wait_for(
+            lambda: any(
+                requests_chunk_1(tick)
+                for tick in sensor_ticks(instance, KAFKA_SENSOR_NAME, after=produced_chunk_1)
+            ),
+            120,
+            "a sensor tick requesting the batches of the new messages",
+        )
         os.kill(first.pid, signal.SIGKILL)  # the daemon only; what it started may live on
         first.wait()
+        at_kill = {run.run_id: run for run in batch_runs()}
+        stored_at_kill = sum(accounting(database_url, topic).values())
+        unfinished_at_kill = {run_id for run_id, run in at_kill.items() if not run.is_finished}
+        assert any(offsets(run)[0] in chunk_1 for run in at_kill.values())
+        assert unfinished_at_kill, "the daemon was killed with no batch under way"
+        assert stored_at_kill < chunk_1.stop, "the daemon was killed after the stream was stored"
         produce(settings, chunks[2])
-        launched_by_first = len(batch_runs())
         second = start_daemon(dagster_home, env, tmp_path / "daemon-2.log")
         produce(settings, chunks[3])
         wait_for(
@@ -506,21 +532,26 @@ def test_daemon_killed_mid_stream_and_restarted_leaves_no_gap_and_no_duplicate(
         m["transaction_id"] for chunk in chunks for m in chunk
     )
     runs = batch_runs()
-    assert len(runs) > launched_by_first, "the restarted daemon must launch the rest"
+    statuses = json.dumps({run.run_id: str(run.status) for run in runs})
+    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), statuses
+    # The batches under way (or still queued) when the daemon died were completed, not lost.
+    done = {run.run_id for run in runs if run.status == dg.DagsterRunStatus.SUCCESS}
+    assert unfinished_at_kill <= done, statuses
     keys = Counter(run.tags["dagster/run_key"] for run in runs if "dagster/run_key" in run.tags)
     assert all(count == 1 for count in keys.values()), f"a range was launched twice: {keys}"
-    covered = sorted(
-        tuple(int(x) for x in run.tags["fraud_dagster/offset_range"].split("-"))
-        for run in runs
-        if "dagster/parent_run_id" not in run.tags
-    )
+    originals = [run for run in runs if "dagster/parent_run_id" not in run.tags]
+    covered = sorted(offsets(run) for run in originals)
     assert covered[0][0] == 0
-    for (_, last), (first, _) in itertools.pairwise(covered):
-        assert first == last + 1, f"gap or overlap between ranges: {covered}"
+    for (_, last), (first_offset, _) in itertools.pairwise(covered):
+        assert first_offset == last + 1, f"gap or overlap between ranges: {covered}"
     assert covered[-1][1] == total - 1
-    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), json.dumps(
-        {run.run_id: str(run.status) for run in runs}
-    )
+    # The restarted daemon went on exactly where the killed one's requested ranges ended.
+    by_first = [offsets(run) for run in originals if run.run_id in at_kill]
+    by_second = [offsets(run) for run in originals if run.run_id not in at_kill]
+    assert by_second, "the restarted daemon launched nothing"
+    assert min(first_offset for first_offset, _ in by_second) == (
+        max(last for _, last in by_first) + 1
+    ), f"killed daemon's ranges {sorted(by_first)}, restarted daemon's {sorted(by_second)}"
 
 
 def _kill_group(process: subprocess.Popen) -> None:

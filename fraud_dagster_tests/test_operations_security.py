@@ -4,6 +4,7 @@ values round-trip as plain data."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ def test_secrets_never_reach_logs_run_config_tags_metadata_files_or_the_ui(
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
+    caplog.set_level(logging.DEBUG)  # every record, whatever level an earlier test left
     smtp_password = f"smtp-{secrets.token_urlsafe(16)}"
     sasl_password = f"sasl-{secrets.token_urlsafe(16)}"
     smtp_server.stop()
@@ -109,6 +111,7 @@ def test_secrets_never_reach_logs_run_config_tags_metadata_files_or_the_ui(
                 for record in instance.all_logs(run.run_id)
             ),
             "UI (GraphQL)": ui,
+            "webserver log": (tmp_path / "webserver.log").read_text(errors="replace"),
             "emails": "".join(str(message) for message in emails),
             **{
                 f"file {path.relative_to(tmp_path)}": path.read_bytes().decode("latin-1")
@@ -116,6 +119,20 @@ def test_secrets_never_reach_logs_run_config_tags_metadata_files_or_the_ui(
                 if path.is_file()
             },
         }
+        # The evidence is real: each place holds what it should, so a clean scan means something.
+        assert any(
+            record.levelno == logging.INFO
+            and record.getMessage().startswith("alert sent for transaction")
+            for record in caplog.records
+        ), "the alert sender's INFO lines must be among the python logs searched"
+        for where, text in evidence.items():
+            assert where.startswith("file ") or text.strip(), f"nothing captured from {where}"
+        for where in ("stdout/stderr", "runs (config, tags)", "event logs", "UI (GraphQL)"):
+            assert result.run_id in evidence[where], f"the run is not in the {where} searched"
+        assert "RUN_SUCCESS" in evidence["stdout/stderr"]
+        assert evidence["emails"].count("X-Fraud-Transaction-Id") == len(emails)
+        assert evidence[f"file dagster_home/history/runs/{result.run_id}.db"]
+        assert evidence["webserver log"].strip()
         for where, text in evidence.items():
             for value in secret_values:
                 assert value not in text, f"a secret leaked into {where}"

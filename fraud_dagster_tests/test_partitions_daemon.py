@@ -12,6 +12,7 @@ and from `stored_ranges.stored_at`, written inside the persisting transaction.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections import defaultdict
 from datetime import UTC
@@ -24,6 +25,7 @@ from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_PARTIT
 from fraud_dagster.kafka_io import ensure_topic, offset_bounds
 from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.sensors import KAFKA_SENSOR_NAME
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
@@ -34,6 +36,8 @@ from fraud_dagster_tests.operations_support import (
     accounting,
     batch_records,
     refuse_inserts,
+    sensor_ticks,
+    step_events,
     wait_for,
     wait_until_settled,
 )
@@ -205,8 +209,20 @@ def test_the_next_batch_of_a_partition_starts_beside_the_running_one_and_waits_f
             )
 
         wait_for(second_waits_while_first_runs, 60, "the second batch waiting beside the first")
-        time.sleep(1.0)
+        first, second = (
+            r.dagster_run.run_id
+            for r in by_partition(batch_records(instance, settings.kafka_topic))[0]
+        )
+        refused = dg.DagsterEventType.STEP_UP_FOR_RETRY
+        wait_for(
+            lambda: bool(step_events(instance, first, refused, "persist")),
+            60,
+            "the database refusing the first batch's rows (its persist step up for retry)",
+        )
         assert accounting(database_url, settings.kafka_topic) == {}, "a batch stored too early"
+        assert step_in_progress(instance, second, "wait_for_earlier_batches"), (
+            "the second batch went on while the first one's rows were refused"
+        )
         accept_inserts(database_url, "scored_transactions")
         records = wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
 
@@ -219,7 +235,12 @@ def test_the_next_batch_of_a_partition_starts_beside_the_running_one_and_waits_f
     (wait,) = instance.get_run_step_stats(
         runs[1].dagster_run.run_id, step_keys=["transaction_batch.wait_for_earlier_batches"]
     )
-    assert wait.end_time - wait.start_time >= 1.0
+    first_stored = stored_at(database_url, settings.kafka_topic)[(0, 0)]
+    assert wait.start_time < first_stored <= wait.end_time, (
+        "the second batch's wait must begin before the first batch's rows are stored and end "
+        f"only once they are: {timeline(runs)}; wait {wait.start_time:.2f}..{wait.end_time:.2f}, "
+        f"stored {first_stored:.2f}"
+    )
 
 
 @pytest.mark.partitions(2)
@@ -238,8 +259,19 @@ def test_a_partition_added_while_the_daemon_runs_is_picked_up_from_its_beginning
         sent = produce(settings, to_messages(synthetic_transactions(120, seed=72)))
         wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
 
+        grown = time.time()
         ensure_topic(options, settings.kafka_topic, 4)
-        time.sleep(2)  # a tick or two with the new, still empty partitions
+
+        def saw_the_new_partitions_empty() -> bool:
+            """A tick started after the topic grew, done, whose cursor has 2 and 3 at 0."""
+            for tick in sensor_ticks(instance, KAFKA_SENSOR_NAME, after=grown):
+                if tick.is_completed and tick.cursor:
+                    next_offsets = json.loads(tick.cursor)["next_offsets"]
+                    if next_offsets.get("2") == 0 and next_offsets.get("3") == 0:
+                        return True
+            return False
+
+        wait_for(saw_the_new_partitions_empty, 60, "a tick seeing the new, still empty partitions")
         sent += produce(settings, to_messages(synthetic_transactions(240, seed=73)))
         records = wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
 

@@ -16,6 +16,7 @@ from fraud_dagster import cli
 from fraud_dagster.errors import LocalServiceError
 from fraud_dagster.local_services.postgres import postgres_bin_dir
 from fraud_dagster.local_services.process import free_port
+from fraud_dagster_tests.operations_support import require
 
 pytestmark = pytest.mark.postgres
 
@@ -31,7 +32,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     try:
         postgres_bin_dir()
     except LocalServiceError:
-        pytest.skip("PostgreSQL server binaries not found (scripts/setup.sh installs them)")
+        require(False, "PostgreSQL server binaries not found (scripts/setup.sh installs them)")
     monkeypatch.setenv("FRAUD_VAR_DIR", str(tmp_path / "var"))
     base = Path(tempfile.mkdtemp(prefix="fraud-pg-cli-"))
     base.chmod(0o755)  # the server runs as `postgres` when the tests run as root

@@ -27,6 +27,7 @@ from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.settings import PROJECT_ROOT, Settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster_tests.helpers import graphql, produce, produce_raw, suspicious_ids
+from fraud_dagster_tests.operations_support import require
 
 # SQLite only: the UI shows the Dagster instance; the pipeline's storage is tested elsewhere.
 pytestmark = [
@@ -124,7 +125,14 @@ def metadata_value(page: Any, key: str) -> Any:
     return page.locator("tr").filter(has=key_cell).first.locator("td").last
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium (scripts/setup.sh)")
+@pytest.fixture
+def chromium() -> Path:
+    """Debian's chromium: the test skips without it, or fails under CI (`require`)."""
+    require(CHROMIUM.exists(), "needs Debian chromium (scripts/setup.sh)")
+    return CHROMIUM
+
+
+@pytest.mark.usefixtures("chromium")  # before the services start
 def test_operator_sees_lineage_run_tags_metadata_and_checks(
     settings: Settings, dagster_dev: str, database_url: str, tmp_path: Path
 ) -> None:

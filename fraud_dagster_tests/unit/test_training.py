@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -164,11 +164,33 @@ def test_train_model_fits_on_train_and_measures_on_later_test(simulated: pd.Data
 
 
 def test_long_fits_report_that_they_are_still_going() -> None:
+    """Driven, not timed: an interval passes when the test grants it, on a clock the test sets."""
     lines: list[str] = []
-    with _heartbeat(lines.append, "fitting x", every_seconds=0.05):
-        time.sleep(0.3)
-    assert lines
-    assert all(line.strip().startswith("still fitting x:") for line in lines)
+    reported = threading.Semaphore(0)
+    intervals = threading.Semaphore(0)
+    asked: list[float] = []
+    now = [1000.0]
+
+    def report(line: str) -> None:
+        lines.append(line)
+        reported.release()
+
+    def wait(stop: threading.Event, seconds: float) -> bool:
+        """One interval: over when the test grants it (False), or when the fit ends (True)."""
+        asked.append(seconds)
+        while not stop.is_set():
+            if intervals.acquire(timeout=0.01):
+                return False
+        return True
+
+    with _heartbeat(report, "fitting x", every_seconds=30.0, clock=lambda: now[0], wait=wait):
+        for elapsed in (30.0, 60.0):
+            now[0] = 1000.0 + elapsed
+            intervals.release()
+            assert reported.acquire(timeout=10), f"no report after {elapsed:.0f}s"
+    assert lines == ["      still fitting x: 30s", "      still fitting x: 60s"]
+    assert asked == [30.0, 30.0, 30.0]  # the third interval ended with the fit, unreported
+    assert not any(t.name == "training-heartbeat" for t in threading.enumerate())
 
 
 def test_training_needs_frauds_in_both_periods(simulated: pd.DataFrame) -> None:
