@@ -21,7 +21,6 @@ from typing import Any
 import dagster as dg
 import pytest
 import sqlalchemy as sa
-from dagster._core.scheduler.instigation import InstigatorTick, InstigatorType
 
 from fraud_dagster.batching import TAG_TOPIC
 from fraud_dagster.definitions import build_definitions
@@ -182,19 +181,6 @@ def wait_for(check: Callable[[], bool], timeout_seconds: float, what: str) -> No
             return
         time.sleep(0.5)
     raise AssertionError(f"{what} did not happen within {timeout_seconds:.0f}s")
-
-
-def sensor_ticks(
-    instance: dg.DagsterInstance, name: str, after: float | None = None
-) -> list[InstigatorTick]:
-    """The ticks of sensor `name` (those started after `after`, epoch seconds), oldest first."""
-    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
-        if state.name == name:
-            ticks = instance.get_ticks(
-                state.instigator_origin_id, state.selector_id, after=after, limit=100_000
-            )
-            return sorted(ticks, key=lambda tick: tick.timestamp)
-    return []
 
 
 def step_events(

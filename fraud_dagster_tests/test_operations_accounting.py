@@ -24,6 +24,7 @@ from dagster._core.scheduler.instigation import TickStatus
 from dagster._core.storage.tags import PARENT_RUN_ID_TAG, RETRY_NUMBER_TAG, ROOT_RUN_ID_TAG
 from kafka import KafkaAdminClient
 
+from fraud_dagster.benchmarks.harness import sensor_ticks
 from fraud_dagster.kafka_io import ensure_topic, offset_bounds
 from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.local_services.kafka import LocalKafka
@@ -41,7 +42,6 @@ from fraud_dagster_tests.operations_support import (
     emails_by_transaction,
     local_postgres,
     reexecute,
-    sensor_ticks,
     step_errors,
     tampered_models_dir,
     wait_for,

@@ -30,6 +30,7 @@ from dagster._core.scheduler.instigation import (
 )
 
 from fraud_dagster.alerts import run_failure_message_id
+from fraud_dagster.benchmarks.harness import sensor_ticks
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.errors import AlertDeliveryError
 from fraud_dagster.kafka_io import ensure_topic
@@ -50,7 +51,6 @@ from fraud_dagster_tests.operations_support import (
     reexecute,
     retry_alerts_tick,
     run_request,
-    sensor_ticks,
     tampered_models_dir,
     wait_for,
 )

@@ -22,6 +22,7 @@ import dagster as dg
 import pytest
 
 from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_PARTITION, TAG_TOPIC
+from fraud_dagster.benchmarks.harness import sensor_ticks
 from fraud_dagster.kafka_io import ensure_topic, offset_bounds
 from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.producer import synthetic_transactions
@@ -36,7 +37,6 @@ from fraud_dagster_tests.operations_support import (
     accounting,
     batch_records,
     refuse_inserts,
-    sensor_ticks,
     step_events,
     wait_for,
     wait_until_settled,

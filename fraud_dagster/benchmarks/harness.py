@@ -157,15 +157,22 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def kafka_sensor_ticks(instance: dg.DagsterInstance, after: float | None = None) -> list:
-    """The Kafka sensor's ticks (those after `after`, if given), oldest first."""
+def sensor_ticks(
+    instance: dg.DagsterInstance, name: str = KAFKA_SENSOR_NAME, after: float | None = None
+) -> list:
+    """The ticks of sensor `name` (those started after `after`, epoch seconds), oldest first."""
     for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
-        if state.name == KAFKA_SENSOR_NAME:
+        if state.name == name:
             ticks = instance.get_ticks(
                 state.instigator_origin_id, state.selector_id, after=after, limit=100_000
             )
             return sorted(ticks, key=lambda tick: tick.timestamp)
     return []
+
+
+def kafka_sensor_ticks(instance: dg.DagsterInstance, after: float | None = None) -> list:
+    """The Kafka sensor's ticks (those after `after`, if given), oldest first."""
+    return sensor_ticks(instance, KAFKA_SENSOR_NAME, after)
 
 
 def run_child(command: Sequence[str], what: str, **popen_options: Any) -> dict:
