@@ -61,11 +61,6 @@ class PlannedBatch:
         return tags
 
 
-# A topic id that matches no real one: what the sensor knows of a topic that earlier runs read
-# but whose id they do not say (runs from before the ids were recorded).
-UNKNOWN_TOPIC_ID = "unknown"
-
-
 @dataclass
 class SensorCursor:
     """{partition: next offset} for one topic incarnation, its topic id and run-key tag,
@@ -110,7 +105,7 @@ class SensorCursor:
 def new_key_tag(topic_id: str | None, previous_tag: str, now: float) -> str:
     """A run-key tag that no earlier batch of the topic used: the first 8 hex digits of the new
     topic's id, or (no id, or the same one: a cursor reset) the time in milliseconds, base 16."""
-    if topic_id and topic_id != UNKNOWN_TOPIC_ID:
+    if topic_id:
         tag = topic_id.replace("-", "")[:8]
         if tag != previous_tag:
             return tag

@@ -333,11 +333,17 @@ def _parse_dates(
     keep = ~(bad_format | out_of_range)
     frame = frame.loc[keep].copy()
     frame["transaction_date"] = parsed[keep].dt.tz_convert(None).astype("datetime64[us]")
+    # -1: the message carries no timestamp; past year 9999 (a producer's microseconds, say) it
+    # is no date a database column holds. Neither is a reason to reject the message.
     timestamps = pd.to_numeric(frame["kafka_timestamp"], errors="coerce")
-    frame["kafka_timestamp"] = pd.to_datetime(  # -1: the message carries no timestamp
-        timestamps.where(timestamps >= 0), unit="ms"
-    ).astype("datetime64[us]")
+    usable = (timestamps >= 0) & (timestamps < _YEAR_10000_MS)
+    frame["kafka_timestamp"] = pd.to_datetime(timestamps.where(usable), unit="ms").astype(
+        "datetime64[us]"
+    )
     return frame, rejections
+
+
+_YEAR_10000_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z, in ms since the epoch
 
 
 def _is_calendar_date(text: str) -> bool:

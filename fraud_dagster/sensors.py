@@ -25,7 +25,6 @@ from fraud_dagster.batching import (
     TAG_PARTITION,
     TAG_TOPIC,
     TAG_TOPIC_ID,
-    UNKNOWN_TOPIC_ID,
     SensorCursor,
     new_key_tag,
     plan_batches,
@@ -89,16 +88,28 @@ def _cursor_of_a_reset_sensor(
     instance: dg.DagsterInstance, cursor: SensorCursor, now: float
 ) -> SensorCursor:
     """The cursor a fresh cursor stands for when earlier runs read the topic (the sensor's
-    cursor was reset): their topic id (so that a topic recreated meanwhile is seen as such) and
-    a new run-key tag, as the earlier runs' keys may be the ones this tick would plan."""
+    cursor was reset): their topic id, if they recorded one (so that a topic recreated meanwhile
+    is seen as such; without one the committed offsets decide, as for any new cursor), and a new
+    run-key tag, as the earlier runs' keys may be the ones this tick would plan."""
     latest = instance.get_runs(
         filters=dg.RunsFilter(job_name=score_transactions_job.name, tags={TAG_TOPIC: cursor.topic}),
         limit=1,
     )
     if not latest:
         return cursor
-    earlier_id = latest[0].tags.get(TAG_TOPIC_ID, UNKNOWN_TOPIC_ID)
+    earlier_id = latest[0].tags.get(TAG_TOPIC_ID)
     return SensorCursor(cursor.topic, {}, earlier_id, new_key_tag(None, "", now))
+
+
+def _unfinished_runs(instance: dg.DagsterInstance, topic: str) -> int:
+    """How many batch runs of `topic` are queued or under way."""
+    return instance.get_runs_count(
+        filters=dg.RunsFilter(
+            job_name=score_transactions_job.name,
+            tags={TAG_TOPIC: topic},
+            statuses=IN_FLIGHT_STATUSES,
+        )
+    )
 
 
 def set_aside_stored_ranges(engine: Engine, topic: str, key_tag: str) -> int:
@@ -108,24 +119,19 @@ def set_aside_stored_ranges(engine: Engine, topic: str, key_tag: str) -> int:
     ranges from being recorded (their key is topic, partition and first offset). Kept, not
     deleted: they say which runs stored what. Returns how many were moved.
 
-    No real topic has an `@` in its name. Run twice for the same tag (a tick that failed after
-    this), a range already set aside is kept once.
+    No real topic has an `@` in its name. The move is one transaction, done once per tag: asked
+    again for a tag already set aside (a tick that failed after it, the same incarnation seen
+    again), it moves nothing, as the ranges under `topic` are then the new topic's own.
     """
     suffix = f"@before-{key_tag}"
     aside = topic[: stored_ranges.c.source_topic.type.length - len(suffix)] + suffix
     r = stored_ranges
-    earlier = r.alias("earlier")
-    set_aside_before = (
-        sa.select(earlier.c.first_offset)
-        .where(
-            earlier.c.source_topic == aside,
-            earlier.c.source_partition == r.c.source_partition,
-            earlier.c.first_offset == r.c.first_offset,
-        )
-        .exists()
-    )
     with engine.begin() as conn:
-        conn.execute(sa.delete(r).where(r.c.source_topic == topic, set_aside_before))
+        done_before = conn.execute(
+            sa.select(sa.literal(1)).where(r.c.source_topic == aside).limit(1)
+        ).first()
+        if done_before:
+            return 0
         moved = conn.execute(
             sa.update(r).where(r.c.source_topic == topic).values(source_topic=aside)
         )
@@ -143,10 +149,10 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
     where it was: nothing is skipped over.
 
     A topic deleted and created again (its id changed, see `batching`) is read again from its
-    beginning, under run keys tagged `<topic>@<tag>/...` that no earlier run has; before its
-    first batch is requested, the stored ranges of the previous topic are set aside
-    (`set_aside_stored_ranges`), or, if the database cannot be reached, the tick is skipped
-    with the cursor unchanged.
+    beginning, under run keys tagged `<topic>@<tag>/...` that no earlier run has; once no run
+    of the previous topic is left unfinished and before its first batch is requested, the
+    stored ranges of the previous topic are set aside (`set_aside_stored_ranges`). Until then,
+    or if the database cannot be reached, the tick is skipped with the cursor unchanged.
     """
 
     @dg.sensor(
@@ -189,6 +195,14 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
         for note in plan.notes:
             context.log.warning(note)
         if plan.recreated:
+            # A run of the previous topic that stores after the set-aside would record its
+            # range for the new topic: wait until none is left (their retries included).
+            unfinished = _unfinished_runs(context.instance, kafka.topic)
+            if unfinished:
+                return dg.SkipReason(
+                    f"{kafka.topic} was recreated; waiting for {unfinished} run(s) of the "
+                    "previous topic to finish before reading the new one, cursor unchanged"
+                )
             try:
                 moved = set_aside_stored_ranges(
                     database.get_engine(), kafka.topic, plan.cursor.key_tag

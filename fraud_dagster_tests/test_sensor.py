@@ -137,20 +137,49 @@ def test_set_aside_stored_ranges_keeps_them_under_another_key_once(tmp_path) -> 
     assert contiguous_end(engine, "t", 0, 0) == 0
     assert contiguous_end(engine, "other", 0, 0) == 10
 
-    store("t", 0, 24)  # a run of the previous topic that stored late; the tick is repeated
+    store("t", 0, 24)  # the new topic's first batch; then the same incarnation is seen again
     assert set_aside_stored_ranges(engine, "t", "8aae0904") == 0
     keys = sorted(
         (r["source_topic"], r["first_offset"])
         for r in table_rows(str(engine.url), schema.stored_ranges)
     )
-    assert keys == [("other", 0), ("t@before-8aae0904", 0), ("t@before-8aae0904", 25)]
+    assert keys == [("other", 0), ("t", 0), ("t@before-8aae0904", 0), ("t@before-8aae0904", 25)]
+    assert contiguous_end(engine, "t", 0, 0) == 25  # the new topic's range still counts
 
     long_topic = "x" * 249
     store(long_topic, 0, 1)
     assert set_aside_stored_ranges(engine, long_topic, "t5dc") == 1
     (aside,) = {r["source_topic"] for r in table_rows(str(engine.url), schema.stored_ranges)} - {
         "other",
+        "t",
         "t@before-8aae0904",
     }
     assert len(aside) == 249 and aside.endswith("@before-t5dc")
     engine.dispose()
+
+
+def test_a_recreated_topic_is_not_read_while_a_run_of_the_previous_one_is_unfinished(
+    settings: Settings, instance: dg.DagsterInstance
+) -> None:
+    """Such a run would store its range after the set-aside, as if it were the new topic's."""
+    defs = build_definitions(settings)
+    produce(settings, to_messages(synthetic_transactions(5, seed=8)))
+    old_batch = PlannedBatch(settings.kafka_topic, 0, 0, 4)
+    unfinished = instance.create_run_for_job(
+        job_def=defs.resolve_job_def("score_transactions"),
+        run_config=batch_run_config(old_batch),
+        tags={**old_batch.tags(), "dagster/run_key": old_batch.run_key},
+        status=dg.DagsterRunStatus.STARTED,
+    )
+    cursor = SensorCursor(settings.kafka_topic, {0: 5}, topic_id="an-earlier-topic").serialize()
+
+    waiting = evaluate_sensor(defs, settings, instance, cursor=cursor)
+    assert waiting.run_requests == []
+    assert "waiting for 1 run(s) of the previous topic" in waiting.skip_message
+    assert waiting.cursor in (None, cursor)
+
+    instance.report_run_failed(unfinished)
+    resumed = evaluate_sensor(defs, settings, instance, cursor=cursor)
+    (request,) = resumed.run_requests
+    assert request.run_key.startswith(f"{settings.kafka_topic}@")
+    assert request.tags["fraud_dagster/offset_range"] == "0-4"

@@ -6,7 +6,6 @@ import pytest
 
 from fraud_dagster.batching import (
     TAG_TOPIC_ID,
-    UNKNOWN_TOPIC_ID,
     SensorCursor,
     new_key_tag,
     plan_batches,
@@ -88,11 +87,15 @@ def test_a_cursor_from_before_topic_ids_adopts_the_id_without_restarting() -> No
     assert plan.cursor.topic_id == "abc" and plan.cursor.key_tag == ""
 
 
-def test_a_topic_read_by_runs_of_unknown_id_counts_as_recreated() -> None:
-    """What the sensor makes of a reset cursor whose earlier runs carry no topic id."""
-    cursor = SensorCursor("t", {}, UNKNOWN_TOPIC_ID, "t1")
-    plan = plan_batches(cursor, {0: 0}, {0: 5}, {0: 5}, 10, 10, topic_id="8aae0904-35")
-    assert plan.recreated and ranges(plan) == [(0, 0, 4)]
+def test_a_reset_cursor_whose_earlier_runs_carry_no_topic_id_starts_at_the_commit() -> None:
+    """What the sensor makes of a reset cursor whose earlier runs (from before topic ids were
+    recorded) say no id: not a recreation (that would read the whole topic again); the
+    committed offsets decide, under the cursor's new run-key tag."""
+    cursor = SensorCursor("t", {}, None, "t1")
+    plan = plan_batches(cursor, {0: 0}, {0: 9}, {0: 5}, 10, 10, topic_id="8aae0904-35")
+    assert not plan.recreated and ranges(plan) == [(0, 5, 8)]
+    assert plan.batches[0].run_key == "t@t1/0/5-8"
+    assert plan.cursor.topic_id == "8aae0904-35"
 
 
 def test_committed_offset_past_the_end_starts_at_the_beginning() -> None:
@@ -108,7 +111,6 @@ def test_new_key_tags_never_repeat_the_previous_one() -> None:
     assert new_key_tag("8aae0904-3595", "", 0) == "8aae0904"
     assert new_key_tag("8aae0904-3595", "8aae0904", 2.0) == "t7d0"
     assert new_key_tag(None, "", 2.0) == "t7d0"
-    assert new_key_tag(UNKNOWN_TOPIC_ID, "", 2.0) == "t7d0"
 
 
 def test_run_keys_and_tags() -> None:

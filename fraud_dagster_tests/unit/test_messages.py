@@ -40,6 +40,15 @@ def test_a_message_without_a_broker_timestamp_stores_none_not_1969() -> None:
     assert stamps[1] == pd.Timestamp(1_700_000_000_001, unit="ms")
 
 
+def test_a_broker_timestamp_past_year_9999_stores_none_and_fails_nothing() -> None:
+    raw = batch_of(encode(GOOD), encode({**GOOD, "transaction_id": "t2"}))
+    raw.timestamps_ms[0] = 1_700_000_000_000_000  # microseconds sent as milliseconds
+    raw.timestamps_ms[1] = 9_000_000_000_000_000_000
+    parsed = parse_batch(raw)
+    assert parsed.rejections == []
+    assert parsed.transactions["kafka_timestamp"].isna().all()
+
+
 def test_valid_message_becomes_a_typed_row() -> None:
     parsed = parse_batch(
         batch_of(encode({**GOOD, "transaction_amount": "12.50", "extra": {"x": 1}}))
