@@ -7,7 +7,8 @@ import email.policy
 import json
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import sqlalchemy as sa
+from aiosmtpd.controller import Controller
 
 from fraud_dagster import producer
 from fraud_dagster.resources import build_resources, resolved_resources
@@ -143,3 +145,14 @@ def ordinary_and_large_amount(features: Iterable[str]) -> pd.DataFrame:
     }
     rows = [{**history, "transaction_amount": amount} for amount in (40.0, 400.0)]
     return pd.DataFrame(rows).reindex(columns=list(features), fill_value=0.0)
+
+
+@contextmanager
+def serving(handler: Any, port: int) -> Iterator[None]:
+    """An aiosmtpd server with a test's own `handler` on `port` (stop the test's server first)."""
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield
+    finally:
+        controller.stop()

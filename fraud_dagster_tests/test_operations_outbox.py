@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,6 @@ from typing import Any
 import dagster as dg
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 
 from fraud_dagster import pipeline
 from fraud_dagster.alerts import SmtpMailer, render_alert
@@ -35,6 +32,7 @@ from fraud_dagster_tests.helpers import (
     evaluate_sensor,
     execute_requests,
     produce,
+    serving,
     suspicious_ids,
     table_rows,
 )
@@ -376,17 +374,6 @@ def test_every_session_failing_leaves_every_alert_for_a_retry_and_none_marked_se
     rows = outbox(database_url)
     assert {(row["status"], row["claimed_by"]) for row in rows.values()} == {("failed", "parallel")}
     assert all(row["attempts"] == 2 and backoff(row) > 0 for row in rows.values())
-
-
-@contextmanager
-def serving(handler: MaildirHandler, port: int) -> Iterator[None]:
-    """An aiosmtpd server with `handler` on `port` (the test's server is stopped first)."""
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield
-    finally:
-        controller.stop()
 
 
 class RefusingHandler(MaildirHandler):

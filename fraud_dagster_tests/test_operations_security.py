@@ -11,7 +11,6 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from aiosmtpd.controller import Controller
 
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.dagster_processes import start_webserver, stop_dagster_process
@@ -21,7 +20,14 @@ from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema
 from fraud_dagster.storage.database import create_engine
 from fraud_dagster.storage.labels import record_labels
-from fraud_dagster_tests.helpers import MailBox, evaluate_sensor, graphql_text, produce, table_rows
+from fraud_dagster_tests.helpers import (
+    MailBox,
+    evaluate_sensor,
+    graphql_text,
+    produce,
+    serving,
+    table_rows,
+)
 from fraud_dagster_tests.operations_support import local_postgres, run_request
 from fraud_dagster_tests.test_end_to_end import known_transactions
 
@@ -205,9 +211,7 @@ def test_message_fields_cannot_change_headers_or_recipients_and_sql_looking_valu
 ) -> None:
     smtp_server.stop()
     recorder = EnvelopeRecorder(tmp_path / "recorded-mail")
-    controller = Controller(recorder, hostname="127.0.0.1", port=smtp_server.port)
-    controller.start()
-    try:
+    with serving(recorder, smtp_server.port):
         messages, frauds, _ = known_transactions()
         renamed = dict(zip(sorted(frauds), SQL_LOOKING, strict=True))
         for message in messages:
@@ -221,8 +225,6 @@ def test_message_fields_cannot_change_headers_or_recipients_and_sql_looking_valu
         result = run_request(request, instance)
         assert result.success
         emails = MailBox(recorder.mail_dir).wait_for(len(frauds))
-    finally:
-        controller.stop()
 
     stored = {
         row["transaction_id"]: row for row in table_rows(database_url, schema.scored_transactions)
