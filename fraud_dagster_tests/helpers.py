@@ -18,9 +18,11 @@ import dagster as dg
 import pandas as pd
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
+from kafka import KafkaAdminClient
 
 from fraud_dagster import producer
 from fraud_dagster.resources import build_resources, resolved_resources
+from fraud_dagster.sensors import KAFKA_SENSOR_NAME
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage import schema
 
@@ -91,6 +93,40 @@ def execute_requests(
         )
         for request in result.run_requests
     ]
+
+
+RUN_KEY_TAG = "dagster/run_key"
+SENSOR_NAME_TAG = "dagster/sensor_name"
+
+
+def tick_and_run(
+    defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[str | None, list[str], list[str]]:
+    """One sensor tick, its requests submitted as the daemon does; (cursor, run keys executed,
+    run keys skipped because an earlier run of the sensor used them)."""
+    result = evaluate_sensor(defs, settings, instance, cursor=cursor)
+    job = defs.resolve_job_def("score_transactions")
+    executed, skipped = [], []
+    for request in result.run_requests:
+        earlier = instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: request.run_key}))
+        if any(run.tags.get(SENSOR_NAME_TAG) == KAFKA_SENSOR_NAME for run in earlier):
+            skipped.append(request.run_key)
+            continue
+        outcome = job.execute_in_process(
+            run_config=request.run_config,
+            instance=instance,
+            tags={**request.tags, RUN_KEY_TAG: request.run_key, SENSOR_NAME_TAG: KAFKA_SENSOR_NAME},
+        )
+        assert outcome.success, request.run_key
+        executed.append(request.run_key)
+    return (result.cursor or cursor), executed, skipped
+
+
+def admin_client(settings: Settings) -> KafkaAdminClient:
+    options = resolved_resources(settings)["kafka"].client_options()
+    return KafkaAdminClient(
+        **{k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+    )
 
 
 def table_rows(database_url: str, table: sa.Table) -> list[dict[str, Any]]:

@@ -17,7 +17,6 @@ import time
 
 import dagster as dg
 import pytest
-from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError
 
@@ -26,46 +25,18 @@ from fraud_dagster.errors import KafkaUnavailableError
 from fraud_dagster.kafka_io import offset_bounds
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
-from fraud_dagster.sensors import KAFKA_SENSOR_NAME
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
-from fraud_dagster_tests.helpers import evaluate_sensor, produce, table_rows
+from fraud_dagster_tests.helpers import (
+    RUN_KEY_TAG,
+    admin_client,
+    produce,
+    table_rows,
+    tick_and_run,
+)
 
 pytestmark = pytest.mark.services
-
-RUN_KEY_TAG = "dagster/run_key"
-SENSOR_NAME_TAG = "dagster/sensor_name"
-
-
-def tick_and_run(
-    defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance, cursor: str | None
-) -> tuple[str | None, list[str], list[str]]:
-    """One sensor tick, its requests submitted as the daemon does; (cursor, run keys executed,
-    run keys skipped because an earlier run of the sensor used them)."""
-    result = evaluate_sensor(defs, settings, instance, cursor=cursor)
-    job = defs.resolve_job_def("score_transactions")
-    executed, skipped = [], []
-    for request in result.run_requests:
-        earlier = instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: request.run_key}))
-        if any(run.tags.get(SENSOR_NAME_TAG) == KAFKA_SENSOR_NAME for run in earlier):
-            skipped.append(request.run_key)
-            continue
-        outcome = job.execute_in_process(
-            run_config=request.run_config,
-            instance=instance,
-            tags={**request.tags, RUN_KEY_TAG: request.run_key, SENSOR_NAME_TAG: KAFKA_SENSOR_NAME},
-        )
-        assert outcome.success, request.run_key
-        executed.append(request.run_key)
-    return (result.cursor or cursor), executed, skipped
-
-
-def admin_client(settings: Settings) -> KafkaAdminClient:
-    options = resolved_resources(settings)["kafka"].client_options()
-    return KafkaAdminClient(
-        **{k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
-    )
 
 
 def topic_id(settings: Settings) -> str:
