@@ -2,6 +2,7 @@
 
 * rejected share: messages stored as rejected / messages read, under a limit (a producer that
   changed its format shows here first);
+* offsets read: no offset of the batch's range was deleted by retention before it was read;
 * score drift: the population stability index (PSI) of the batch's fraud probabilities against
   the held-out scores recorded when the model was trained (the manifest's `score_histogram`);
 * model file: the file of the model that scored the batch still hashes to its recorded SHA-256.
@@ -80,6 +81,32 @@ def check_rejected_share(read: int, rejected: int, max_share: float) -> CheckOut
             "rejected_share": round(share, 6),
             "max_rejected_share": max_share,
         },
+    )
+
+
+# --- offsets read ------------------------------------------------------------------------------
+
+
+def check_offsets_read(
+    first_offset: int, last_offset: int, deleted_by_retention: tuple[int, int] | None
+) -> CheckOutcome:
+    """Passes when no offset of the batch's range was deleted by retention before it was read."""
+    size = last_offset - first_offset + 1
+    if deleted_by_retention is None:
+        return CheckOutcome(
+            True,
+            f"every offset of {first_offset}..{last_offset} was still on the broker when read",
+            {"lost_offsets": 0},
+        )
+    lost_first, lost_last = deleted_by_retention
+    lost = lost_last - lost_first + 1
+    return CheckOutcome(
+        False,
+        f"{lost} of the range's {size} offsets ({lost_first}..{lost_last}) were deleted by Kafka "
+        "retention before this batch read them: those transactions were never scored or "
+        "alerted on. They are recorded in lost_ranges; ask the producing system to resend "
+        "them, and keep batches from waiting longer than the topic's retention.ms",
+        {"lost_offsets": lost, "lost_first_offset": lost_first, "lost_last_offset": lost_last},
     )
 
 

@@ -142,7 +142,9 @@ def plan_batches(
     call, round-robin over partitions so that one busy partition cannot starve the others; the
     rest waits for the next tick. Partitions in `busy_partitions` (a batch of theirs is waiting
     to start) get no batch now: their next batch then covers everything that arrived
-    meanwhile, so batches grow with the load instead of queueing up.
+    meanwhile, so batches grow with the load instead of queueing up. A partition whose next
+    offsets were deleted by retention gets a batch that starts at them (so that it records
+    them as lost) and holds `max_batch_size` offsets from its beginning on.
 
     The topic was recreated if its id (`topic_id`, None if the broker does not say) differs
     from the cursor's, or, whatever the ids, if a partition's cursor lies past its end. Every
@@ -196,7 +198,16 @@ def plan_batches(
             start, end = next_offsets[partition], end_offsets[partition]
             if start >= end:
                 continue
-            last = min(start + max_batch_size, end) - 1
+            # Offsets retention deleted before they were read do not count towards the size:
+            # the batch records them as lost and reads a full batch of what is still there.
+            beginning = beginning_offsets.get(partition, 0)
+            if start < beginning:
+                notes.append(
+                    f"partition {partition}: offsets {start}..{min(beginning, end) - 1} were "
+                    "deleted by retention before they were read; the next batch records them "
+                    "as lost"
+                )
+            last = min(max(start, beginning) + max_batch_size, end) - 1
             batches.append(PlannedBatch(cursor.topic, partition, start, last, key_tag, topic_id))
             next_offsets[partition] = last + 1
             progress = True

@@ -14,7 +14,8 @@ class KafkaUnavailableError(FraudDagsterError):
 
 
 class OffsetRangeError(FraudDagsterError):
-    """An offset range cannot be read as asked (deleted by retention, or never written)."""
+    """An offset range cannot be read as asked: it is not written yet (offsets deleted by
+    retention are not an error: the batch records them as lost)."""
 
 
 class ModelIntegrityError(FraudDagsterError):

@@ -112,8 +112,12 @@ def read_range(
     """Read offsets `first_offset..last_offset` (inclusive) of one partition, and nothing more.
 
     Offsets without a message (transaction markers, compaction) are simply absent from the
-    result. Raises `OffsetRangeError` if the range was deleted by retention or not yet written,
-    and `KafkaUnavailableError` if it cannot be read within `timeout_seconds`.
+    result. Offsets at the start of the range that retention already deleted cannot be read:
+    the rest is read and the batch says which were deleted (`deleted_by_retention`), so that
+    they are recorded as lost and the partition goes on, instead of a run that fails on every
+    rerun while the offsets still on the broker wait unread behind it. Raises
+    `OffsetRangeError` if the range is not written yet, and `KafkaUnavailableError` if it
+    cannot be read within `timeout_seconds`.
     """
     batch = RawBatch(topic, partition, first_offset, last_offset)
     if last_offset < first_offset:
@@ -124,17 +128,22 @@ def read_range(
             consumer.assign([tp])
             begin = consumer.beginning_offsets([tp])[tp]
             end = consumer.end_offsets([tp])[tp]
-            if first_offset < begin:
-                raise OffsetRangeError(
-                    f"offsets {first_offset}..{begin - 1} of {topic}/{partition} were deleted by "
-                    "retention before this batch read them; they cannot be scored. Record the gap "
-                    "and rerun with the remaining range."
-                )
             if last_offset >= end:
                 raise OffsetRangeError(
                     f"offset {last_offset} of {topic}/{partition} does not exist yet (end is {end})"
                 )
-            consumer.seek(tp, first_offset)
+            if first_offset < begin:
+                batch.deleted_by_retention = (first_offset, min(begin - 1, last_offset))
+                logger.warning(
+                    "offsets %d..%d of %s/%d were deleted by retention before this batch read "
+                    "them; they are recorded as lost",
+                    *batch.deleted_by_retention,
+                    topic,
+                    partition,
+                )
+                if begin > last_offset:
+                    return batch
+            consumer.seek(tp, max(first_offset, begin))
             deadline = time.monotonic() + timeout_seconds
             while consumer.position(tp) <= last_offset:
                 if time.monotonic() > deadline:

@@ -63,6 +63,9 @@ class RawBatch:
     offsets: list[int] = field(default_factory=list)
     timestamps_ms: list[int] = field(default_factory=list)
     values: list[bytes | None] = field(default_factory=list)
+    # Offsets (first, last) at the start of the range that retention deleted before they were
+    # read: never read, so neither scored nor rejected; recorded as lost by the batch's write.
+    deleted_by_retention: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -21,6 +21,7 @@ from fraud_dagster.batch_checks import (
     CheckOutcome,
     HistogramBin,
     check_model_file,
+    check_offsets_read,
     check_rejected_share,
     check_score_drift,
     recorded_score_histogram,
@@ -67,6 +68,13 @@ def fetch(context: dg.OpExecutionContext, config: BatchConfig, kafka: KafkaResou
         f"read {len(raw)} messages from {config.topic}/{config.partition} "
         f"offsets {config.first_offset}..{config.last_offset}"
     )
+    if raw.deleted_by_retention:
+        lost_first, lost_last = raw.deleted_by_retention
+        context.log.warning(
+            f"offsets {lost_first}..{lost_last} of {config.topic}/{config.partition} were deleted "
+            "by Kafka retention before this batch read them; they are recorded in lost_ranges "
+            f"and the check {OFFSETS_READ_CHECK.name} fails"
+        )
     yield dg.Output(raw, "raw")
     yield dg.Output(
         pipeline.BatchRef(config.topic, config.partition, config.first_offset, config.last_offset),
@@ -235,6 +243,7 @@ def persist(
             "scored": len(scored.transactions),
             "inserted": result.inserted,
             "already_stored": result.already_stored,
+            "lost_offsets": result.lost_offsets,
             "suspicious": scored.suspicious_count,
             "batch_latency_seconds": dg.MetadataValue.float(round(latency, 3))
             if latency is not None
@@ -319,6 +328,15 @@ SCORE_DRIFT_CHECK = dg.AssetCheckSpec(
         "longer fit the traffic."
     ),
 )
+OFFSETS_READ_CHECK = dg.AssetCheckSpec(
+    "offsets_read",
+    asset="scored_transactions",
+    description=(
+        "Every offset of the batch's range was still on the broker when the batch read it. "
+        "Severity ERROR: offsets deleted by Kafka retention first were never scored; they are "
+        "recorded in lost_ranges and the partition goes on past them."
+    ),
+)
 MODEL_FILE_CHECK = dg.AssetCheckSpec(
     "model_file_verified",
     asset="suspicious_transactions",
@@ -328,7 +346,7 @@ MODEL_FILE_CHECK = dg.AssetCheckSpec(
         "with or replaced, and the next batch run will refuse to load it."
     ),
 )
-BATCH_CHECKS = (REJECTED_SHARE_CHECK, SCORE_DRIFT_CHECK, MODEL_FILE_CHECK)
+BATCH_CHECKS = (REJECTED_SHARE_CHECK, OFFSETS_READ_CHECK, SCORE_DRIFT_CHECK, MODEL_FILE_CHECK)
 
 
 @dg.op(
@@ -362,6 +380,11 @@ def check_batch(
             REJECTED_SHARE_CHECK,
             dg.AssetCheckSeverity.WARN,
             check_rejected_share(scored.read_count, rejected, batch_checks.max_rejected_share),
+        ),
+        (
+            OFFSETS_READ_CHECK,
+            dg.AssetCheckSeverity.ERROR,
+            check_offsets_read(ref.first_offset, ref.last_offset, scored.deleted_by_retention),
         ),
         (
             SCORE_DRIFT_CHECK,

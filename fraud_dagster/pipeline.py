@@ -76,6 +76,7 @@ class PreparedBatch:
     rejections: list[Rejection]
     read_count: int
     oldest_kafka_timestamp_ms: int | None = None
+    deleted_by_retention: tuple[int, int] | None = None  # never read: see RawBatch
 
 
 @dataclass
@@ -89,6 +90,7 @@ class ScoredBatch:
     model_version: str
     threshold: float
     oldest_kafka_timestamp_ms: int | None = None
+    deleted_by_retention: tuple[int, int] | None = None  # never read: see RawBatch
 
     @property
     def suspicious_count(self) -> int:
@@ -159,6 +161,7 @@ def prepare_batch(
         rejections=rejections,
         read_count=len(raw),
         oldest_kafka_timestamp_ms=min(timestamps) if timestamps else None,
+        deleted_by_retention=raw.deleted_by_retention,
     )
 
 
@@ -177,6 +180,7 @@ def score_batch(prepared: PreparedBatch, model: LoadedModel) -> ScoredBatch:
         model_version=model.version,
         threshold=model.threshold,
         oldest_kafka_timestamp_ms=prepared.oldest_kafka_timestamp_ms,
+        deleted_by_retention=prepared.deleted_by_retention,
     )
 
 
@@ -190,6 +194,7 @@ def store_batch(scored: ScoredBatch, engine: Engine, run_id: str | None) -> Pers
         threshold=scored.threshold,
         run_id=run_id,
         batch_range=(ref.topic, ref.partition, ref.first_offset, ref.last_offset),
+        deleted_by_retention=scored.deleted_by_retention,
     )
 
 

@@ -42,7 +42,7 @@ from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResourc
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.outbox import outbox_status
-from fraud_dagster.storage.schema import stored_ranges
+from fraud_dagster.storage.schema import lost_ranges, stored_ranges
 
 KAFKA_SENSOR_NAME = "kafka_transactions_sensor"
 WAITING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
@@ -134,6 +134,12 @@ def set_aside_stored_ranges(engine: Engine, topic: str, key_tag: str) -> int:
             return 0
         moved = conn.execute(
             sa.update(r).where(r.c.source_topic == topic).values(source_topic=aside)
+        )
+        # Lost ranges are written with a stored range, so they go along (same key).
+        conn.execute(
+            sa.update(lost_ranges)
+            .where(lost_ranges.c.source_topic == topic)
+            .values(source_topic=aside)
         )
     return moved.rowcount
 

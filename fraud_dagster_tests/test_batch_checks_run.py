@@ -28,6 +28,7 @@ pytestmark = pytest.mark.services
 
 CHECKS = {
     ("scored_transactions", "rejected_share"),
+    ("scored_transactions", "offsets_read"),
     ("suspicious_transactions", "score_drift"),
     ("suspicious_transactions", "model_file_verified"),
 }
@@ -98,6 +99,7 @@ def test_failing_checks_warn_without_losing_or_blocking_anything(
     model_check = checks[("suspicious_transactions", "model_file_verified")]
     assert model_check.passed
     assert model_check.severity == dg.AssetCheckSeverity.ERROR
+    assert checks[("scored_transactions", "offsets_read")].passed  # nothing deleted unread
 
     # Nothing lost, everything alerted, although two checks failed.
     assert len(table_rows(database_url, schema.scored_transactions)) == 60

@@ -132,10 +132,25 @@ def test_set_aside_stored_ranges_keeps_them_under_another_key_once(tmp_path) -> 
     store("t", 0, 24)
     store("t", 25, 59)
     store("other", 0, 9)
+    with engine.begin() as conn:  # offsets 0..9 of "t" were deleted by retention unread
+        conn.execute(
+            schema.lost_ranges.insert(),
+            {
+                "source_topic": "t",
+                "source_partition": 0,
+                "first_offset": 0,
+                "last_offset": 9,
+                "reason": "deleted",
+                "recorded_at": datetime(2026, 1, 1),
+            },
+        )
     assert contiguous_end(engine, "t", 0, 0) == 60
     assert set_aside_stored_ranges(engine, "t", "8aae0904") == 2
     assert contiguous_end(engine, "t", 0, 0) == 0
     assert contiguous_end(engine, "other", 0, 0) == 10
+    # Lost ranges go along: the new topic may lose offsets 0..9 too, and must record it.
+    lost = [r["source_topic"] for r in table_rows(str(engine.url), schema.lost_ranges)]
+    assert lost == ["t@before-8aae0904"]
 
     store("t", 0, 24)  # the new topic's first batch; then the same incarnation is seen again
     assert set_aside_stored_ranges(engine, "t", "8aae0904") == 0

@@ -169,8 +169,7 @@ def test_operator_sees_lineage_run_tags_metadata_and_checks(
             page.goto(f"{dagster_dev}/asset-groups")
             for name in ASSETS:
                 expect(page.get_by_text(name, exact=True).last).to_be_visible()
-            expect(page.get_by_text("1 / 1 Passed")).to_be_visible()
-            expect(page.get_by_text("2 / 2 Passed")).to_be_visible()
+            expect(page.get_by_text("2 / 2 Passed")).to_have_count(2)  # two checks on each
             shot("01-asset-graph")
 
             # What the batch's metadata says wherever it is shown.
@@ -187,7 +186,7 @@ def test_operator_sees_lineage_run_tags_metadata_and_checks(
             page.goto(f"{dagster_dev}/runs/{run_id}?logs=type:ASSET_MATERIALIZATION")
             expect(page.get_by_text("Materialized value scored_transactions.")).to_be_visible()
             expect(page.get_by_text("Materialized value fraud_alerts.")).to_be_visible()
-            expect(page.get_by_text("3 checks")).to_be_visible()
+            expect(page.get_by_text("4 checks")).to_be_visible()
             expect(page.get_by_text("Succeeded (7)")).to_be_visible()  # the seven steps
             text = page.inner_text("body")
             for key, value in (

@@ -25,6 +25,7 @@ from fraud_dagster.storage.database import insert_ignoring_conflicts, utcnow
 from fraud_dagster.storage.history import classify_stored
 from fraud_dagster.storage.schema import (
     fraud_alerts,
+    lost_ranges,
     rejected_transactions,
     scored_transactions,
     stored_ranges,
@@ -43,6 +44,7 @@ class PersistResult:
     suspicious_inserted: int = 0
     rejected_inserted: int = 0
     duplicates_rejected: int = 0
+    lost_offsets: int = 0
     alerts_queued: list[str] = field(default_factory=list)
     suspicious_ids: list[str] = field(default_factory=list)
 
@@ -83,6 +85,8 @@ def _rejection_rows(
 
 SCORED_COLUMNS = [c.name for c in scored_transactions.columns]
 
+LOST_TO_RETENTION = "deleted by Kafka retention before a batch read them"
+
 
 def persist_batch(
     engine: Engine,
@@ -92,11 +96,13 @@ def persist_batch(
     threshold: float,
     run_id: str | None,
     batch_range: tuple[str, int, int, int],
+    deleted_by_retention: tuple[int, int] | None = None,
 ) -> PersistResult:
     """Store a scored batch, its suspicious rows, their alert outbox rows and its rejections.
 
     `batch_range` = (topic, partition, first, last) holds every row of `scored` and is recorded
-    as stored in the same transaction (see `contiguous_end`).
+    as stored in the same transaction (see `contiguous_end`), together with the offsets of the
+    range retention deleted before they were read (`deleted_by_retention`, in `lost_ranges`).
 
     One transaction: either everything is written or nothing is. Messages whose Kafka
     coordinates are already stored (a rerun) keep their first outcome: a scored row its score
@@ -116,6 +122,10 @@ def persist_batch(
     )
     if outside.any():
         raise ValueError(f"{int(outside.sum())} scored rows lie outside the batch {batch_range}")
+    if deleted_by_retention is not None and not (
+        first <= deleted_by_retention[0] <= deleted_by_retention[1] <= last
+    ):
+        raise ValueError(f"lost offsets {deleted_by_retention} lie outside the batch {batch_range}")
     scored = scored.copy()
     scored["scored_at"] = now
     scored["run_id"] = run_id
@@ -216,6 +226,23 @@ def persist_batch(
                     ],
                 )
                 result.alerts_queued = list(result.suspicious_ids)
+            if deleted_by_retention is not None:
+                lost_first, lost_last = deleted_by_retention
+                conn.execute(
+                    insert_ignoring_conflicts(lost_ranges, dialect),
+                    [
+                        {
+                            "source_topic": topic,
+                            "source_partition": partition,
+                            "first_offset": lost_first,
+                            "last_offset": lost_last,
+                            "reason": LOST_TO_RETENTION,
+                            "run_id": run_id,
+                            "recorded_at": now,
+                        }
+                    ],
+                )
+                result.lost_offsets = lost_last - lost_first + 1
             conn.execute(
                 insert_ignoring_conflicts(stored_ranges, dialect),
                 [

@@ -3,7 +3,8 @@
 The same definitions serve SQLite (the embedded default) and PostgreSQL. Times are stored as
 naive UTC `DateTime` values. Each message read from Kafka ends up in exactly one of
 `scored_transactions` or `rejected_transactions`; both are unique on their Kafka coordinates, so a
-rerun of a batch cannot write a row twice.
+rerun of a batch cannot write a row twice. Offsets deleted by retention before they were read
+are recorded in `lost_ranges`.
 """
 
 from __future__ import annotations
@@ -112,9 +113,9 @@ rejected_transactions = Table(
     ),
 )
 
-# Offset ranges whose every message is stored (scored or rejected), written with the batch. The
-# consumer group is committed only to the end of a gap-free run of them, so a batch that failed
-# keeps showing as lag until it is rerun.
+# Offset ranges whose every message is stored (scored or rejected) or was lost (`lost_ranges`),
+# written with the batch. The consumer group is committed only to the end of a gap-free run of
+# them, so a batch that failed keeps showing as lag until it is rerun.
 stored_ranges = Table(
     "stored_ranges",
     metadata,
@@ -124,6 +125,22 @@ stored_ranges = Table(
     Column("last_offset", BigInteger, nullable=False),
     Column("run_id", String(64), nullable=True),
     Column("stored_at", DateTime, nullable=False),
+)
+
+# Offsets Kafka's retention deleted before any batch read them (the pipeline was stopped, or a
+# failed batch was rerun, after the topic's retention time): never read, so neither scored nor
+# rejected. Written with the batch whose range held them, so the partition goes on past them and
+# the loss stays on record.
+lost_ranges = Table(
+    "lost_ranges",
+    metadata,
+    Column("source_topic", String(249), primary_key=True),
+    Column("source_partition", Integer, primary_key=True),
+    Column("first_offset", BigInteger, primary_key=True),
+    Column("last_offset", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("run_id", String(64), nullable=True),
+    Column("recorded_at", DateTime, nullable=False),
 )
 
 # Confirmed outcomes recorded by analysts (or loaded by a replay): the source of merchant risk.

@@ -11,6 +11,7 @@ import pytest
 
 from fraud_dagster.batch_checks import (
     check_model_file,
+    check_offsets_read,
     check_rejected_share,
     check_score_drift,
     histogram_counts,
@@ -249,3 +250,17 @@ def test_shipped_model_file_is_verified() -> None:
 )
 def test_share_bar(share: float, bar: str) -> None:
     assert share_bar(share) == bar
+
+
+def test_offsets_read_check_passes_without_lost_offsets_and_names_them_otherwise() -> None:
+    complete = check_offsets_read(100, 399, None)
+    assert complete.passed and complete.metadata == {"lost_offsets": 0}
+    partial = check_offsets_read(100, 399, (100, 249))
+    assert not partial.passed
+    assert partial.metadata == {
+        "lost_offsets": 150,
+        "lost_first_offset": 100,
+        "lost_last_offset": 249,
+    }
+    assert "150 of the range's 300 offsets (100..249)" in partial.description
+    assert "lost_ranges" in partial.description

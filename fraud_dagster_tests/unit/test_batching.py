@@ -107,6 +107,23 @@ def test_committed_offset_past_the_end_starts_at_the_beginning() -> None:
     assert not plan.recreated
 
 
+def test_offsets_deleted_by_retention_start_the_next_batch_and_do_not_count_towards_its_size() -> (
+    None
+):
+    """The batch records them as lost (so the group can be committed past them) and reads a
+    full batch of what is still there."""
+    plan = plan_batches(SensorCursor("t", {0: 10}), {0: 40}, {0: 100}, {}, 20, 10)
+    assert ranges(plan) == [(0, 10, 59), (0, 60, 79), (0, 80, 99)]
+    assert plan.notes == [
+        "partition 0: offsets 10..39 were deleted by retention before they were read; the next "
+        "batch records them as lost"
+    ]
+    everything_gone = plan_batches(SensorCursor("t", {0: 10}), {0: 100}, {0: 100}, {}, 20, 10)
+    assert ranges(everything_gone) == [(0, 10, 99)]
+    from_the_commit = plan_batches(SensorCursor("t"), {0: 40}, {0: 100}, {0: 5}, 100, 10)
+    assert ranges(from_the_commit) == [(0, 5, 99)]
+
+
 def test_new_key_tags_never_repeat_the_previous_one() -> None:
     assert new_key_tag("8aae0904-3595", "", 0) == "8aae0904"
     assert new_key_tag("8aae0904-3595", "8aae0904", 2.0) == "t7d0"

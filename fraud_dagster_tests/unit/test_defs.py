@@ -39,6 +39,7 @@ def test_score_transactions_runs_in_process_with_the_seven_ops() -> None:
 def test_every_batch_run_evaluates_the_asset_checks() -> None:
     expected = {
         dg.AssetCheckKey(dg.AssetKey("scored_transactions"), "rejected_share"),
+        dg.AssetCheckKey(dg.AssetKey("scored_transactions"), "offsets_read"),
         dg.AssetCheckKey(dg.AssetKey("suspicious_transactions"), "score_drift"),
         dg.AssetCheckKey(dg.AssetKey("suspicious_transactions"), "model_file_verified"),
     }

@@ -15,9 +15,11 @@ from fraud_dagster import pipeline
 from fraud_dagster.features import FEATURE_COLUMNS
 from fraud_dagster.messages import RawBatch, ValidationLimits
 from fraud_dagster.model import LoadedModel, ModelEntry
+from fraud_dagster.storage.batches import LOST_TO_RETENTION, contiguous_end
 from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster.storage.schema import (
     fraud_alerts,
+    lost_ranges,
     rejected_transactions,
     scored_transactions,
 )
@@ -117,3 +119,33 @@ def test_a_bad_message_where_another_was_rejected_is_reported_not_dropped_silent
     assert "expected a JSON object, got array" in caplog.text
     run(before, engine, ValidationLimits())  # a rerun of the first: the same bytes, no warning
     assert caplog.text.count("not stored") == 1
+
+
+def test_offsets_lost_to_retention_are_recorded_once_with_the_range(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    ensure_schema(engine)
+    read = batch([10.0, 20.0, 30.0, 40.0])
+    # Offsets 0..5 asked for; 0..3 were deleted by retention, 4..5 were read.
+    raw = RawBatch("t", 0, 0, 5, [4, 5], read.timestamps_ms[2:], read.values[2:], (0, 3))
+
+    first = run(raw, engine, ValidationLimits())
+    again = run(raw, engine, ValidationLimits())
+
+    assert (first.inserted, first.lost_offsets) == (2, 4)
+    assert (again.inserted, again.already_stored) == (0, 2)
+    with engine.connect() as conn:
+        assert conn.execute(
+            sa.select(lost_ranges.c.first_offset, lost_ranges.c.last_offset, lost_ranges.c.reason)
+        ).all() == [(0, 3, LOST_TO_RETENTION)]
+    assert contiguous_end(engine, "t", 0, 0) == 6
+    assert outcomes(engine)[0] == ["T2", "T3"]
+
+
+def test_lost_offsets_outside_the_batch_are_refused(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    ensure_schema(engine)
+    raw = batch([10.0])
+    raw.deleted_by_retention = (0, 7)
+
+    with pytest.raises(ValueError, match="outside the batch"):
+        run(raw, engine, ValidationLimits())
