@@ -113,6 +113,24 @@ def reexecute(
         return result
 
 
+def sensor_tick(
+    name: str,
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    settings: Settings,
+    cursor: str | None,
+) -> dg.SensorResult:
+    """One tick of the sensor `name` with `cursor`, as the daemon evaluates it (an error
+    propagates; the daemon would then keep `cursor`)."""
+    sensor = defs.resolve_sensor_def(name)
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources=build_resources(settings)
+    )
+    result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
 def retry_alerts_tick(
     defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance
 ) -> dg.RunRequest | dg.SkipReason:

@@ -39,7 +39,7 @@ from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster.local_services.smtp import LocalSmtpServer
 from fraud_dagster.producer import synthetic_transactions
-from fraud_dagster.resources import build_resources, resolved_resources
+from fraud_dagster.resources import resolved_resources
 from fraud_dagster.sensors import KAFKA_SENSOR_NAME
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
@@ -51,6 +51,7 @@ from fraud_dagster_tests.operations_support import (
     reexecute,
     retry_alerts_tick,
     run_request,
+    sensor_tick,
     tampered_models_dir,
     wait_for,
 )
@@ -62,24 +63,6 @@ def set_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     return load_settings()
-
-
-def sensor_tick(
-    name: str,
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    settings: Settings,
-    cursor: str | None,
-) -> dg.SensorResult:
-    """One tick of the sensor `name` with `cursor`, as the daemon evaluates it (an error
-    propagates; the daemon would then keep `cursor`)."""
-    sensor = defs.resolve_sensor_def(name)
-    context = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources=build_resources(settings)
-    )
-    result = sensor(context)
-    assert isinstance(result, dg.SensorResult)
-    return result
 
 
 def operators_tick(
