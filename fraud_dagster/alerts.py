@@ -123,13 +123,19 @@ class RunFailureNotice:
     errors: tuple[str, ...]
     retry_note: str
     run_url: str | None = None  # the run's page in the Dagster UI
+    outcome: str = "failed"  # "A <job> run <outcome>."
+    advice: str = (
+        "Fix the cause, then re-execute the run from the Dagster UI (the run's page > "
+        "Re-execute > From failure); see docs/operations.md."
+    )
 
 
 def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequence[str]) -> Message:
-    """The email the operators (not the analysts) receive when a run fails."""
+    """The email the operators (not the analysts) receive when a run fails (or a batch run is
+    canceled: `outcome`)."""
     what = f" ({notice.offset_range})" if notice.offset_range else ""
     lines = [
-        f"A {notice.job_name} run failed.",
+        f"A {notice.job_name} run {notice.outcome}.",
         "",
         f"Run id:        {notice.run_id}",
         f"Job:           {notice.job_name}",
@@ -137,11 +143,10 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
         f"Retry:         {notice.retry_note}",
         f"In the UI:     {notice.run_url or '-'}",
         "",
-        "Error:",
+        "Error:" if notice.outcome == "failed" else "What happened:",
         *(f"  {line}" for error in notice.errors for line in error.splitlines()),
         "",
-        "Fix the cause, then re-execute the run from the Dagster UI (the run's page > "
-        "Re-execute > From failure); see docs/operations.md.",
+        notice.advice,
     ]
     return _plain_text_email(
         [
@@ -150,7 +155,7 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
             (
                 "Subject",
                 header_safe(
-                    f"[fraud-dagster] run failed: {notice.job_name}{what} "
+                    f"[fraud-dagster] run {notice.outcome}: {notice.job_name}{what} "
                     f"- run {notice.run_id[:8]}",
                     max_length=160,
                 ),

@@ -11,6 +11,7 @@ from fraud_dagster.ops import transaction_batch_assets
 from fraud_dagster.resources import build_resources
 from fraud_dagster.schedules import build_reload_model_schedule
 from fraud_dagster.sensors import (
+    build_canceled_batch_sensor,
     build_dead_worker_sensor,
     build_kafka_transactions_sensor,
     build_kafka_watch_sensor,
@@ -33,6 +34,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             build_kafka_watch_sensor(settings),
             build_retry_alerts_sensor(settings),
             build_run_failure_sensor(settings, job_names),
+            build_canceled_batch_sensor(settings),
             build_dead_worker_sensor(settings, job_names),
         ],
         resources=build_resources(settings),

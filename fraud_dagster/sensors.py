@@ -1,11 +1,12 @@
 """Sensors: the Kafka poller that launches batch runs, the alert retrier, the operators' mailers
-(failed runs, an unreadable topic) and the watch for runs whose worker died with its server."""
+(failed runs, canceled batch runs, an unreadable topic) and the watch for runs whose worker died
+with its server."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -355,8 +356,33 @@ def _failed_run_notice(
 
 
 RUN_FAILURE_EMAIL_SENSOR = "email_operators_on_run_failure"
-# Failed runs mailed per tick at most; a longer backlog (SMTP was down) goes out on later ticks.
+CANCELED_BATCH_EMAIL_SENSOR = "email_operators_on_canceled_batch"
+# Runs mailed per tick at most; a longer backlog (SMTP was down) goes out on later ticks.
 FAILURE_EMAILS_PER_TICK = 20
+
+
+def _canceled_run_notice(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, canceled: dg.EventLogEntry, ui_url: str
+) -> RunFailureNotice:
+    """A canceled batch run: nobody retries it, and its offsets may be unstored."""
+    del instance  # the cancel event says all there is
+    notice = run_failure_notice(run.run_id, run.job_name, run.tags, [], False, 0, ui_url)
+    return RunFailureNotice(
+        run.run_id,
+        run.job_name,
+        notice.offset_range,
+        (canceled.message or "the run was canceled",),
+        "none: Dagster does not retry a canceled run",
+        notice.run_url,
+        outcome="was canceled",
+        advice=(
+            "Unless it had finished its persist step, its offsets are not stored: the consumer "
+            "group stays behind them, later batches are scored without them in their history, "
+            "and the topic's retention will delete them. Re-execute it from the Dagster UI "
+            "(the run's page > Re-execute > From failure) unless it was canceled on purpose; "
+            "a rerun never stores or sends anything twice. See docs/operations.md."
+        ),
+    )
 
 
 def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> dg.SensorDefinition:
@@ -369,51 +395,92 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
     sending and saving its cursor sends again; the email's Message-ID is the run's, so mail
     clients drop the copy.
     """
-    jobs = frozenset(job_names)  # filtered here: the SQL storages cannot filter by job name
-
-    def failures(after_storage_id: int | None = None) -> dg.RunStatusChangeRecordsFilter:
-        return dg.RunStatusChangeRecordsFilter(
-            dg.DagsterEventType.RUN_FAILURE, after_storage_id=after_storage_id
-        )
-
-    @dg.sensor(
+    return _run_status_email_sensor(
+        settings,
         name=RUN_FAILURE_EMAIL_SENSOR,
-        minimum_interval_seconds=dagster_minimum_interval(settings.sensor_interval_seconds),
-        default_status=dg.DefaultSensorStatus.RUNNING,
+        event_type=dg.DagsterEventType.RUN_FAILURE,
+        job_names=job_names,
+        what="failed run",
+        notice=_failed_run_notice,
         description=(
             "Emails FRAUD_OPERATOR_RECIPIENTS the run id, offset range and error of every "
             "failed run; failures while SMTP is down are mailed when it is back."
         ),
     )
-    def email_operators_on_run_failure(
-        context: dg.SensorEvaluationContext, smtp: SmtpResource
-    ) -> dg.SensorResult:
+
+
+def build_canceled_batch_sensor(settings: Settings) -> dg.SensorDefinition:
+    """Email the operators once about every canceled batch run.
+
+    Dagster retries failed runs, not canceled ones (an operator's Terminate, a queued run
+    canceled, run monitoring ending a run stuck CANCELING), and the failure sensor does not see
+    them: without this, a canceled batch would leave its offsets unread with nothing said but
+    the consumer group's lag. Same delivery rules as the failure emails.
+    """
+    return _run_status_email_sensor(
+        settings,
+        name=CANCELED_BATCH_EMAIL_SENSOR,
+        event_type=dg.DagsterEventType.RUN_CANCELED,
+        job_names=[score_transactions_job.name],
+        what="canceled batch run",
+        notice=_canceled_run_notice,
+        description=(
+            "Emails FRAUD_OPERATOR_RECIPIENTS the run id and offset range of every canceled "
+            "batch run: Dagster does not retry those, and their offsets may be unstored."
+        ),
+    )
+
+
+def _run_status_email_sensor(
+    settings: Settings,
+    *,
+    name: str,
+    event_type: dg.DagsterEventType,
+    job_names: Collection[str],
+    what: str,
+    notice: Callable[[dg.DagsterInstance, dg.DagsterRun, dg.EventLogEntry, str], RunFailureNotice],
+    description: str,
+) -> dg.SensorDefinition:
+    """A sensor that emails the operators once about every `event_type` of a run of `job_names`;
+    its cursor is the storage id of the last such event the SMTP server accepted an email for."""
+    jobs = frozenset(job_names)  # filtered here: the SQL storages cannot filter by job name
+
+    def changes(after_storage_id: int | None = None) -> dg.RunStatusChangeRecordsFilter:
+        return dg.RunStatusChangeRecordsFilter(event_type, after_storage_id=after_storage_id)
+
+    @dg.sensor(
+        name=name,
+        minimum_interval_seconds=dagster_minimum_interval(settings.sensor_interval_seconds),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=description,
+    )
+    def email_operators(context: dg.SensorEvaluationContext, smtp: SmtpResource) -> dg.SensorResult:
         instance = context.instance
         if context.cursor is None or not context.cursor.isdigit():
-            latest = instance.fetch_run_status_changes(failures(), limit=1).records
+            latest = instance.fetch_run_status_changes(changes(), limit=1).records
             start = latest[0].storage_id if latest else 0
             return dg.SensorResult(
-                skip_reason=f"watching failures after event {start}", cursor=str(start)
+                skip_reason=f"watching {what}s after event {start}", cursor=str(start)
             )
         cursor = int(context.cursor)
         records = instance.fetch_run_status_changes(
-            failures(after_storage_id=cursor),
+            changes(after_storage_id=cursor),
             limit=FAILURE_EMAILS_PER_TICK,
             ascending=True,
         ).records
         if not records:
-            return dg.SensorResult(skip_reason="no new failed run", cursor=str(cursor))
+            return dg.SensorResult(skip_reason=f"no new {what}", cursor=str(cursor))
         mailed: list[dg.DagsterRun] = []
         try:
             with SmtpMailer(smtp.smtp_settings()) as mailer:
                 for record in records:
                     run = instance.get_run_by_id(record.run_id)
                     if run is not None and run.job_name in jobs:
-                        notice = _failed_run_notice(
+                        message = notice(
                             instance, run, record.event_log_entry, settings.dagster_ui_url
                         )
                         mailer.send(
-                            render_run_failure(notice, smtp.sender, smtp.operator_recipients)
+                            render_run_failure(message, smtp.sender, smtp.operator_recipients)
                         )
                         mailed.append(run)
                     cursor = record.storage_id
@@ -422,16 +489,16 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
                 raise  # an error tick; the cursor stays, the next tick tries again
             context.log.error(f"operator email not sent, tried again next tick: {exc}")
         for run in mailed:  # said in the run's own event log too
-            context.log.info(f"emailed the operators about failed run {run.run_id}")
-            instance.report_engine_event(f"{RUN_FAILURE_EMAIL_SENSOR} emailed the operators", run)
+            context.log.info(f"emailed the operators about {what} {run.run_id}")
+            instance.report_engine_event(f"{name} emailed the operators", run)
         unsent = sum(1 for record in records if record.storage_id > cursor)
         return dg.SensorResult(
-            skip_reason=f"emailed the operators about {len(mailed)} failed run(s)"
+            skip_reason=f"emailed the operators about {len(mailed)} {what}(s)"
             + (f"; {unsent} wait for the next tick (SMTP failed)" if unsent else ""),
             cursor=str(cursor),
         )
 
-    return email_operators_on_run_failure
+    return email_operators
 
 
 # How often the watch looks at the topic; an outage is noticed at most this much late.

@@ -70,6 +70,7 @@ def test_everything_an_operator_sees_has_a_description() -> None:
         "kafka_transactions_sensor",
         "retry_alerts",
         "email_operators_on_run_failure",
+        "email_operators_on_canceled_batch",
         "email_operators_when_kafka_is_unreachable",
         "fail_runs_whose_worker_died",
     }

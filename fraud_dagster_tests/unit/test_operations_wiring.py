@@ -20,6 +20,7 @@ def test_retry_and_failure_sensors_are_on_by_default() -> None:
     for name in (
         "retry_alerts",
         "email_operators_on_run_failure",
+        "email_operators_on_canceled_batch",
         "email_operators_when_kafka_is_unreachable",
     ):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING

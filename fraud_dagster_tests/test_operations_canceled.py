@@ -1,0 +1,104 @@
+"""A batch run the operator terminates before it stored its batch, through the real
+dagster-daemon, code server, broker, SMTP server and database.
+
+Dagster retries failed runs, not canceled ones, and the failure email does not cover them: the
+operators must be told once, with the offsets, and re-executing the run as the email says must
+store the batch once. The database refuses the batch's rows at first, so the run is still at its
+persist step (retrying) when it is terminated.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from fraud_dagster.benchmarks.harness import sensor_ticks
+from fraud_dagster.local_services.dagster_processes import running_daemon
+from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.resources import resolved_resources
+from fraud_dagster.sensors import CANCELED_BATCH_EMAIL_SENSOR, RUN_FAILURE_EMAIL_SENSOR
+from fraud_dagster.settings import Settings
+from fraud_dagster.simulator import to_messages
+from fraud_dagster.storage.database import create_engine, ensure_schema
+from fraud_dagster_tests.helpers import MailBox, produce
+from fraud_dagster_tests.operations_support import (
+    accept_inserts,
+    accounting,
+    batch_records,
+    reexecute,
+    refuse_inserts,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+OPERATORS = "ops-oncall@bank.example"
+
+
+@pytest.mark.backends("sqlite")
+def test_a_terminated_batch_run_is_mailed_once_and_its_rerun_stores_the_batch(
+    settings: Settings,
+    env: dict[str, str],
+    dagster_home: Path,
+    instance: dg.DagsterInstance,
+    database_url: str,
+    mailbox: MailBox,
+    tmp_path: Path,
+) -> None:
+    topic = settings.kafka_topic
+    ensure_schema(create_engine(database_url))
+    refuse_inserts(database_url, "scored_transactions", "injected fault: database stalls")
+    sent = produce(settings, to_messages(synthetic_transactions(60, seed=93)))
+
+    def at_persist() -> str | None:
+        for record in batch_records(instance, topic):
+            run = record.dagster_run
+            stats = instance.get_run_step_stats(run.run_id, ["transaction_batch.persist"])
+            if run.status == dg.DagsterRunStatus.STARTED and stats:
+                return run.run_id
+        return None
+
+    def operator_emails() -> list:
+        return [m for m in mailbox.messages() if m["X-Fraud-Run-Id"]]
+
+    daemon_env = {**env, "FRAUD_OPERATOR_RECIPIENTS": OPERATORS}
+    with running_daemon(dagster_home, daemon_env, tmp_path / "daemon.log"):
+        wait_for(lambda: at_persist() is not None, 120, "the batch run at its persist step")
+        run_id = at_persist()
+        assert run_id is not None
+        # The UI's Terminate: the instance's run coordinator asks the code server to stop it.
+        assert instance.run_coordinator.cancel_run(run_id)
+        wait_for(
+            lambda: instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.CANCELED,
+            60,
+            "the run canceled",
+        )
+        wait_for(lambda: bool(operator_emails()), 60, "the operators' email")
+        # Two more ticks of each mailer: no copy, no failure email; and no automatic retry.
+        mailed_at = time.time()
+        for sensor in (CANCELED_BATCH_EMAIL_SENSOR, RUN_FAILURE_EMAIL_SENSOR):
+            wait_for(
+                lambda sensor=sensor: len(sensor_ticks(instance, sensor, mailed_at)) >= 2,
+                60,
+                f"two more ticks of {sensor}",
+            )
+        (email,) = operator_emails()
+        assert not [r for r in batch_records(instance, topic) if r.dagster_run.parent_run_id]
+
+    assert email["To"] == OPERATORS and email["X-Fraud-Run-Id"] == run_id
+    assert email["Subject"].startswith(
+        f"[fraud-dagster] run was canceled: score_transactions ({topic}/0 offsets 0-59)"
+    )
+    body = email.get_content()
+    assert "Dagster does not retry a canceled run" in body
+    assert "Re-execute > From failure" in body
+    assert accounting(database_url, topic) == {}
+
+    # What the email asks for, once the database is back: the batch is stored once.
+    accept_inserts(database_url, "scored_transactions")
+    assert reexecute(instance, run_id, from_failure=True).success
+    assert accounting(database_url, topic) == {(0, offset): 1 for offset in range(sent)}
+    assert resolved_resources(settings)["kafka"].committed_offsets() == {0: sent}
