@@ -25,11 +25,13 @@ import sqlalchemy as sa
 from fraud_dagster.batching import TAG_TOPIC
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.postgres import LocalPostgres, temporary_postgres
+from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import build_resources
 from fraud_dagster.settings import Settings, load_settings
+from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster.storage.database import create_engine, ensure_schema
-from fraud_dagster_tests.helpers import table_rows
+from fraud_dagster_tests.helpers import produce, table_rows
 
 
 def running_under_ci() -> bool:
@@ -314,3 +316,27 @@ def accept_inserts(url: str, table: str) -> None:
         execute_sql(url, "DROP FUNCTION inject_fault()")
     else:
         execute_sql(url, "DROP TRIGGER inject_fault")
+
+
+def stall_a_batch(settings: Settings, database_url: str, seed: int = 91) -> int:
+    """Produce one batch of 60 whose rows the database refuses until `accept_inserts`."""
+    ensure_schema(create_engine(database_url))
+    refuse_inserts(database_url, "scored_transactions", "injected fault: database stalls")
+    return produce(settings, to_messages(synthetic_transactions(60, seed=seed)))
+
+
+def wait_for_the_batch_at_persist(instance: dg.DagsterInstance, topic: str) -> str:
+    """The id of the topic's batch run, once that run has reached its persist step."""
+
+    def persisting() -> str | None:
+        for record in batch_records(instance, topic):
+            run = record.dagster_run
+            stats = instance.get_run_step_stats(run.run_id, ["transaction_batch.persist"])
+            if run.status == dg.DagsterRunStatus.STARTED and stats:
+                return run.run_id
+        return None
+
+    wait_for(lambda: persisting() is not None, 120, "the batch run at its persist step")
+    run_id = persisting()
+    assert run_id is not None
+    return run_id

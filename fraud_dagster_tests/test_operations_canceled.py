@@ -17,20 +17,18 @@ import pytest
 
 from fraud_dagster.benchmarks.harness import sensor_ticks
 from fraud_dagster.local_services.dagster_processes import running_daemon
-from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.sensors import CANCELED_BATCH_EMAIL_SENSOR, RUN_FAILURE_EMAIL_SENSOR
 from fraud_dagster.settings import Settings
-from fraud_dagster.simulator import to_messages
-from fraud_dagster.storage.database import create_engine, ensure_schema
-from fraud_dagster_tests.helpers import MailBox, produce
+from fraud_dagster_tests.helpers import MailBox
 from fraud_dagster_tests.operations_support import (
     accept_inserts,
     accounting,
     batch_records,
     reexecute,
-    refuse_inserts,
+    stall_a_batch,
     wait_for,
+    wait_for_the_batch_at_persist,
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -49,26 +47,14 @@ def test_a_terminated_batch_run_is_mailed_once_and_its_rerun_stores_the_batch(
     tmp_path: Path,
 ) -> None:
     topic = settings.kafka_topic
-    ensure_schema(create_engine(database_url))
-    refuse_inserts(database_url, "scored_transactions", "injected fault: database stalls")
-    sent = produce(settings, to_messages(synthetic_transactions(60, seed=93)))
-
-    def at_persist() -> str | None:
-        for record in batch_records(instance, topic):
-            run = record.dagster_run
-            stats = instance.get_run_step_stats(run.run_id, ["transaction_batch.persist"])
-            if run.status == dg.DagsterRunStatus.STARTED and stats:
-                return run.run_id
-        return None
+    sent = stall_a_batch(settings, database_url, seed=93)
 
     def operator_emails() -> list:
         return [m for m in mailbox.messages() if m["X-Fraud-Run-Id"]]
 
     daemon_env = {**env, "FRAUD_OPERATOR_RECIPIENTS": OPERATORS}
     with running_daemon(dagster_home, daemon_env, tmp_path / "daemon.log"):
-        wait_for(lambda: at_persist() is not None, 120, "the batch run at its persist step")
-        run_id = at_persist()
-        assert run_id is not None
+        run_id = wait_for_the_batch_at_persist(instance, topic)
         # The UI's Terminate: the instance's run coordinator asks the code server to stop it.
         assert instance.run_coordinator.cancel_run(run_id)
         wait_for(

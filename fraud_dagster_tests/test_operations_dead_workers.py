@@ -21,19 +21,16 @@ import dagster as dg
 import pytest
 
 from fraud_dagster.local_services.dagster_processes import running_daemon, start_daemon
-from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.run_health import RunWorker, process_is_alive, run_worker
 from fraud_dagster.settings import Settings
-from fraud_dagster.simulator import to_messages
-from fraud_dagster.storage.database import create_engine, ensure_schema
-from fraud_dagster_tests.helpers import MailBox, produce, suspicious_ids
+from fraud_dagster_tests.helpers import MailBox, suspicious_ids
 from fraud_dagster_tests.operations_support import (
     accept_inserts,
     accounting,
-    batch_records,
     emails_by_transaction,
-    refuse_inserts,
+    stall_a_batch,
     wait_for,
+    wait_for_the_batch_at_persist,
     wait_until_settled,
 )
 
@@ -47,33 +44,9 @@ def daemon_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "FRAUD_RUN_HEALTH_INTERVAL_SECONDS": "1", "FRAUD_OPERATOR_RECIPIENTS": OPERATORS}
 
 
-def wait_for_the_batch_at_persist(instance: dg.DagsterInstance, topic: str) -> RunWorker:
-    """The worker of the topic's batch run, once that run has reached its persist step."""
-
-    def persisting() -> RunWorker | None:
-        for record in batch_records(instance, topic):
-            run = record.dagster_run
-            stats = instance.get_run_step_stats(run.run_id, ["transaction_batch.persist"])
-            if run.status == dg.DagsterRunStatus.STARTED and stats:
-                return run_worker(instance, run.run_id)
-        return None
-
-    wait_for(lambda: persisting() is not None, 120, "the batch run at its persist step")
-    worker = persisting()
-    assert worker is not None
-    return worker
-
-
 def failure_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
     return [record.event_log_entry.dagster_event.message or "" for record in records]
-
-
-def stall_a_batch(settings: Settings, database_url: str) -> int:
-    """Produce one batch whose rows the database refuses until `accept_inserts`."""
-    ensure_schema(create_engine(database_url))
-    refuse_inserts(database_url, "scored_transactions", "injected fault: database stalls")
-    return produce(settings, to_messages(synthetic_transactions(60, seed=91)))
 
 
 def wait_until_worker_gone(worker: RunWorker) -> None:
@@ -135,7 +108,7 @@ def test_a_worker_that_died_with_its_server_and_daemon_is_failed_and_retried_aft
     log = tmp_path / "daemon.log"
     daemon = start_daemon(dagster_home, daemon_env, log)
     try:
-        dead = wait_for_the_batch_at_persist(instance, settings.kafka_topic)
+        dead = run_worker(instance, wait_for_the_batch_at_persist(instance, settings.kafka_topic))
         os.killpg(daemon.pid, signal.SIGKILL)  # daemon, code server and run worker at once
     finally:
         daemon.kill()
@@ -168,7 +141,7 @@ def test_a_worker_killed_alone_is_failed_once_by_its_server_and_retried(
     sent = stall_a_batch(settings, database_url)
     log = tmp_path / "daemon.log"
     with running_daemon(dagster_home, daemon_env, log):
-        dead = wait_for_the_batch_at_persist(instance, settings.kafka_topic)
+        dead = run_worker(instance, wait_for_the_batch_at_persist(instance, settings.kafka_topic))
         os.kill(dead.pid, signal.SIGKILL)
         wait_until_worker_gone(dead)
         accept_inserts(database_url, "scored_transactions")
