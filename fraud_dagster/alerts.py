@@ -19,7 +19,7 @@ from email.header import Header
 from email.message import Message
 from email.utils import format_datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
 from fraud_dagster.kafka_watch import KafkaNotice
@@ -45,10 +45,12 @@ def alert_message_id(transaction_id: str) -> str:
     return f"<fraud-alert.{digest}@{MESSAGE_ID_DOMAIN}>"
 
 
-def run_failure_message_id(run_id: str) -> str:
-    """Deterministic Message-ID of a run's failure email, so a resent one is deduped too (the
-    run id without hyphens keeps the header on one line)."""
-    return f"<failed-run.{header_safe(run_id.replace('-', ''), 64)}@{MESSAGE_ID_DOMAIN}>"
+def run_failure_message_id(run_id: str, outcome: str = "failed") -> str:
+    """Deterministic Message-ID of a run's failure (or cancellation) email, so a resent one is
+    deduped too (the run id without hyphens, and a prefix of 10 characters, keep the header on
+    one line)."""
+    prefix = {"failed": "failed-run", "canceled": "cancel-run"}[outcome]
+    return f"<{prefix}.{header_safe(run_id.replace('-', ''), 64)}@{MESSAGE_ID_DOMAIN}>"
 
 
 def mask_account(account_id: str) -> str:
@@ -115,7 +117,8 @@ def render_alert(alert: Mapping[str, Any], sender: str, recipients: Sequence[str
 
 @dataclass(frozen=True)
 class RunFailureNotice:
-    """What operators need to act on a failed run: which run, which offsets, what went wrong."""
+    """What operators need to act on a failed (or canceled) run: which run, which offsets, what
+    went wrong."""
 
     run_id: str
     job_name: str
@@ -123,19 +126,35 @@ class RunFailureNotice:
     errors: tuple[str, ...]
     retry_note: str
     run_url: str | None = None  # the run's page in the Dagster UI
-    outcome: str = "failed"  # "A <job> run <outcome>."
-    advice: str = (
+    outcome: Literal["failed", "canceled"] = "failed"
+
+
+# Per outcome: (how the email says it, heading of the errors, what to do).
+_RUN_OUTCOMES = {
+    "failed": (
+        "failed",
+        "Error:",
         "Fix the cause, then re-execute the run from the Dagster UI (the run's page > "
-        "Re-execute > From failure); see docs/operations.md."
-    )
+        "Re-execute > From failure); see docs/operations.md.",
+    ),
+    "canceled": (
+        "was canceled",
+        "What happened:",
+        "Unless it had finished its persist step, its offsets are not stored: the consumer "
+        "group stays behind them, later batches are scored without them in their history, and "
+        "the topic's retention will delete them. Re-execute it from the Dagster UI (the run's "
+        "page > Re-execute > From failure) unless it was canceled on purpose; a rerun never "
+        "stores or sends anything twice. See docs/operations.md.",
+    ),
+}
 
 
 def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequence[str]) -> Message:
-    """The email the operators (not the analysts) receive when a run fails (or a batch run is
-    canceled: `outcome`)."""
+    """The email the operators (not the analysts) receive when a run fails or is canceled."""
+    said, heading, advice = _RUN_OUTCOMES[notice.outcome]
     what = f" ({notice.offset_range})" if notice.offset_range else ""
     lines = [
-        f"A {notice.job_name} run {notice.outcome}.",
+        f"A {notice.job_name} run {said}.",
         "",
         f"Run id:        {notice.run_id}",
         f"Job:           {notice.job_name}",
@@ -143,10 +162,10 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
         f"Retry:         {notice.retry_note}",
         f"In the UI:     {notice.run_url or '-'}",
         "",
-        "Error:" if notice.outcome == "failed" else "What happened:",
+        heading,
         *(f"  {line}" for error in notice.errors for line in error.splitlines()),
         "",
-        notice.advice,
+        advice,
     ]
     return _plain_text_email(
         [
@@ -155,12 +174,12 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
             (
                 "Subject",
                 header_safe(
-                    f"[fraud-dagster] run {notice.outcome}: {notice.job_name}{what} "
+                    f"[fraud-dagster] run {said}: {notice.job_name}{what} "
                     f"- run {notice.run_id[:8]}",
                     max_length=160,
                 ),
             ),
-            ("Message-ID", run_failure_message_id(notice.run_id)),
+            ("Message-ID", run_failure_message_id(notice.run_id, notice.outcome)),
             ("Date", format_datetime(datetime.now(UTC))),
             ("X-Fraud-Run-Id", header_safe(notice.run_id, 64)),
         ],

@@ -88,25 +88,26 @@ def check_rejected_share(read: int, rejected: int, max_share: float) -> CheckOut
 
 
 def check_offsets_read(
-    first_offset: int, last_offset: int, deleted_by_retention: tuple[int, int] | None
+    first_offset: int, last_offset: int, lost: Sequence[tuple[int, int]]
 ) -> CheckOutcome:
-    """Passes when no offset of the batch's range was deleted by retention before it was read."""
+    """Passes when no offset of the batch's range is recorded as lost: deleted by retention
+    before any batch read it (`lost`: the recorded ranges, first and last offset)."""
     size = last_offset - first_offset + 1
-    if deleted_by_retention is None:
+    if not lost:
         return CheckOutcome(
             True,
-            f"every offset of {first_offset}..{last_offset} was still on the broker when read",
+            f"every offset of {first_offset}..{last_offset} was read (none deleted unread)",
             {"lost_offsets": 0},
         )
-    lost_first, lost_last = deleted_by_retention
-    lost = lost_last - lost_first + 1
+    count = sum(last - first + 1 for first, last in lost)
+    ranges = ", ".join(f"{first}..{last}" for first, last in lost)
     return CheckOutcome(
         False,
-        f"{lost} of the range's {size} offsets ({lost_first}..{lost_last}) were deleted by Kafka "
-        "retention before this batch read them: those transactions were never scored or "
-        "alerted on. They are recorded in lost_ranges; ask the producing system to resend "
-        "them, and keep batches from waiting longer than the topic's retention.ms",
-        {"lost_offsets": lost, "lost_first_offset": lost_first, "lost_last_offset": lost_last},
+        f"{count} of the range's {size} offsets ({ranges}) were deleted by Kafka retention "
+        "before any batch read them: those transactions were never scored or alerted on. They "
+        "are recorded in lost_ranges; ask the producing system to resend them, and keep "
+        "outages and failed batches shorter than the topic's retention.ms",
+        {"lost_offsets": count, "lost_ranges": ranges},
     )
 
 

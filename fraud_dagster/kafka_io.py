@@ -135,8 +135,7 @@ def read_range(
             if first_offset < begin:
                 batch.deleted_by_retention = (first_offset, min(begin - 1, last_offset))
                 logger.warning(
-                    "offsets %d..%d of %s/%d were deleted by retention before this batch read "
-                    "them; they are recorded as lost",
+                    "offsets %d..%d of %s/%d were deleted by retention before this batch read them",
                     *batch.deleted_by_retention,
                     topic,
                     partition,

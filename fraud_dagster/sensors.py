@@ -117,8 +117,9 @@ def set_aside_stored_ranges(engine: Engine, topic: str, key_tag: str) -> int:
     """Move the stored ranges of `topic` to the key `<topic>@before-<key_tag>`: they record what
     was stored of a previous incarnation of the topic, and must not count for the new one (the
     consumer group is committed as far as they reach, `contiguous_end`) nor keep the new one's
-    ranges from being recorded (their key is topic, partition and first offset). Kept, not
-    deleted: they say which runs stored what. Returns how many were moved.
+    ranges from being recorded (their key is topic, partition and first offset). Its lost
+    ranges (same key) go along. Kept, not deleted: they say which runs stored what. Returns how
+    many stored ranges were moved.
 
     No real topic has an `@` in its name. The move is one transaction, done once per tag: asked
     again for a tag already set aside (a tick that failed after it, the same incarnation seen
@@ -136,7 +137,7 @@ def set_aside_stored_ranges(engine: Engine, topic: str, key_tag: str) -> int:
         moved = conn.execute(
             sa.update(r).where(r.c.source_topic == topic).values(source_topic=aside)
         )
-        # Lost ranges are written with a stored range, so they go along (same key).
+        # Written with a stored range of the same incarnation, so moved with them.
         conn.execute(
             sa.update(lost_ranges)
             .where(lost_ranges.c.source_topic == topic)
@@ -320,19 +321,26 @@ def run_failure_notice(
 ) -> RunFailureNotice:
     """What the operators' email says about a failed run: its offsets (batch runs carry them in
     tags), its errors and whether Dagster retries it by itself."""
-    offset_range = (
-        f"{tags[TAG_TOPIC]}/{tags[TAG_PARTITION]} offsets {tags[TAG_OFFSET_RANGE]}"
-        if TAG_OFFSET_RANGE in tags
-        else None
-    )
     attempt = int(tags.get("dagster/retry_number", "0"))
     max_retries = int(tags.get("dagster/max_retries", default_max_retries))
     if retries_enabled and attempt < max_retries:
         retry_note = f"attempt {attempt + 1} of {max_retries + 1}; Dagster retries it"
     else:
         retry_note = f"attempt {attempt + 1}; no automatic retry left, rerun it by hand"
-    run_url = f"{ui_url}/runs/{run_id}" if ui_url else None
-    return RunFailureNotice(run_id, job_name, offset_range, tuple(errors), retry_note, run_url)
+    return RunFailureNotice(
+        run_id, job_name, _offset_range(tags), tuple(errors), retry_note, _run_url(ui_url, run_id)
+    )
+
+
+def _offset_range(tags: Mapping[str, str]) -> str | None:
+    """ "<topic>/<partition> offsets <first>-<last>" of a batch run (from its tags), else None."""
+    if TAG_OFFSET_RANGE not in tags:
+        return None
+    return f"{tags[TAG_TOPIC]}/{tags[TAG_PARTITION]} offsets {tags[TAG_OFFSET_RANGE]}"
+
+
+def _run_url(ui_url: str | None, run_id: str) -> str | None:
+    return f"{ui_url}/runs/{run_id}" if ui_url else None
 
 
 def _failed_run_notice(
@@ -364,24 +372,16 @@ FAILURE_EMAILS_PER_TICK = 20
 def _canceled_run_notice(
     instance: dg.DagsterInstance, run: dg.DagsterRun, canceled: dg.EventLogEntry, ui_url: str
 ) -> RunFailureNotice:
-    """A canceled batch run: nobody retries it, and its offsets may be unstored."""
-    del instance  # the cancel event says all there is
-    notice = run_failure_notice(run.run_id, run.job_name, run.tags, [], False, 0, ui_url)
+    """A canceled batch run: nobody retries it, and its offsets may be unstored. (`instance` for
+    the mailer's signature: the cancel event says all there is.)"""
     return RunFailureNotice(
         run.run_id,
         run.job_name,
-        notice.offset_range,
+        _offset_range(run.tags),
         (canceled.message or "the run was canceled",),
         "none: Dagster does not retry a canceled run",
-        notice.run_url,
-        outcome="was canceled",
-        advice=(
-            "Unless it had finished its persist step, its offsets are not stored: the consumer "
-            "group stays behind them, later batches are scored without them in their history, "
-            "and the topic's retention will delete them. Re-execute it from the Dagster UI "
-            "(the run's page > Re-execute > From failure) unless it was canceled on purpose; "
-            "a rerun never stores or sends anything twice. See docs/operations.md."
-        ),
+        _run_url(ui_url, run.run_id),
+        outcome="canceled",
     )
 
 

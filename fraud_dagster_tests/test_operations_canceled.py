@@ -15,27 +15,33 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from fraud_dagster.alerts import run_failure_message_id
+from fraud_dagster.batching import PlannedBatch
 from fraud_dagster.benchmarks.harness import sensor_ticks
+from fraud_dagster.definitions import build_definitions
+from fraud_dagster.jobs import batch_run_config
 from fraud_dagster.local_services.dagster_processes import running_daemon
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.sensors import CANCELED_BATCH_EMAIL_SENSOR, RUN_FAILURE_EMAIL_SENSOR
-from fraud_dagster.settings import Settings
+from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster_tests.helpers import MailBox
 from fraud_dagster_tests.operations_support import (
     accept_inserts,
     accounting,
     batch_records,
     reexecute,
+    sensor_tick,
     stall_a_batch,
     wait_for,
     wait_for_the_batch_at_persist,
 )
 
-pytestmark = [pytest.mark.services, pytest.mark.slow]
+pytestmark = pytest.mark.services
 
 OPERATORS = "ops-oncall@bank.example"
 
 
+@pytest.mark.slow
 @pytest.mark.backends("sqlite")
 def test_a_terminated_batch_run_is_mailed_once_and_its_rerun_stores_the_batch(
     settings: Settings,
@@ -88,3 +94,37 @@ def test_a_terminated_batch_run_is_mailed_once_and_its_rerun_stores_the_batch(
     assert reexecute(instance, run_id, from_failure=True).success
     assert accounting(database_url, topic) == {(0, offset): 1 for offset in range(sent)}
     assert resolved_resources(settings)["kafka"].committed_offsets() == {0: sent}
+
+
+@pytest.mark.backends("sqlite")
+def test_only_canceled_batch_runs_are_mailed(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    mailbox: MailBox,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A canceled send_pending_alerts run holds no offsets (its alerts go with the next one)."""
+    monkeypatch.setenv("FRAUD_OPERATOR_RECIPIENTS", OPERATORS)
+    settings = load_settings()
+    defs = build_definitions(settings)
+    watching = sensor_tick(CANCELED_BATCH_EMAIL_SENSOR, defs, instance, settings, None)
+    batch = PlannedBatch(settings.kafka_topic, 0, 100, 199)
+    canceled = []
+    for job_name, config, tags in (
+        ("send_pending_alerts", {}, {}),
+        ("score_transactions", batch_run_config(batch), batch.tags()),
+    ):
+        run = instance.create_run_for_job(
+            defs.resolve_job_def(job_name), run_config=config, tags=tags
+        )
+        instance.report_run_canceled(run, message="Run was canceled by an operator.")
+        canceled.append(run.run_id)
+
+    mailed = sensor_tick(CANCELED_BATCH_EMAIL_SENSOR, defs, instance, settings, watching.cursor)
+
+    assert mailed.skip_reason.skip_message == "emailed the operators about 1 canceled batch run(s)"
+    (email,) = mailbox.messages()
+    assert email["X-Fraud-Run-Id"] == canceled[1]
+    assert email["Message-ID"] == run_failure_message_id(canceled[1], "canceled")
+    assert f"({settings.kafka_topic}/0 offsets 100-199)" in email["Subject"]
+    assert "Run was canceled by an operator." in email.get_content()

@@ -227,22 +227,26 @@ def persist_batch(
                 )
                 result.alerts_queued = list(result.suspicious_ids)
             if deleted_by_retention is not None:
-                lost_first, lost_last = deleted_by_retention
-                conn.execute(
-                    insert_ignoring_conflicts(lost_ranges, dialect),
-                    [
-                        {
-                            "source_topic": topic,
-                            "source_partition": partition,
-                            "first_offset": lost_first,
-                            "last_offset": lost_last,
-                            "reason": LOST_TO_RETENTION,
-                            "run_id": run_id,
-                            "recorded_at": now,
-                        }
-                    ],
-                )
-                result.lost_offsets = lost_last - lost_first + 1
+                # Only what no stored range accounts for: a rerun of a batch stored before
+                # retention reached it reads a gap, but its messages were scored then.
+                lost = _not_stored(conn, topic, partition, *deleted_by_retention)
+                if lost:
+                    conn.execute(
+                        insert_ignoring_conflicts(lost_ranges, dialect),
+                        [
+                            {
+                                "source_topic": topic,
+                                "source_partition": partition,
+                                "first_offset": lost_first,
+                                "last_offset": lost_last,
+                                "reason": LOST_TO_RETENTION,
+                                "run_id": run_id,
+                                "recorded_at": now,
+                            }
+                            for lost_first, lost_last in lost
+                        ],
+                    )
+                result.lost_offsets = sum(b - a + 1 for a, b in lost)
             conn.execute(
                 insert_ignoring_conflicts(stored_ranges, dialect),
                 [
@@ -280,6 +284,42 @@ def _stored_at(
         table.c.source_offset.between(first, last),
     )
     return {offset: value for offset, value in conn.execute(query)}
+
+
+def _not_stored(
+    conn: Connection, topic: str, partition: int, first: int, last: int
+) -> list[tuple[int, int]]:
+    """The parts of offsets first..last that no stored range covers, lowest first."""
+    r = stored_ranges
+    covered = conn.execute(
+        sa.select(r.c.first_offset, r.c.last_offset)
+        .where(r.c.source_topic == topic, r.c.source_partition == partition)
+        .where(r.c.first_offset <= last, r.c.last_offset >= first)
+        .order_by(r.c.first_offset)
+    ).all()
+    parts, position = [], first
+    for covered_first, covered_last in covered:
+        if covered_first > position:
+            parts.append((position, covered_first - 1))
+        position = max(position, covered_last + 1)
+    if position <= last:
+        parts.append((position, last))
+    return parts
+
+
+def lost_in(
+    engine: Engine, topic: str, partition: int, first: int, last: int
+) -> list[tuple[int, int]]:
+    """The ranges recorded in `lost_ranges` that start within offsets first..last."""
+    lr = lost_ranges
+    query = (
+        sa.select(lr.c.first_offset, lr.c.last_offset)
+        .where(lr.c.source_topic == topic, lr.c.source_partition == partition)
+        .where(lr.c.first_offset.between(first, last))
+        .order_by(lr.c.first_offset)
+    )
+    with engine.connect() as conn:
+        return [(int(a), int(b)) for a, b in conn.execute(query)]
 
 
 def contiguous_end(engine: Engine, topic: str, partition: int, start: int) -> int:

@@ -253,14 +253,10 @@ def test_share_bar(share: float, bar: str) -> None:
 
 
 def test_offsets_read_check_passes_without_lost_offsets_and_names_them_otherwise() -> None:
-    complete = check_offsets_read(100, 399, None)
+    complete = check_offsets_read(100, 399, [])
     assert complete.passed and complete.metadata == {"lost_offsets": 0}
-    partial = check_offsets_read(100, 399, (100, 249))
+    partial = check_offsets_read(100, 399, [(100, 149), (200, 249)])
     assert not partial.passed
-    assert partial.metadata == {
-        "lost_offsets": 150,
-        "lost_first_offset": 100,
-        "lost_last_offset": 249,
-    }
-    assert "150 of the range's 300 offsets (100..249)" in partial.description
+    assert partial.metadata == {"lost_offsets": 100, "lost_ranges": "100..149, 200..249"}
+    assert "100 of the range's 300 offsets (100..149, 200..249)" in partial.description
     assert "lost_ranges" in partial.description

@@ -120,8 +120,8 @@ def test_offsets_deleted_by_retention_start_the_next_batch_and_do_not_count_towa
     ]
     everything_gone = plan_batches(SensorCursor("t", {0: 10}), {0: 100}, {0: 100}, {}, 20, 10)
     assert ranges(everything_gone) == [(0, 10, 99)]
-    from_the_commit = plan_batches(SensorCursor("t"), {0: 40}, {0: 100}, {0: 5}, 100, 10)
-    assert ranges(from_the_commit) == [(0, 5, 99)]
+    from_the_commit = plan_batches(SensorCursor("t"), {0: 40}, {0: 100}, {0: 5}, 20, 1)
+    assert ranges(from_the_commit) == [(0, 5, 59)]
 
 
 def test_new_key_tags_never_repeat_the_previous_one() -> None:

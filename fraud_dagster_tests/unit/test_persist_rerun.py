@@ -132,13 +132,31 @@ def test_offsets_lost_to_retention_are_recorded_once_with_the_range(tmp_path: Pa
     again = run(raw, engine, ValidationLimits())
 
     assert (first.inserted, first.lost_offsets) == (2, 4)
-    assert (again.inserted, again.already_stored) == (0, 2)
+    assert (again.inserted, again.already_stored, again.lost_offsets) == (0, 2, 0)
     with engine.connect() as conn:
         assert conn.execute(
             sa.select(lost_ranges.c.first_offset, lost_ranges.c.last_offset, lost_ranges.c.reason)
         ).all() == [(0, 3, LOST_TO_RETENTION)]
     assert contiguous_end(engine, "t", 0, 0) == 6
     assert outcomes(engine)[0] == ["T2", "T3"]
+
+
+def test_a_rerun_after_retention_reached_a_stored_batch_records_nothing_as_lost(
+    tmp_path: Path,
+) -> None:
+    """Its messages were scored by the first run; the rerun only finds them gone."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    ensure_schema(engine)
+    read = batch([10.0, 20.0, 30.0, 40.0])
+    first = run(read, engine, ValidationLimits())
+    later = RawBatch("t", 0, 0, 3, [3], read.timestamps_ms[3:], read.values[3:], (0, 2))
+
+    again = run(later, engine, ValidationLimits())
+
+    assert (first.inserted, again.inserted, again.lost_offsets) == (4, 0, 0)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(lost_ranges)).all() == []
+    assert outcomes(engine)[0] == ["T0", "T1", "T2", "T3"]
 
 
 def test_lost_offsets_outside_the_batch_are_refused(tmp_path: Path) -> None:
