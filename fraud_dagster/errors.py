@@ -14,8 +14,8 @@ class KafkaUnavailableError(FraudDagsterError):
 
 
 class OffsetRangeError(FraudDagsterError):
-    """An offset range cannot be read as asked: it is not written yet (offsets deleted by
-    retention are not an error: the batch records them as lost)."""
+    """An offset range cannot be read as asked: it is not written yet, or retention deleted
+    part of it while it was read (a retry then records those offsets as lost)."""
 
 
 class ModelIntegrityError(FraudDagsterError):

@@ -16,7 +16,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewPartitions, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from fraud_dagster.errors import KafkaUnavailableError, OffsetRangeError
@@ -156,6 +156,13 @@ def read_range(
                     batch.offsets.append(record.offset)
                     batch.timestamps_ms.append(record.timestamp)
                     batch.values.append(record.value)
+        except OffsetOutOfRangeError as exc:
+            # Retention deleted offsets while this batch read them: the step's retry reads
+            # again, finds them below the beginning and records them as lost.
+            raise OffsetRangeError(
+                f"offsets of {topic}/{partition} {first_offset}..{last_offset} were deleted by "
+                f"retention while this batch read them ({exc}); a retry records them as lost"
+            ) from exc
         except KafkaError as exc:
             raise KafkaUnavailableError(
                 f"reading {topic}/{partition} {first_offset}..{last_offset} failed: {exc!r}"
