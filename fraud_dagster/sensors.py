@@ -333,7 +333,7 @@ def run_failure_notice(
 
 
 def _offset_range(tags: Mapping[str, str]) -> str | None:
-    """ "<topic>/<partition> offsets <first>-<last>" of a batch run (from its tags), else None."""
+    """A batch run's offsets as `<topic>/<partition> offsets <first>-<last>` (from its tags)."""
     if TAG_OFFSET_RANGE not in tags:
         return None
     return f"{tags[TAG_TOPIC]}/{tags[TAG_PARTITION]} offsets {tags[TAG_OFFSET_RANGE]}"
