@@ -206,6 +206,9 @@ def persist(
     result = pipeline.store_batch(scored, engine, context.run_id)
     ref = scored.ref
     committed: int | None = None
+    # Whether every earlier offset of the partition was stored when this batch was scored
+    # (storage only grows, so a gap now was a gap then); None if the commit failed.
+    history_complete: bool | None = None
     try:
         committed = kafka.commit_stored(
             ref.topic,
@@ -215,11 +218,13 @@ def persist(
     except FraudDagsterError as exc:
         context.log.warning(f"stored, but committing the consumer group offset failed: {exc}")
     else:
-        if committed is None or committed <= ref.last_offset:
+        history_complete = committed is not None and committed > ref.last_offset
+        if not history_complete:
             context.log.warning(
                 f"stored, but the consumer group stays at offset {committed}: an earlier batch "
                 f"of {ref.topic}/{ref.partition} is not stored yet (failed? rerun it), so the "
-                "lag keeps showing it"
+                "lag keeps showing it, and this batch's features were computed without its "
+                "rows (history_complete: false)"
             )
     latency = (
         time.time() - scored.oldest_kafka_timestamp_ms / 1000
@@ -251,6 +256,9 @@ def persist(
             "score_histogram": _score_histogram_table(scored.score_histogram()),
             "consumer_group_offset": dg.MetadataValue.int(committed)
             if committed is not None
+            else dg.MetadataValue.null(),
+            "history_complete": dg.MetadataValue.bool(history_complete)
+            if history_complete is not None
             else dg.MetadataValue.null(),
         },
     )

@@ -146,6 +146,7 @@ def test_consumer_group_is_never_committed_past_a_batch_that_failed(
     for result in later:
         (meta,) = materializations(instance, result.run_id, "scored_transactions")
         assert meta["consumer_group_offset"] is None
+        assert meta["history_complete"] is False  # scored without offsets 0-9 in the history
         warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level >= 30]
         assert any("an earlier batch" in message for message in warnings)
 
@@ -155,6 +156,7 @@ def test_consumer_group_is_never_committed_past_a_batch_that_failed(
     assert rerun.success
     (meta,) = materializations(instance, rerun.run_id, "scored_transactions")
     assert meta["consumer_group_offset"] == 30  # the gap is closed: past all three batches
+    assert meta["history_complete"] is True
     assert kafka.committed_offsets() == {0: 30}
     assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(30)}
 
