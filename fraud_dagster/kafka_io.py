@@ -108,6 +108,7 @@ def read_range(
     first_offset: int,
     last_offset: int,
     timeout_seconds: float = 60.0,
+    group_id: str | None = None,
 ) -> RawBatch:
     """Read offsets `first_offset..last_offset` (inclusive) of one partition, and nothing more.
 
@@ -117,17 +118,22 @@ def read_range(
     they are recorded as lost and the partition goes on, instead of a run that fails on every
     rerun while the offsets still on the broker wait unread behind it. Raises
     `OffsetRangeError` if the range is not written yet, and `KafkaUnavailableError` if it
-    cannot be read within `timeout_seconds`.
+    cannot be read within `timeout_seconds`. With `group_id`, the batch also says where that
+    group's history starts (`history_start`: its committed offset, else the beginning).
     """
     batch = RawBatch(topic, partition, first_offset, last_offset)
     if last_offset < first_offset:
         return batch
     tp = TopicPartition(topic, partition)
-    with closing(_consumer(options, **_BATCH_CONSUMER_OPTIONS)) as consumer:
+    group = {"group_id": group_id} if group_id else {}
+    with closing(_consumer(options, **_BATCH_CONSUMER_OPTIONS, **group)) as consumer:
         try:
             consumer.assign([tp])
             begin = consumer.beginning_offsets([tp])[tp]
             end = consumer.end_offsets([tp])[tp]
+            if group_id:
+                committed = consumer.committed(tp)
+                batch.history_start = committed if committed is not None else begin
             if last_offset >= end:
                 raise OffsetRangeError(
                     f"offset {last_offset} of {topic}/{partition} does not exist yet (end is {end})"

@@ -66,6 +66,9 @@ class RawBatch:
     # Offsets (first, last) at the start of the range that retention deleted before they were
     # read: never read, so neither scored nor rejected; recorded as lost by the batch's write.
     deleted_by_retention: tuple[int, int] | None = None
+    # Where the partition's stored history starts, as the broker said when the range was read:
+    # the consumer group's committed offset, else the partition's beginning (None: not asked).
+    history_start: int | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -167,6 +167,13 @@ def preprocess(
     )
     for rejection in prepared.rejections[:20]:
         context.log.warning(f"rejected offset {rejection.offset}: {rejection.reason}")
+    if prepared.history_complete is False:
+        context.log.warning(
+            f"offsets {prepared.first_unstored_offset}..{raw.first_offset - 1} of "
+            f"{raw.topic}/{raw.partition} are not all stored (an earlier batch failed or is "
+            "still running; rerun it): this batch's features are computed without their rows "
+            "(history_complete: false)"
+        )
     return prepared
 
 
@@ -206,9 +213,6 @@ def persist(
     result = pipeline.store_batch(scored, engine, context.run_id)
     ref = scored.ref
     committed: int | None = None
-    # Whether every earlier offset of the partition was stored when this batch was scored
-    # (storage only grows, so a gap now was a gap then); None if the commit failed.
-    history_complete: bool | None = None
     try:
         committed = kafka.commit_stored(
             ref.topic,
@@ -218,13 +222,11 @@ def persist(
     except FraudDagsterError as exc:
         context.log.warning(f"stored, but committing the consumer group offset failed: {exc}")
     else:
-        history_complete = committed is not None and committed > ref.last_offset
-        if not history_complete:
+        if committed is None or committed <= ref.last_offset:
             context.log.warning(
                 f"stored, but the consumer group stays at offset {committed}: an earlier batch "
                 f"of {ref.topic}/{ref.partition} is not stored yet (failed? rerun it), so the "
-                "lag keeps showing it, and this batch's features were computed without its "
-                "rows (history_complete: false)"
+                "lag keeps showing it"
             )
     latency = (
         time.time() - scored.oldest_kafka_timestamp_ms / 1000
@@ -257,8 +259,8 @@ def persist(
             "consumer_group_offset": dg.MetadataValue.int(committed)
             if committed is not None
             else dg.MetadataValue.null(),
-            "history_complete": dg.MetadataValue.bool(history_complete)
-            if history_complete is not None
+            "history_complete": dg.MetadataValue.bool(scored.history_complete)
+            if scored.history_complete is not None
             else dg.MetadataValue.null(),
         },
     )

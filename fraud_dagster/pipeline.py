@@ -35,7 +35,7 @@ from fraud_dagster.features import (
 )
 from fraud_dagster.messages import RawBatch, Rejection, ValidationLimits, parse_batch
 from fraud_dagster.model import LoadedModel
-from fraud_dagster.storage.batches import PersistResult, persist_batch
+from fraud_dagster.storage.batches import PersistResult, contiguous_end, persist_batch
 from fraud_dagster.storage.history import classify_stored, load_batch_history
 from fraud_dagster.storage.labels import load_labels
 from fraud_dagster.storage.outbox import (
@@ -77,6 +77,10 @@ class PreparedBatch:
     read_count: int
     oldest_kafka_timestamp_ms: int | None = None
     deleted_by_retention: tuple[int, int] | None = None  # never read: see RawBatch
+    # Every earlier offset of the partition was stored when the features read the history
+    # (None: not known, the range was read without the consumer group).
+    history_complete: bool | None = None
+    first_unstored_offset: int | None = None  # the first earlier offset that was not
 
 
 @dataclass
@@ -91,6 +95,8 @@ class ScoredBatch:
     threshold: float
     oldest_kafka_timestamp_ms: int | None = None
     deleted_by_retention: tuple[int, int] | None = None  # never read: see RawBatch
+    history_complete: bool | None = None  # see PreparedBatch
+    first_unstored_offset: int | None = None
 
     @property
     def suspicious_count(self) -> int:
@@ -132,6 +138,13 @@ def prepare_batch(
             f"database is unavailable; the batch is not scored (rerun it once it is back): {exc}"
         ) from exc
     with conn:
+        # Before the history is read: a batch stored meanwhile may then be in it, never the
+        # reverse, so "complete" is never claimed for features that missed rows.
+        stored_until = (
+            contiguous_end(engine, ref.topic, ref.partition, raw.history_start)
+            if raw.history_start is not None
+            else None
+        )
         _, duplicates = classify_stored(conn, transactions)
         if duplicates:
             duplicate_offsets = {r.offset for r in duplicates}
@@ -162,6 +175,10 @@ def prepare_batch(
         read_count=len(raw),
         oldest_kafka_timestamp_ms=min(timestamps) if timestamps else None,
         deleted_by_retention=raw.deleted_by_retention,
+        history_complete=None if stored_until is None else stored_until >= ref.first_offset,
+        first_unstored_offset=stored_until
+        if stored_until is not None and stored_until < ref.first_offset
+        else None,
     )
 
 
@@ -181,6 +198,8 @@ def score_batch(prepared: PreparedBatch, model: LoadedModel) -> ScoredBatch:
         threshold=model.threshold,
         oldest_kafka_timestamp_ms=prepared.oldest_kafka_timestamp_ms,
         deleted_by_retention=prepared.deleted_by_retention,
+        history_complete=prepared.history_complete,
+        first_unstored_offset=prepared.first_unstored_offset,
     )
 
 

@@ -83,7 +83,13 @@ class KafkaResource(dg.ConfigurableResource):
 
     def read_range(self, topic: str, partition: int, first: int, last: int) -> RawBatch:
         return kafka_io.read_range(
-            self.client_options(), topic, partition, first, last, self.fetch_timeout_seconds
+            self.client_options(),
+            topic,
+            partition,
+            first,
+            last,
+            self.fetch_timeout_seconds,
+            group_id=self.consumer_group,
         )
 
     def commit_stored(

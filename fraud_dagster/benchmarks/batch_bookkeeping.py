@@ -4,6 +4,7 @@
   `kafka_io.commit_stored` (also the partition's beginning and the gap-free end of the stored
   ranges, from the database), each with a fresh consumer as in a batch run;
 * `store.contiguous_end` with many stored ranges in the table;
+* a batch's read, without and with the consumer group's committed offset (`history_start`);
 * the alert step's outbox claim for a batch without suspicious transactions, with many sent
   alerts in the table.
 
@@ -103,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
             args.repeat,
         )
         range_ms = median_ms(lambda: contiguous_end(engine, topic, 0, end - BATCH), args.repeat)
+        # Reading a batch, and reading it with the group's committed offset (history_start).
+        read_ms = median_ms(lambda: kafka_io.read_range(options, topic, 0, 0, 99), args.repeat)
+        read_group_ms = median_ms(
+            lambda: kafka_io.read_range(options, topic, 0, 0, 99, group_id="new-0"), args.repeat
+        )
 
         with engine.connect() as conn:  # sent alerts only; their suspicious rows do not matter
             conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     print_line(f"offset commit, last + 1 (before):         {old_ms:8.1f} ms")
     print_line(f"offset commit, gap-free stored ranges:    {new_ms:8.1f} ms")
     print_line(f"contiguous_end, {args.ranges} ranges stored:   {range_ms:8.2f} ms")
+    print_line(f"read 100 messages:                        {read_ms:8.1f} ms")
+    print_line(f"read 100 messages + group's commit:       {read_group_ms:8.1f} ms")
     print_line(f"alert claim, batch without alerts:        {claim_ms:8.2f} ms")
     print_line(f"alert claim, retry run, nothing due:      {retry_claim_ms:8.2f} ms")
 
