@@ -169,7 +169,7 @@ def preprocess(
         context.log.warning(f"rejected offset {rejection.offset}: {rejection.reason}")
     if prepared.history_complete is False:
         context.log.warning(
-            f"offsets {prepared.first_unstored_offset}..{raw.first_offset - 1} of "
+            f"offsets {prepared.history_stored_until}..{raw.first_offset - 1} of "
             f"{raw.topic}/{raw.partition} are not all stored (an earlier batch failed or is "
             "still running; rerun it): this batch's features are computed without their rows "
             "(history_complete: false)"

@@ -35,7 +35,7 @@ from fraud_dagster.features import (
 )
 from fraud_dagster.messages import RawBatch, Rejection, ValidationLimits, parse_batch
 from fraud_dagster.model import LoadedModel
-from fraud_dagster.storage.batches import PersistResult, contiguous_end, persist_batch
+from fraud_dagster.storage.batches import PersistResult, persist_batch, stored_without_gap
 from fraud_dagster.storage.history import classify_stored, load_batch_history
 from fraud_dagster.storage.labels import load_labels
 from fraud_dagster.storage.outbox import (
@@ -66,6 +66,10 @@ class BatchRef:
         return f"{self.topic}/{self.partition}/{self.first_offset}-{self.last_offset}"
 
 
+def _history_complete(ref: BatchRef, stored_until: int | None) -> bool | None:
+    return None if stored_until is None else stored_until >= ref.first_offset
+
+
 @dataclass
 class PreparedBatch:
     """Valid transactions with their features, and everything rejected on the way."""
@@ -77,10 +81,14 @@ class PreparedBatch:
     read_count: int
     oldest_kafka_timestamp_ms: int | None = None
     deleted_by_retention: tuple[int, int] | None = None  # never read: see RawBatch
-    # Every earlier offset of the partition was stored when the features read the history
+    # How far the partition was stored without a gap when the features read the history
     # (None: not known, the range was read without the consumer group).
-    history_complete: bool | None = None
-    first_unstored_offset: int | None = None  # the first earlier offset that was not
+    history_stored_until: int | None = None
+
+    @property
+    def history_complete(self) -> bool | None:
+        """Every earlier offset of the partition was stored when the history was read."""
+        return _history_complete(self.ref, self.history_stored_until)
 
 
 @dataclass
@@ -95,8 +103,11 @@ class ScoredBatch:
     threshold: float
     oldest_kafka_timestamp_ms: int | None = None
     deleted_by_retention: tuple[int, int] | None = None  # never read: see RawBatch
-    history_complete: bool | None = None  # see PreparedBatch
-    first_unstored_offset: int | None = None
+    history_stored_until: int | None = None  # see PreparedBatch
+
+    @property
+    def history_complete(self) -> bool | None:
+        return _history_complete(self.ref, self.history_stored_until)
 
     @property
     def suspicious_count(self) -> int:
@@ -141,7 +152,7 @@ def prepare_batch(
         # Before the history is read: a batch stored meanwhile may then be in it, never the
         # reverse, so "complete" is never claimed for features that missed rows.
         stored_until = (
-            contiguous_end(engine, ref.topic, ref.partition, raw.history_start)
+            stored_without_gap(conn, ref.topic, ref.partition, raw.history_start)
             if raw.history_start is not None
             else None
         )
@@ -175,10 +186,7 @@ def prepare_batch(
         read_count=len(raw),
         oldest_kafka_timestamp_ms=min(timestamps) if timestamps else None,
         deleted_by_retention=raw.deleted_by_retention,
-        history_complete=None if stored_until is None else stored_until >= ref.first_offset,
-        first_unstored_offset=stored_until
-        if stored_until is not None and stored_until < ref.first_offset
-        else None,
+        history_stored_until=stored_until,
     )
 
 
@@ -198,8 +206,7 @@ def score_batch(prepared: PreparedBatch, model: LoadedModel) -> ScoredBatch:
         threshold=model.threshold,
         oldest_kafka_timestamp_ms=prepared.oldest_kafka_timestamp_ms,
         deleted_by_retention=prepared.deleted_by_retention,
-        history_complete=prepared.history_complete,
-        first_unstored_offset=prepared.first_unstored_offset,
+        history_stored_until=prepared.history_stored_until,
     )
 
 

@@ -327,6 +327,12 @@ def contiguous_end(engine: Engine, topic: str, partition: int, start: int) -> in
 
     This is how far the consumer group may be committed: never past a range no batch stored.
     """
+    with engine.connect() as conn:
+        return stored_without_gap(conn, topic, partition, start)
+
+
+def stored_without_gap(conn: Connection, topic: str, partition: int, start: int) -> int:
+    """`contiguous_end` on an open connection."""
     r = stored_ranges
     query = (
         sa.select(r.c.first_offset, r.c.last_offset)
@@ -335,11 +341,10 @@ def contiguous_end(engine: Engine, topic: str, partition: int, start: int) -> in
         .order_by(r.c.first_offset)
     )
     position = start
-    with engine.connect() as conn:
-        for first, last in conn.execute(query):
-            if first > position:
-                break
-            position = max(position, last + 1)
+    for first, last in conn.execute(query):
+        if first > position:
+            break
+        position = max(position, last + 1)
     return position
 
 
