@@ -121,6 +121,10 @@ class BatchPlan:
     # The topic was recreated: its batches start over at the beginning under a new run-key tag,
     # and what is stored of the previous topic no longer says what of this one is stored.
     recreated: bool = False
+    # ...and the broker says so by a new topic id: the messages at the stored coordinates are
+    # certainly other messages. (Seen from the offsets alone it may be the same topic after a
+    # broker lost data, whose first offsets hold the very messages stored before.)
+    new_topic_id: bool = False
 
 
 def plan_batches(
@@ -150,14 +154,15 @@ def plan_batches(
     from the cursor's, or, whatever the ids, if a partition's cursor lies past its end. Every
     partition then starts over at its beginning (committed offsets are those of the previous
     topic, or gone) under a new run-key tag (`new_key_tag`, at time `now`), and the plan says
-    `recreated`.
+    `recreated` (and `new_topic_id` when the ids differ).
     """
     if max_batch_size < 1 or max_batches < 1:
         raise ValueError("max_batch_size and max_batches must be positive")
     next_offsets = dict(cursor.next_offsets)
     key_tag = cursor.key_tag
     notes: list[str] = []
-    if cursor.topic_id and topic_id and cursor.topic_id != topic_id:
+    new_topic_id = bool(cursor.topic_id and topic_id and cursor.topic_id != topic_id)
+    if new_topic_id:
         reason = f"its id changed from {cursor.topic_id} to {topic_id}"
     else:
         reason = next(
@@ -213,4 +218,4 @@ def plan_batches(
             progress = True
     backlog = sum(max(end_offsets[p] - next_offsets[p], 0) for p in end_offsets)
     new_cursor = SensorCursor(cursor.topic, next_offsets, topic_id or cursor.topic_id, key_tag)
-    return BatchPlan(batches, new_cursor, backlog, notes, recreated)
+    return BatchPlan(batches, new_cursor, backlog, notes, recreated, new_topic_id)

@@ -10,8 +10,6 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster import kafka_io
@@ -42,8 +40,8 @@ from fraud_dagster.ops import RUNNING_STATUSES
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
+from fraud_dagster.storage.batches import set_aside_previous_topic
 from fraud_dagster.storage.outbox import outbox_status
-from fraud_dagster.storage.schema import lost_ranges, stored_ranges
 
 KAFKA_SENSOR_NAME = "kafka_transactions_sensor"
 WAITING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
@@ -113,39 +111,6 @@ def _unfinished_runs(instance: dg.DagsterInstance, topic: str) -> int:
     )
 
 
-def set_aside_stored_ranges(engine: Engine, topic: str, key_tag: str) -> int:
-    """Move the stored ranges of `topic` to the key `<topic>@before-<key_tag>`: they record what
-    was stored of a previous incarnation of the topic, and must not count for the new one (the
-    consumer group is committed as far as they reach, `contiguous_end`) nor keep the new one's
-    ranges from being recorded (their key is topic, partition and first offset). Its lost
-    ranges (same key) go along. Kept, not deleted: they say which runs stored what. Returns how
-    many stored ranges were moved.
-
-    No real topic has an `@` in its name. The move is one transaction, done once per tag: asked
-    again for a tag already set aside (a tick that failed after it, the same incarnation seen
-    again), it moves nothing, as the ranges under `topic` are then the new topic's own.
-    """
-    suffix = f"@before-{key_tag}"
-    aside = topic[: stored_ranges.c.source_topic.type.length - len(suffix)] + suffix
-    r = stored_ranges
-    with engine.begin() as conn:
-        done_before = conn.execute(
-            sa.select(sa.literal(1)).where(r.c.source_topic == aside).limit(1)
-        ).first()
-        if done_before:
-            return 0
-        moved = conn.execute(
-            sa.update(r).where(r.c.source_topic == topic).values(source_topic=aside)
-        )
-        # Written with a stored range of the same incarnation, so moved with them.
-        conn.execute(
-            sa.update(lost_ranges)
-            .where(lost_ranges.c.source_topic == topic)
-            .values(source_topic=aside)
-        )
-    return moved.rowcount
-
-
 def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
     """Poll the topic's end offsets and request one run per new offset range of a partition.
 
@@ -159,8 +124,9 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
     A topic deleted and created again (its id changed, see `batching`) is read again from its
     beginning, under run keys tagged `<topic>@<tag>/...` that no earlier run has; once no run
     of the previous topic is left unfinished and before its first batch is requested, the
-    stored ranges of the previous topic are set aside (`set_aside_stored_ranges`). Until then,
-    or if the database cannot be reached, the tick is skipped with the cursor unchanged.
+    stored ranges (and, when its id is new, its rows) of the previous topic are set aside
+    (`set_aside_previous_topic`). Until then, or if the database cannot be reached, the tick is
+    skipped with the cursor unchanged.
     """
 
     @dg.sensor(
@@ -212,17 +178,22 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
                     "previous topic to finish before reading the new one, cursor unchanged"
                 )
             try:
-                moved = set_aside_stored_ranges(
-                    database.get_engine(), kafka.topic, plan.cursor.key_tag
+                moved = set_aside_previous_topic(
+                    database.get_engine(),
+                    kafka.topic,
+                    plan.cursor.key_tag,
+                    with_rows=plan.new_topic_id,
                 )
             except (SQLAlchemyError, FraudDagsterError) as exc:
                 return dg.SkipReason(
-                    f"{kafka.topic} was recreated, but the previous topic's stored ranges could "
-                    f"not be set aside (database unavailable), cursor unchanged: {exc}"
+                    f"{kafka.topic} was recreated, but what is stored of the previous topic "
+                    f"could not be set aside (database unavailable), cursor unchanged: {exc}"
                 )
             context.log.warning(
-                f"set aside {moved} stored range(s) of the previous {kafka.topic}: the consumer "
-                "group is committed only as far as the new topic is stored"
+                f"set aside what is stored of the previous {kafka.topic} under "
+                f"{kafka.topic}@before-{plan.cursor.key_tag}: {moved.ranges} stored range(s), "
+                f"{moved.scored} scored and {moved.rejected} rejected row(s); the consumer group "
+                "is committed only as far as the new topic is stored"
             )
         if plan.backlog_messages:
             context.log.info(f"{plan.backlog_messages} messages left for the next tick")

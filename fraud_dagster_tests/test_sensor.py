@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 
 import dagster as dg
 import pytest
@@ -12,13 +11,9 @@ from fraud_dagster.batching import PlannedBatch, SensorCursor
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.jobs import batch_run_config
 from fraud_dagster.producer import synthetic_transactions
-from fraud_dagster.sensors import set_aside_stored_ranges
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
-from fraud_dagster.storage import schema
-from fraud_dagster.storage.batches import contiguous_end
-from fraud_dagster.storage.database import create_engine, ensure_schema
-from fraud_dagster_tests.helpers import evaluate_sensor, produce, table_rows
+from fraud_dagster_tests.helpers import evaluate_sensor, produce
 
 # The sensor reads the broker and the Dagster instance; the application database only to set
 # aside a recreated topic's stored ranges.
@@ -110,67 +105,6 @@ def test_a_recreated_topic_with_the_database_down_skips_and_keeps_the_cursor(
     assert result.run_requests == []
     assert "recreated" in result.skip_message and "cursor unchanged" in result.skip_message
     assert result.cursor in (None, cursor)
-
-
-def test_set_aside_stored_ranges_keeps_them_under_another_key_once(tmp_path) -> None:
-    engine = create_engine(f"sqlite:///{tmp_path / 'ranges.db'}")
-    ensure_schema(engine)
-
-    def store(topic: str, first: int, last: int) -> None:
-        with engine.begin() as conn:
-            conn.execute(
-                schema.stored_ranges.insert(),
-                {
-                    "source_topic": topic,
-                    "source_partition": 0,
-                    "first_offset": first,
-                    "last_offset": last,
-                    "stored_at": datetime(2026, 1, 1),
-                },
-            )
-
-    store("t", 0, 24)
-    store("t", 25, 59)
-    store("other", 0, 9)
-    with engine.begin() as conn:  # offsets 0..9 of "t" were deleted by retention unread
-        conn.execute(
-            schema.lost_ranges.insert(),
-            {
-                "source_topic": "t",
-                "source_partition": 0,
-                "first_offset": 0,
-                "last_offset": 9,
-                "reason": "deleted",
-                "recorded_at": datetime(2026, 1, 1),
-            },
-        )
-    assert contiguous_end(engine, "t", 0, 0) == 60
-    assert set_aside_stored_ranges(engine, "t", "8aae0904") == 2
-    assert contiguous_end(engine, "t", 0, 0) == 0
-    assert contiguous_end(engine, "other", 0, 0) == 10
-    # Lost ranges go along: the new topic may lose offsets 0..9 too, and must record it.
-    lost = [r["source_topic"] for r in table_rows(str(engine.url), schema.lost_ranges)]
-    assert lost == ["t@before-8aae0904"]
-
-    store("t", 0, 24)  # the new topic's first batch; then the same incarnation is seen again
-    assert set_aside_stored_ranges(engine, "t", "8aae0904") == 0
-    keys = sorted(
-        (r["source_topic"], r["first_offset"])
-        for r in table_rows(str(engine.url), schema.stored_ranges)
-    )
-    assert keys == [("other", 0), ("t", 0), ("t@before-8aae0904", 0), ("t@before-8aae0904", 25)]
-    assert contiguous_end(engine, "t", 0, 0) == 25  # the new topic's range still counts
-
-    long_topic = "x" * 249
-    store(long_topic, 0, 1)
-    assert set_aside_stored_ranges(engine, long_topic, "t5dc") == 1
-    (aside,) = {r["source_topic"] for r in table_rows(str(engine.url), schema.stored_ranges)} - {
-        "other",
-        "t",
-        "t@before-8aae0904",
-    }
-    assert len(aside) == 249 and aside.endswith("@before-t5dc")
-    engine.dispose()
 
 
 def test_a_recreated_topic_is_not_read_while_a_run_of_the_previous_one_is_unfinished(

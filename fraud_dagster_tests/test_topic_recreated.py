@@ -1,9 +1,10 @@
 """The transaction topic deleted and recreated under the running pipeline (an operator action).
 
 The new topic's offsets start at 0 again, at coordinates the previous topic's messages are stored
-under. Every message of the new topic must still be read and stored exactly once (a message at
-coordinates stored before is rejected as a clash, with its reason), and the consumer group must be
-committed exactly as far as the new topic is stored.
+under. Every message of the new topic must still be read and stored exactly once, as itself:
+scored and alerted, or rejected with its own reason (not as a clash with the previous topic's row
+at its coordinates); the previous topic's rows are kept, under `<topic>@before-<tag>`; and the
+consumer group must be committed exactly as far as the new topic is stored.
 
 Runs go through a real broker and a real Dagster instance; the sensor's run requests are submitted
 as the sensor daemon submits them: a request whose run key an earlier run of the sensor already
@@ -30,8 +31,10 @@ from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster_tests.helpers import (
     RUN_KEY_TAG,
+    MailBox,
     admin_client,
     produce,
+    suspicious_ids,
     table_rows,
     tick_and_run,
 )
@@ -77,19 +80,29 @@ def recreate_topic(settings: Settings) -> None:
     assert topic_id(settings) != before
 
 
-def outcomes(database_url: str, transaction_id: str) -> list[tuple[str, int, str]]:
-    """Where a transaction id is stored: (table, offset, reason) for every row of it."""
+def outcomes(database_url: str, transaction_id: str) -> list[tuple[str, str, int, str]]:
+    """Where a transaction id is stored: (table, topic, offset, reason) for every row of it."""
     scored = [
-        ("scored", row["source_offset"], "")
+        ("scored", row["source_topic"], row["source_offset"], "")
         for row in table_rows(database_url, schema.scored_transactions)
         if row["transaction_id"] == transaction_id
     ]
     rejected = [
-        ("rejected", row["source_offset"], row["reason"])
+        ("rejected", row["source_topic"], row["source_offset"], row["reason"])
         for row in table_rows(database_url, schema.rejected_transactions)
         if row["transaction_id"] == transaction_id
     ]
     return scored + rejected
+
+
+def with_a_bad_message_at(messages: list[dict], offset: int, tag: str) -> list[dict]:
+    """The messages with the one at `offset` made invalid (a negative amount)."""
+    messages[offset] = {
+        **messages[offset],
+        "transaction_id": f"bad-{tag}",
+        "transaction_amount": -1,
+    }
+    return messages
 
 
 @pytest.mark.parametrize(
@@ -111,22 +124,28 @@ def test_every_message_of_the_recreated_topic_is_stored_once_and_committed(
     after: int,
     reset_cursor: bool,
     settings: Settings,
+    mailbox: MailBox,
 ) -> None:
     monkeypatch.setenv("FRAUD_MAX_BATCH_SIZE", "25")
     settings = load_settings()
     defs = build_definitions(settings)
     kafka = resolved_resources(settings)["kafka"]
 
-    old = to_messages(synthetic_transactions(before, seed=31))
+    bad_offset = 7  # a bad message at the same offset of both topics
+    old = with_a_bad_message_at(to_messages(synthetic_transactions(before, seed=31)), 7, "old")
     produce(settings, old)
     cursor, executed, skipped = tick_and_run(defs, settings, instance, cursor=None)
     assert skipped == [] and len(executed) == -(-before // 25)
     assert kafka.committed_offsets() == {0: before}
+    old_alerts = len(suspicious_ids(database_url))
 
     recreate_topic(settings)
     new = to_messages(synthetic_transactions(after, seed=32))
     for message in new:
         message["transaction_id"] = f"new-{message['transaction_id']}"
+    new = with_a_bad_message_at(new, bad_offset, "new")
+    for offset in (3, 30):  # at the previous topic's coordinates; above 220 the simulator's fraud
+        new[offset]["transaction_amount"] = 900.0
     produce(settings, new)
 
     cursor, executed, skipped = tick_and_run(
@@ -140,18 +159,31 @@ def test_every_message_of_the_recreated_topic_is_stored_once_and_committed(
         problems.append(f"run keys used before, so never run: {skipped + skipped_later}")
     if more:
         problems.append(f"a second tick found more batches: {more}")
+    topic = settings.kafka_topic
     for offset, message in enumerate(new):
         stored = outcomes(database_url, message["transaction_id"])
-        expected_table = "rejected" if offset < before else "scored"  # a clash, or new ground
+        expected = ("rejected" if offset == bad_offset else "scored", topic, offset)
         if len(stored) != 1:
             problems.append(f"new offset {offset} stored {len(stored)} times: {stored}")
-        elif stored[0][:2] != (expected_table, offset) or (
-            expected_table == "rejected" and "recreated" not in stored[0][2]
+        elif stored[0][:3] != expected or (
+            offset == bad_offset and "transaction_amount" not in stored[0][3]
         ):
-            problems.append(f"new offset {offset} stored as {stored[0]}")
-    for offset, message in enumerate(old):  # the previous topic's rows are left as they were
-        if outcomes(database_url, message["transaction_id"]) != [("scored", offset, "")]:
-            problems.append(f"old offset {offset} changed")
+            problems.append(f"new offset {offset} stored as {stored[0]}, not {expected}")
+    set_aside = {f"{topic}@before-{run.split('/')[0].split('@')[1]}" for run in executed}
+    for offset, message in enumerate(old):  # the previous topic's rows are kept, set aside
+        stored = outcomes(database_url, message["transaction_id"])
+        table = "rejected" if offset == bad_offset else "scored"
+        if [(t, o) for t, tp, o, _ in stored if tp in set_aside] != [(table, offset)]:
+            problems.append(f"old offset {offset} not kept under {set_aside}: {stored}")
+    new_suspicious = {i for i in suspicious_ids(database_url) if i.startswith("new-")}
+    mailed = mailbox.wait_for(old_alerts + len(new_suspicious))
+    mailed_new = [
+        m["X-Fraud-Transaction-Id"]
+        for m in mailed
+        if m["X-Fraud-Transaction-Id"].startswith("new-")
+    ]
+    if not new_suspicious or sorted(mailed_new) != sorted(new_suspicious):
+        problems.append(f"new suspicious {sorted(new_suspicious)}, mailed {sorted(mailed_new)}")
     committed = kafka.committed_offsets()
     if committed != {0: after}:
         problems.append(f"consumer group committed at {committed}, not {{0: {after}}}")

@@ -386,3 +386,56 @@ def _classify_conflicts(
     result.already_stored += int(rerun.sum())
     result.duplicates_rejected = len(rejections)
     return rejections
+
+
+@dataclass
+class SetAside:
+    """What `set_aside_previous_topic` moved: stored ranges, scored and rejected rows."""
+
+    ranges: int = 0
+    scored: int = 0
+    rejected: int = 0
+
+
+def set_aside_previous_topic(
+    engine: Engine, topic: str, key_tag: str, *, with_rows: bool
+) -> SetAside:
+    """Move what is stored of a previous incarnation of `topic` to `<topic>@before-<key_tag>`.
+
+    Its stored ranges (and lost ranges, same key) must not count for the new topic: the
+    consumer group is committed as far as they reach (`contiguous_end`), and they would keep the
+    new topic's ranges from being recorded. With `with_rows` (the broker gave the topic a new
+    id), its scored and rejected rows go along: the new topic's messages at the same
+    coordinates are other messages, to be scored (and alerted) or rejected as themselves, not
+    as clashes with the old rows; and range queries (a batch's history, its alerts, its checks)
+    must not find the old rows. Without it (a recreation seen from the offsets alone: perhaps
+    the same topic after a broker lost data, whose first offsets hold the messages stored
+    before) the rows stay, so those messages are found stored and not scored twice.
+
+    Kept, not deleted: they say which runs stored what. No real topic has an `@` in its name.
+    One transaction, done once per tag: asked again for a tag already set aside (a tick that
+    failed after it, the same incarnation seen again), it moves nothing, as what is stored
+    under `topic` is then the new topic's own.
+    """
+    suffix = f"@before-{key_tag}"
+    aside = topic[: stored_ranges.c.source_topic.type.length - len(suffix)] + suffix
+    moved = SetAside()
+    with engine.begin() as conn:
+        done_before = conn.execute(
+            sa.select(sa.literal(1)).where(stored_ranges.c.source_topic == aside).limit(1)
+        ).first()
+        if done_before:
+            return moved
+        tables = [stored_ranges, lost_ranges]
+        if with_rows:
+            tables += [scored_transactions, rejected_transactions]
+        counts = [
+            conn.execute(
+                sa.update(table).where(table.c.source_topic == topic).values(source_topic=aside)
+            ).rowcount
+            for table in tables
+        ]
+    moved.ranges = counts[0]
+    if with_rows:
+        moved.scored, moved.rejected = counts[2], counts[3]
+    return moved

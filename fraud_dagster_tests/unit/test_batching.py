@@ -49,6 +49,7 @@ def test_cursor_past_the_end_restarts_with_a_note_and_new_run_keys() -> None:
     assert ranges(plan) == [(0, 0, 4)]
     assert "recreated" in plan.notes[0]
     assert plan.recreated
+    assert not plan.new_topic_id  # perhaps the same topic after a broker lost data
     assert [b.run_key for b in plan.batches] == ["t@t5dc/0/0-4"]  # 1500 ms, base 16
 
 
@@ -57,7 +58,7 @@ def test_a_new_topic_id_restarts_every_partition_at_its_beginning_under_new_run_
     cursor = SensorCursor("t", {0: 30, 1: 8}, topic_id="11111111-aaaa-bbbb-cccc-000000000000")
     new_id = "8aae0904-3595-45d7-814d-1674549a09d2"
     plan = plan_batches(cursor, {0: 0, 1: 0}, {0: 50, 1: 3}, {0: 30}, 25, 10, topic_id=new_id)
-    assert plan.recreated
+    assert plan.recreated and plan.new_topic_id
     assert "recreated" in plan.notes[0] and new_id in plan.notes[0]
     assert ranges(plan) == [(0, 0, 24), (1, 0, 2), (0, 25, 49)]
     assert [b.run_key for b in plan.batches][:2] == ["t@8aae0904/0/0-24", "t@8aae0904/1/0-2"]
@@ -66,7 +67,7 @@ def test_a_new_topic_id_restarts_every_partition_at_its_beginning_under_new_run_
     assert (plan.cursor.topic_id, plan.cursor.key_tag) == (new_id, "8aae0904")
 
     later = plan_batches(plan.cursor, {0: 0, 1: 0}, {0: 60, 1: 3}, {}, 25, 10, topic_id=new_id)
-    assert not later.recreated and later.notes == []
+    assert not later.recreated and not later.new_topic_id and later.notes == []
     assert [b.run_key for b in later.batches] == ["t@8aae0904/0/50-59"]
 
 
@@ -75,8 +76,18 @@ def test_the_same_topic_id_keeps_the_cursor_and_plain_run_keys() -> None:
     plan = plan_batches(
         SensorCursor("t", {0: 7}, topic_id=same), {0: 0}, {0: 9}, {}, 10, 10, topic_id=same
     )
-    assert not plan.recreated
+    assert not plan.recreated and not plan.new_topic_id
     assert [b.run_key for b in plan.batches] == ["t/0/7-8"]
+
+
+def test_a_cursor_past_the_end_under_the_same_topic_id_restarts_but_is_no_new_topic() -> None:
+    """The broker lost data (an unclean leader election): the same topic, shorter. Its stored
+    rows stay where they are, so its first offsets, read again, are found stored."""
+    same = "8aae0904-3595-45d7-814d-1674549a09d2"
+    cursor = SensorCursor("t", {0: 50}, topic_id=same)
+    plan = plan_batches(cursor, {0: 0}, {0: 30}, {}, 100, 10, topic_id=same, now=1.5)
+    assert plan.recreated and not plan.new_topic_id
+    assert ranges(plan) == [(0, 0, 29)]
 
 
 def test_a_cursor_from_before_topic_ids_adopts_the_id_without_restarting() -> None:
