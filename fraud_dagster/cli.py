@@ -230,6 +230,22 @@ def cmd_load_labels(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from fraud_dagster.resources import resolved_resources
+    from fraud_dagster.stream_status import render_status, stream_status
+
+    resources = resolved_resources(settings)
+    status = stream_status(
+        resources["kafka"].client_options(),
+        settings.kafka_topic,
+        settings.kafka_consumer_group,
+        resources["database"].get_engine(),
+    )
+    for line in render_status(status):
+        print_line(line)
+    return 2 if args.check and status.needs_attention else 0
+
+
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     from fraud_dagster.resources import resolved_resources
 
@@ -446,6 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage on PostgreSQL (dagster.postgres.yaml; credentials from DAGSTER_PG_*)",
     )
     instance.set_defaults(handler=cmd_instance)
+
+    status = sub.add_parser(
+        "status",
+        help="where the stream stands: lag, unstored gaps to rerun, lost offsets, alert outbox",
+    )
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 2 if offsets below stored ones are not stored (a batch to rerun); 1 is an "
+        "error (Kafka or the database unreachable)",
+    )
+    status.set_defaults(handler=cmd_status)
 
     db = sub.add_parser("db", help="application database")
     db.add_argument("action", choices=["init"])

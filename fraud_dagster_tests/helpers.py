@@ -18,9 +18,10 @@ import dagster as dg
 import pandas as pd
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, TopicPartition
 
 from fraud_dagster import producer
+from fraud_dagster.kafka_io import offset_bounds
 from fraud_dagster.resources import build_resources, resolved_resources
 from fraud_dagster.sensors import KAFKA_SENSOR_NAME
 from fraud_dagster.settings import Settings
@@ -192,3 +193,17 @@ def serving(handler: Any, port: int) -> Iterator[None]:
         yield
     finally:
         controller.stop()
+
+
+def delete_before(settings: Settings, offset: int) -> None:
+    """Delete partition 0's records below `offset`, as retention deletes old segments."""
+    admin = admin_client(settings)
+    try:
+        admin.delete_records({TopicPartition(settings.kafka_topic, 0): offset}, timeout_ms=30_000)
+    finally:
+        admin.close()
+    options = resolved_resources(settings)["kafka"].client_options()
+    deadline = time.monotonic() + 30
+    while offset_bounds(options, settings.kafka_topic)[0] != {0: offset}:
+        assert time.monotonic() < deadline, f"the log start did not reach {offset} within 30 s"
+        time.sleep(0.2)

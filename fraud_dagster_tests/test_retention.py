@@ -10,16 +10,12 @@ broker, Dagster instance and databases are real.
 
 from __future__ import annotations
 
-import time
-
 import dagster as dg
 import pytest
-from kafka import TopicPartition
 
 from fraud_dagster.batching import PlannedBatch
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.jobs import batch_run_config
-from fraud_dagster.kafka_io import offset_bounds
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings
@@ -27,7 +23,7 @@ from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster_tests.helpers import (
     RUN_KEY_TAG,
-    admin_client,
+    delete_before,
     produce,
     table_rows,
     tick_and_run,
@@ -35,20 +31,6 @@ from fraud_dagster_tests.helpers import (
 from fraud_dagster_tests.operations_support import reexecute
 
 pytestmark = pytest.mark.services
-
-
-def delete_before(settings: Settings, offset: int) -> None:
-    """Delete partition 0's records below `offset`, as retention deletes old segments."""
-    admin = admin_client(settings)
-    try:
-        admin.delete_records({TopicPartition(settings.kafka_topic, 0): offset}, timeout_ms=30_000)
-    finally:
-        admin.close()
-    options = resolved_resources(settings)["kafka"].client_options()
-    deadline = time.monotonic() + 30
-    while offset_bounds(options, settings.kafka_topic)[0] != {0: offset}:
-        assert time.monotonic() < deadline, f"the log start did not reach {offset} within 30 s"
-        time.sleep(0.2)
 
 
 def stored_offsets(database_url: str) -> list[int]:

@@ -229,7 +229,7 @@ def persist_batch(
             if deleted_by_retention is not None:
                 # Only what no stored range accounts for: a rerun of a batch stored before
                 # retention reached it reads a gap, but its messages were scored then.
-                lost = _not_stored(conn, topic, partition, *deleted_by_retention)
+                lost = not_stored(conn, topic, partition, *deleted_by_retention)
                 if lost:
                     conn.execute(
                         insert_ignoring_conflicts(lost_ranges, dialect),
@@ -286,7 +286,7 @@ def _stored_at(
     return {offset: value for offset, value in conn.execute(query)}
 
 
-def _not_stored(
+def not_stored(
     conn: Connection, topic: str, partition: int, first: int, last: int
 ) -> list[tuple[int, int]]:
     """The parts of offsets first..last that no stored range covers, lowest first."""
@@ -346,6 +346,17 @@ def stored_without_gap(conn: Connection, topic: str, partition: int, start: int)
             break
         position = max(position, last + 1)
     return position
+
+
+def stored_end(conn: Connection, topic: str, partition: int) -> int | None:
+    """One past the highest offset a stored range of `topic`/`partition` reaches (None: none)."""
+    r = stored_ranges
+    highest = conn.execute(
+        sa.select(sa.func.max(r.c.last_offset)).where(
+            r.c.source_topic == topic, r.c.source_partition == partition
+        )
+    ).scalar_one()
+    return None if highest is None else int(highest) + 1
 
 
 def count_rejected(engine: Engine, topic: str, partition: int, first: int, last: int) -> int:

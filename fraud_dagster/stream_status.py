@@ -1,0 +1,130 @@
+"""Where the stream stands, for an operator at a terminal (`fraud-dagster status`).
+
+Per partition: how far Kafka's log reaches, how far the consumer group is committed, which
+offsets below the highest stored one no batch has stored (a failed batch to rerun, or one still
+under way), what retention deleted unread; then the alert outbox. It reads the broker and the
+application database only, so it answers when Dagster is down too, and it changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from fraud_dagster import kafka_io
+from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_PARTITION
+from fraud_dagster.storage.batches import lost_in, not_stored, stored_end, stored_without_gap
+from fraud_dagster.storage.outbox import OutboxStatus, outbox_status
+
+Span = tuple[int, int]  # first and last offset, inclusive
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    partition: int
+    beginning: int  # the log's first offset (retention deletes below it)
+    end: int  # the next offset to be written
+    committed: int | None  # the consumer group's committed offset (None: nothing committed)
+    stored_until: int  # end of the gap-free stored ranges from the committed offset
+    stored_end: int  # one past the highest offset a stored range reaches
+    gaps: list[Span] = field(default_factory=list)  # unstored offsets below stored_end
+    lost: list[Span] = field(default_factory=list)  # deleted by retention before being read
+
+    @property
+    def start(self) -> int:
+        """Where the group's history starts: its committed offset, else the log's beginning."""
+        return self.beginning if self.committed is None else self.committed
+
+    @property
+    def lag(self) -> int:
+        return max(self.end - self.start, 0)
+
+    @property
+    def waiting(self) -> int:
+        """Offsets past the highest stored one: batches under way, queued or not yet planned."""
+        return max(self.end - max(self.stored_end, self.start), 0)
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    topic: str
+    group: str
+    partitions: list[PartitionStatus]
+    outbox: OutboxStatus
+
+    @property
+    def needs_attention(self) -> bool:
+        """An unstored gap below stored offsets: a batch to rerun. (Offsets lost to retention
+        are reported, but stay lost: they would keep a monitor red for ever.)"""
+        return any(p.gaps for p in self.partitions)
+
+
+def stream_status(
+    kafka_options: Mapping[str, Any], topic: str, group: str, engine: Engine
+) -> StreamStatus:
+    """Read the topic's offsets, the group's commits, the stored and lost ranges and the outbox."""
+    beginning, end = kafka_io.offset_bounds(kafka_options, topic)
+    committed = kafka_io.committed_offsets(kafka_options, topic, group)
+    partitions = []
+    with engine.connect() as conn:
+        for partition in sorted(end):
+            start = committed.get(partition, beginning.get(partition, 0))
+            highest = max(stored_end(conn, topic, partition) or start, start)
+            partitions.append(
+                PartitionStatus(
+                    partition=partition,
+                    beginning=beginning.get(partition, 0),
+                    end=end[partition],
+                    committed=committed.get(partition),
+                    stored_until=stored_without_gap(conn, topic, partition, start),
+                    stored_end=highest,
+                    gaps=not_stored(conn, topic, partition, start, highest - 1),
+                    lost=lost_in(engine, topic, partition, 0, end[partition]),
+                )
+            )
+    return StreamStatus(topic, group, partitions, outbox_status(engine))
+
+
+def _spans(spans: list[Span]) -> str:
+    return ", ".join(f"{a}-{b}" for a, b in spans)
+
+
+def render_status(status: StreamStatus) -> list[str]:
+    """The status as lines of text, the things to act on spelled out."""
+    lines = [f"topic {status.topic}, consumer group {status.group}"]
+    for p in status.partitions:
+        committed = "nothing committed" if p.committed is None else f"committed {p.committed}"
+        lines.append(
+            f"partition {p.partition}: log {p.beginning}..{p.end - 1} (end {p.end}), "
+            f"{committed}, lag {p.lag}"
+        )
+        for first, last in p.gaps:
+            lines.append(
+                f"  NOT STORED: offsets {first}-{last} ({last - first + 1}), below stored ones: "
+                "a failed batch (re-execute it from failure; a rerun stores and sends nothing "
+                "twice) or one still under way; its run: Runs -> filter tags "
+                f"{TAG_PARTITION}={p.partition}, {TAG_FIRST_OFFSET}={first}"
+            )
+        if p.lost:
+            count = sum(b - a + 1 for a, b in p.lost)
+            lines.append(
+                f"  LOST: offsets {_spans(p.lost)} ({count}) were deleted by retention before "
+                "they were read (table lost_ranges): never scored, never alerted"
+            )
+        if p.waiting:
+            lines.append(
+                f"  {p.waiting} offset(s) after the last stored one: batches under way or "
+                "waiting for the next sensor tick"
+            )
+    outbox = status.outbox
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(outbox.counts.items())) or "none"
+    lines.append(f"alerts: {counts}; {outbox.due} due now")
+    if outbox.unsent:
+        lines.append(
+            f"  oldest unsent alert written {outbox.oldest_unsent_at:%Y-%m-%d %H:%M:%S} UTC"
+            + (f"; last error: {outbox.last_error}" if outbox.last_error else "")
+        )
+    return lines
