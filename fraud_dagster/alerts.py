@@ -167,6 +167,8 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
         "",
         advice,
     ]
+    if notice.offset_range:
+        lines.append("Every offset range no batch has stored yet: `fraud-dagster status`.")
     return _plain_text_email(
         [
             ("From", header_safe(sender, 254)),

@@ -61,6 +61,7 @@ def test_operator_email_carries_run_offsets_error_and_no_injected_header() -> No
     assert "0123456789abcdef" in body
     assert "refusing to load it" in body and "  second line" in body
     assert "no automatic retry left" in body
+    assert "fraud-dagster status" in body  # a batch's failure: where to see every unstored range
 
 
 def test_failure_notice_names_the_offsets_and_whether_dagster_retries_the_run() -> None:
