@@ -25,5 +25,7 @@ def configure_logging(
     to_file.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(stderr)
     root.addHandler(to_file)
-    # kafka-python is chatty at INFO about every connection.
+    # kafka-python is chatty at INFO about every connection; alembic about every schema stamp
+    # of the in-memory Dagster instance that initializing resources outside a run creates.
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
