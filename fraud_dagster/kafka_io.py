@@ -15,7 +15,7 @@ from contextlib import closing
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewPartitions, NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewPartitions, NewTopic
 from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
@@ -85,6 +85,20 @@ def topic_id(options: Mapping[str, Any], topic: str) -> str | None:
         raise KafkaUnavailableError(f"cannot describe topic {topic!r}: {exc!r}") from exc
     found = described.get("topic_id")
     return str(found) if found and str(found) != _NO_TOPIC_ID else None
+
+
+def retention_ms(options: Mapping[str, Any], topic: str) -> int | None:
+    """The topic's `retention.ms` (its own, else the broker's default; -1: kept for ever), or
+    None if the broker does not say."""
+    admin_options = {k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})
+    try:
+        with closing(KafkaAdminClient(**admin_options)) as admin:
+            described = admin.describe_configs([resource], config_filter="all")
+    except KafkaError as exc:
+        raise KafkaUnavailableError(f"cannot describe the configs of {topic!r}: {exc!r}") from exc
+    value = described.get("topic", {}).get(topic, {}).get("retention.ms", {}).get("value")
+    return None if value is None else int(value)
 
 
 def committed_offsets(options: Mapping[str, Any], topic: str, group_id: str) -> dict[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -23,6 +24,22 @@ Span = tuple[int, int]  # first and last offset, inclusive
 
 
 @dataclass(frozen=True)
+class Gap:
+    """Offsets first..last no batch has stored, below stored ones, and how long they have left:
+    retention deletes them unread (lost for good) unless their batch is rerun before."""
+
+    first: int
+    last: int
+    deleted: int = 0  # how many of its first offsets retention already deleted
+    produced_at: datetime | None = None  # Kafka timestamp of its oldest message still there
+    deletable_from: datetime | None = None  # produced_at + retention.ms (None: kept for ever)
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True)
 class PartitionStatus:
     partition: int
     beginning: int  # the log's first offset (retention deletes below it)
@@ -30,7 +47,7 @@ class PartitionStatus:
     committed: int | None  # the consumer group's committed offset (None: nothing committed)
     stored_until: int  # end of the gap-free stored ranges from the committed offset
     stored_end: int  # one past the highest offset a stored range reaches
-    gaps: list[Span] = field(default_factory=list)  # unstored offsets below stored_end
+    gaps: list[Gap] = field(default_factory=list)  # unstored offsets below stored_end
     lost: list[Span] = field(default_factory=list)  # deleted by retention before being read
 
     @property
@@ -54,6 +71,7 @@ class StreamStatus:
     group: str
     partitions: list[PartitionStatus]
     outbox: OutboxStatus
+    retention_ms: int | None = None  # the topic's retention.ms (-1: for ever; None: unknown)
 
     @property
     def needs_attention(self) -> bool:
@@ -68,28 +86,91 @@ def stream_status(
     """Read the topic's offsets, the group's commits, the stored and lost ranges and the outbox."""
     beginning, end = kafka_io.offset_bounds(kafka_options, topic)
     committed = kafka_io.committed_offsets(kafka_options, topic, group)
+    retention = kafka_io.retention_ms(kafka_options, topic)
     partitions = []
     with engine.connect() as conn:
         for partition in sorted(end):
-            start = committed.get(partition, beginning.get(partition, 0))
+            first_kept = beginning.get(partition, 0)
+            start = committed.get(partition, first_kept)
             highest = max(stored_end(conn, topic, partition) or start, start)
             partitions.append(
                 PartitionStatus(
                     partition=partition,
-                    beginning=beginning.get(partition, 0),
+                    beginning=first_kept,
                     end=end[partition],
                     committed=committed.get(partition),
                     stored_until=stored_without_gap(conn, topic, partition, start),
                     stored_end=highest,
-                    gaps=not_stored(conn, topic, partition, start, highest - 1),
+                    gaps=[
+                        _gap(kafka_options, topic, partition, span, first_kept, retention)
+                        for span in not_stored(conn, topic, partition, start, highest - 1)
+                    ],
                     lost=lost_in(engine, topic, partition, 0, end[partition]),
                 )
             )
-    return StreamStatus(topic, group, partitions, outbox_status(engine))
+    return StreamStatus(topic, group, partitions, outbox_status(engine), retention)
+
+
+def _gap(
+    options: Mapping[str, Any],
+    topic: str,
+    partition: int,
+    span: Span,
+    beginning: int,
+    retention_ms: int | None,
+) -> Gap:
+    """The gap with its deadline: the timestamp of its oldest message still on the broker (one
+    message read) plus the topic's retention."""
+    first, last = span
+    deleted = max(0, min(beginning, last + 1) - first)
+    if deleted == last - first + 1:
+        return Gap(first, last, deleted)
+    oldest = max(first, beginning)
+    read = kafka_io.read_range(options, topic, partition, oldest, oldest)
+    if not read.timestamps_ms:
+        return Gap(first, last, deleted)
+    produced = datetime.fromtimestamp(read.timestamps_ms[0] / 1000, UTC)
+    deletable = (
+        produced + timedelta(milliseconds=retention_ms)
+        if retention_ms is not None and retention_ms >= 0
+        else None
+    )
+    return Gap(first, last, deleted, produced, deletable)
 
 
 def _spans(spans: list[Span]) -> str:
     return ", ".join(f"{a}-{b}" for a, b in spans)
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M} UTC"
+
+
+def _gap_line(gap: Gap, partition: int, retention_ms: int | None) -> str:
+    where = f"offsets {gap.first}-{gap.last} ({gap.size})"
+    find = (
+        f"its run: Runs -> filter tags {TAG_PARTITION}={partition}, {TAG_FIRST_OFFSET}={gap.first}"
+    )
+    if gap.deleted == gap.size:
+        return (
+            f"  NOT STORED, and deleted by retention since: {where}; re-execute its batch so "
+            f"that they are recorded as lost and the consumer group moves on; {find}"
+        )
+    line = (
+        f"  NOT STORED: {where}, below stored ones: a failed batch (re-execute it from failure; "
+        f"a rerun stores and sends nothing twice) or one still under way; {find}"
+    )
+    if gap.deleted:
+        line += f"; its first {gap.deleted} offset(s) were deleted by retention already"
+    if gap.deletable_from is not None and gap.produced_at is not None:
+        days = (retention_ms or 0) / 86_400_000
+        line += (
+            f"; oldest message produced {_when(gap.produced_at)}: retention ({days:g} days) may "
+            f"delete it from {_when(gap.deletable_from)} on"
+        )
+    elif retention_ms is not None and retention_ms < 0:
+        line += "; the topic keeps its messages for ever (retention.ms -1)"
+    return line
 
 
 def render_status(status: StreamStatus) -> list[str]:
@@ -101,13 +182,8 @@ def render_status(status: StreamStatus) -> list[str]:
             f"partition {p.partition}: log {p.beginning}..{p.end - 1} (end {p.end}), "
             f"{committed}, lag {p.lag}"
         )
-        for first, last in p.gaps:
-            lines.append(
-                f"  NOT STORED: offsets {first}-{last} ({last - first + 1}), below stored ones: "
-                "a failed batch (re-execute it from failure; a rerun stores and sends nothing "
-                "twice) or one still under way; its run: Runs -> filter tags "
-                f"{TAG_PARTITION}={p.partition}, {TAG_FIRST_OFFSET}={first}"
-            )
+        for gap in p.gaps:
+            lines.append(_gap_line(gap, p.partition, status.retention_ms))
         if p.lost:
             count = sum(b - a + 1 for a, b in p.lost)
             lines.append(

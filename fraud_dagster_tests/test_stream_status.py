@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from fraud_dagster.batching import PlannedBatch
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.jobs import batch_run_config
+from fraud_dagster.kafka_io import retention_ms
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings
@@ -42,7 +44,9 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     defs = build_definitions(settings)
     resources = resolved_resources(settings)
     job = defs.resolve_job_def("score_transactions")
+    produced_from = datetime.now(UTC).replace(microsecond=0)
     produce(settings, to_messages(synthetic_transactions(40, seed=5)))
+    produced_until = datetime.now(UTC)
     delete_before(settings, 5)  # retention took offsets 0..4 before any batch read them
 
     def run_range(first: int, last: int) -> None:
@@ -60,25 +64,37 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
             resources["database"].get_engine(),
         )
 
-    (partition,) = status().partitions
+    first = status()
+    (partition,) = first.partitions
     assert (partition.beginning, partition.end, partition.committed) == (5, 40, 10)
     assert (partition.lag, partition.stored_until, partition.stored_end) == (30, 10, 30)
-    assert partition.gaps == [(10, 19)] and partition.lost == [(0, 4)]
-    assert partition.waiting == 10
+    assert partition.lost == [(0, 4)] and partition.waiting == 10
+    (gap,) = partition.gaps
+    assert (gap.first, gap.last, gap.deleted) == (10, 19, 0)
+    assert produced_from <= gap.produced_at <= produced_until  # the message's Kafka timestamp
+    retention = retention_ms(resources["kafka"].client_options(), settings.kafka_topic)
+    assert retention is not None and retention > 0 and first.retention_ms == retention
+    assert gap.deletable_from == gap.produced_at + timedelta(milliseconds=retention)
     shown = status_command("--check")
     assert shown.returncode == 2, shown.stderr
     assert "NOT STORED: offsets 10-19 (10)" in shown.stdout
     assert "fraud_dagster/first_offset=10" in shown.stdout
+    assert f"may delete it from {gap.deletable_from:%Y-%m-%d %H:%M} UTC on" in shown.stdout
     assert "LOST: offsets 0-4 (5)" in shown.stdout
     assert "10 offset(s) after the last stored one" in shown.stdout
 
-    run_range(10, 19)  # the rerun
+    delete_before(settings, 20)  # the failed batch was left until retention reached it
+    (gap,) = status().partitions[0].gaps
+    assert (gap.first, gap.last, gap.deleted, gap.produced_at) == (10, 19, 10, None)
+    assert "NOT STORED, and deleted by retention since: offsets 10-19" in status_command().stdout
+
+    run_range(10, 19)  # the rerun records them as lost, and the group moves on
     run_range(30, 39)
 
     after = status()
     (partition,) = after.partitions
     assert (partition.committed, partition.lag, partition.gaps, partition.waiting) == (40, 0, [], 0)
-    assert partition.lost == [(0, 4)]  # lost stays lost, and on record
+    assert partition.lost == [(0, 4), (10, 19)]  # lost stays lost, and on record
     assert not after.needs_attention
     assert not any("NOT STORED" in line for line in render_status(after))
     assert status_command("--check").returncode == 0

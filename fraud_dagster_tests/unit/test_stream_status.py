@@ -3,10 +3,10 @@ a real broker and database are tested in test_stream_status)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from fraud_dagster.storage.outbox import OutboxStatus
-from fraud_dagster.stream_status import PartitionStatus, StreamStatus, render_status
+from fraud_dagster.stream_status import Gap, PartitionStatus, StreamStatus, render_status
 
 
 def outbox(**counts: int) -> OutboxStatus:
@@ -42,3 +42,36 @@ def test_unsent_alerts_show_the_oldest_and_the_last_error() -> None:
         == "  oldest unsent alert written 2026-11-30 01:02:03 UTC; last error: 421 try later"
     )
     assert not status.needs_attention  # lost offsets are reported, not a rerun to do
+
+
+def test_a_gap_says_when_retention_may_delete_it_or_that_it_already_did() -> None:
+    produced = datetime(2026, 11, 30, 2, 47)
+    week = 7 * 86_400_000
+    gaps = [
+        Gap(10, 19, 0, produced, produced + timedelta(milliseconds=week)),
+        Gap(30, 39, 5, produced, produced + timedelta(milliseconds=week)),
+        Gap(50, 59, 10),
+    ]
+    partition = PartitionStatus(0, 35, 100, 10, 10, 100, gaps=gaps)
+    status = StreamStatus("tx", "g", [partition], outbox(), retention_ms=week)
+
+    lines = render_status(status)
+
+    assert lines[2].startswith("  NOT STORED: offsets 10-19 (10), below stored ones")
+    assert lines[2].endswith(
+        "oldest message produced 2026-11-30 02:47 UTC: retention (7 days) may delete it from "
+        "2026-12-07 02:47 UTC on"
+    )
+    assert "its first 5 offset(s) were deleted by retention already" in lines[3]
+    assert lines[4].startswith("  NOT STORED, and deleted by retention since: offsets 50-59 (10)")
+    assert "fraud_dagster/first_offset=50" in lines[4]
+    assert status.needs_attention
+
+
+def test_a_gap_of_a_topic_kept_for_ever_has_no_deadline() -> None:
+    partition = PartitionStatus(0, 0, 30, 10, 10, 30, gaps=[Gap(10, 19, 0, datetime(2026, 1, 1))])
+    status = StreamStatus("tx", "g", [partition], outbox(), retention_ms=-1)
+
+    assert render_status(status)[2].endswith(
+        "the topic keeps its messages for ever (retention.ms -1)"
+    )
