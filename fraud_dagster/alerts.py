@@ -19,10 +19,13 @@ from email.header import Header
 from email.message import Message
 from email.utils import format_datetime
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
 from fraud_dagster.kafka_watch import KafkaNotice
+
+if TYPE_CHECKING:  # rendering needs only its fields; the watch module reads Kafka and the database
+    from fraud_dagster.gap_watch import GapNotice
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +229,77 @@ def render_kafka_notice(
             ("Message-ID", f"<kafka-{notice.kind}.{int(notice.down_since)}@{MESSAGE_ID_DOMAIN}>"),
             ("Date", format_datetime(datetime.now(UTC))),
             ("X-Fraud-Kafka-Notice", notice.kind),
+        ],
+        "\n".join(lines) + "\n",
+    )
+
+
+_GAP_NOTICE_SAYS = {
+    "unstored": "not stored",
+    "last_call": "LAST CALL, retention may delete within a day",
+    "deleted": "deleted by retention unread",
+}
+
+
+def render_unstored_notice(
+    notices: Sequence[GapNotice],
+    topic: str,
+    retention_ms: int | None,
+    sender: str,
+    recipients: Sequence[str],
+) -> Message:
+    """The operators' email about offset ranges no batch has stored for a while (`gap_watch`):
+    one email per sensor tick, every range it is due for."""
+    lines = [
+        f"Offsets of {topic} that no batch has stored. Retention deletes them unread (lost for",
+        "good: never scored, never alerted) unless their batch run is re-executed before.",
+        "",
+    ]
+    for notice in notices:
+        gap = notice.gap
+        lines.append(
+            f"Partition {notice.partition}, offsets {gap.first}-{gap.last} ({gap.size}): "
+            f"{_GAP_NOTICE_SAYS[notice.kind]}"
+        )
+        if gap.produced_at is not None:
+            lines.append(f"  oldest message produced {gap.produced_at:%Y-%m-%d %H:%M} UTC")
+        if gap.deletable_from is not None:
+            lines.append(f"  retention may delete it from {gap.deletable_from:%Y-%m-%d %H:%M} UTC")
+        if gap.deleted:
+            lines.append(f"  {gap.deleted} offset(s) already deleted by retention")
+        lines.append(
+            "  its run: Dagster UI, Runs, filter tags fraud_dagster/partition="
+            f"{notice.partition}, fraud_dagster/first_offset={gap.first}"
+        )
+    if retention_ms is not None:
+        lines += ["", f"The topic's retention.ms is {retention_ms}."]
+    lines += [
+        "",
+        "What to do: re-execute the batch run from failure (the run's page > Re-execute > From",
+        "failure); a rerun never stores or sends anything twice, and a range retention already",
+        "deleted is then recorded as lost. Every range still unstored: `fraud-dagster status`.",
+        'See docs/operations.md, "Where the stream stands".',
+    ]
+    first = notices[0]
+    worst = "deleted" if any(n.kind == "deleted" for n in notices) else first.kind
+    subject = (
+        f"{len(notices)} offset range(s) of {topic} not stored"
+        + (": retention deleted one" if worst == "deleted" else "")
+        + (": last call before retention" if worst == "last_call" else "")
+        + f" (partition {first.partition} offsets {first.gap.first}-{first.gap.last}"
+        + (", ..." if len(notices) > 1 else "")
+        + ")"
+    )
+    keys = ",".join(sorted(notice.key for notice in notices))
+    digest = hashlib.sha256(f"{topic}|{keys}".encode()).hexdigest()[:32]
+    return _plain_text_email(
+        [
+            ("From", header_safe(sender, 254)),
+            ("To", header_safe(", ".join(recipients), 2000)),
+            ("Subject", header_safe(f"[fraud-dagster] {subject}", max_length=160)),
+            ("Message-ID", f"<unstored.{digest}@{MESSAGE_ID_DOMAIN}>"),
+            ("Date", format_datetime(datetime.now(UTC))),
+            ("X-Fraud-Unstored-Notice", header_safe(keys, 500)),
         ],
         "\n".join(lines) + "\n",
     )

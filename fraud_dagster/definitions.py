@@ -17,6 +17,7 @@ from fraud_dagster.sensors import (
     build_kafka_watch_sensor,
     build_retry_alerts_sensor,
     build_run_failure_sensor,
+    build_unstored_offsets_sensor,
 )
 from fraud_dagster.settings import Settings, load_settings
 
@@ -36,6 +37,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             build_run_failure_sensor(settings, job_names),
             build_canceled_batch_sensor(settings),
             build_dead_worker_sensor(settings, job_names),
+            build_unstored_offsets_sensor(settings),
         ],
         resources=build_resources(settings),
     )

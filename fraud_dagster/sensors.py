@@ -1,6 +1,6 @@
 """Sensors: the Kafka poller that launches batch runs, the alert retrier, the operators' mailers
-(failed runs, canceled batch runs, an unreadable topic) and the watch for runs whose worker died
-with its server."""
+(failed runs, canceled batch runs, an unreadable topic, offsets left unstored) and the watch for
+runs whose worker died with its server."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fraud_dagster.alerts import (
     SmtpMailer,
     render_kafka_notice,
     render_run_failure,
+    render_unstored_notice,
 )
 from fraud_dagster.batching import (
     TAG_OFFSET_RANGE,
@@ -29,6 +30,7 @@ from fraud_dagster.batching import (
     plan_batches,
 )
 from fraud_dagster.errors import AlertDeliveryError, FraudDagsterError
+from fraud_dagster.gap_watch import GapWatch, gaps_to_mail
 from fraud_dagster.jobs import (
     SEND_PENDING_ALERTS_JOB,
     batch_run_config,
@@ -42,6 +44,7 @@ from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.batches import set_aside_previous_topic
 from fraud_dagster.storage.outbox import outbox_status
+from fraud_dagster.stream_status import stream_status
 
 KAFKA_SENSOR_NAME = "kafka_transactions_sensor"
 WAITING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
@@ -522,6 +525,63 @@ def build_kafka_watch_sensor(settings: Settings) -> dg.SensorDefinition:
         return dg.SensorResult(skip_reason=status, cursor=watch.serialize())
 
     return email_operators_when_kafka_is_unreachable
+
+
+# Unstored ranges matter in hours (retention is days); a look every 5 minutes is plenty.
+UNSTORED_WATCH_INTERVAL_SECONDS = 300
+
+
+def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
+    """Email the operators about offset ranges no batch has stored for
+    FRAUD_UNSTORED_ALERT_SECONDS, before Kafka's retention deletes them (see `gap_watch`).
+
+    The cursor (`GapWatch`) is saved only with its email sent: a tick whose email fails raises,
+    the daemon keeps the previous cursor, and the next tick sends it.
+    """
+
+    @dg.sensor(
+        name="email_operators_about_unstored_offsets",
+        minimum_interval_seconds=UNSTORED_WATCH_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Emails FRAUD_OPERATOR_RECIPIENTS about offset ranges below stored ones that no "
+            f"batch has stored for {settings.unstored_alert_seconds:g} s (a failed batch nobody "
+            "reran), with when retention may delete them; again a day before, and once deleted."
+        ),
+    )
+    def email_operators_about_unstored_offsets(
+        context: dg.SensorEvaluationContext,
+        kafka: KafkaResource,
+        database: DatabaseResource,
+        smtp: SmtpResource,
+    ) -> dg.SensorResult | dg.SkipReason:
+        try:
+            status = stream_status(
+                kafka.client_options(), kafka.topic, kafka.consumer_group, database.get_engine()
+            )
+        except (SQLAlchemyError, FraudDagsterError) as exc:
+            return dg.SkipReason(f"cannot read the stream's status, cursor unchanged: {exc}")
+        watch, notices = gaps_to_mail(
+            GapWatch.parse(context.cursor),
+            status,
+            datetime.now(UTC),
+            timedelta(seconds=settings.unstored_alert_seconds),
+        )
+        if notices:
+            message = render_unstored_notice(
+                notices, kafka.topic, status.retention_ms, smtp.sender, smtp.operator_recipients
+            )
+            with SmtpMailer(smtp.smtp_settings()) as mailer:
+                mailer.send(message)
+            context.log.warning(f"emailed the operators: {message['Subject']}")
+            return dg.SensorResult(skip_reason=message["Subject"], cursor=watch.serialize())
+        unstored = sum(len(p.gaps) for p in status.partitions)
+        return dg.SensorResult(
+            skip_reason=f"{unstored} unstored offset range(s), nothing new to tell",
+            cursor=watch.serialize(),
+        )
+
+    return email_operators_about_unstored_offsets
 
 
 # A run seen with its worker gone is failed only when a tick at least this much later still sees

@@ -1,6 +1,6 @@
-"""`fraud-dagster status`: what an operator at a terminal learns of the stream, read from the real
-broker and application database after real batch runs (one of them left unrun, as a failed
-batch is until it is rerun)."""
+"""`fraud-dagster status` and the unstored-offsets email: what an operator learns of the stream,
+read from the real broker and application database after real batch runs (one of them left
+unrun, as a failed batch is until it is rerun)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from fraud_dagster.jobs import batch_run_config
 from fraud_dagster.kafka_io import retention_ms
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
-from fraud_dagster.settings import Settings
+from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.stream_status import render_status, stream_status
-from fraud_dagster_tests.helpers import delete_before, produce
+from fraud_dagster_tests.helpers import MailBox, delete_before, produce
+from fraud_dagster_tests.operations_support import sensor_tick
 
 pytestmark = pytest.mark.services
 
@@ -98,3 +99,45 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     assert not after.needs_attention
     assert not any("NOT STORED" in line for line in render_status(after))
     assert status_command("--check").returncode == 0
+
+
+def test_the_operators_are_mailed_once_about_a_range_left_unstored(
+    instance: dg.DagsterInstance,
+    mailbox: MailBox,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+) -> None:
+    """A batch nobody reran: its offsets wait unstored until retention deletes them."""
+    monkeypatch.setenv("FRAUD_UNSTORED_ALERT_SECONDS", "0")  # mail at the first look
+    settings = load_settings()
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("score_transactions")
+    produce(settings, to_messages(synthetic_transactions(30, seed=6)))
+    for first, last in ((0, 9), (20, 29)):  # 10..19 left as a failed batch would be
+        batch = PlannedBatch(settings.kafka_topic, 0, first, last)
+        assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
+
+    def watch(cursor: str | None) -> dg.SensorResult:
+        return sensor_tick(
+            "email_operators_about_unstored_offsets", defs, instance, settings, cursor
+        )
+
+    def notices() -> list:  # the analysts' fraud alerts go to the same test server
+        return [m for m in mailbox.messages() if m["X-Fraud-Unstored-Notice"]]
+
+    first = watch(None)
+    (notice,) = notices()
+    assert notice["To"] == ", ".join(settings.operator_recipients)
+    assert f"of {settings.kafka_topic} not stored (partition 0 offsets 10-19)" in notice["Subject"]
+    body = notice.get_content()
+    assert "Partition 0, offsets 10-19 (10): not stored" in body
+    assert "retention may delete it from" in body
+
+    second = watch(first.cursor)
+    assert len(notices()) == 1, "one email per range, not one per tick"
+
+    batch = PlannedBatch(settings.kafka_topic, 0, 10, 19)  # the rerun
+    assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
+    cleared = watch(second.cursor)
+    assert len(notices()) == 1
+    assert cleared.cursor == "[]" and "0 unstored offset range(s)" in str(cleared.skip_reason)

@@ -73,6 +73,7 @@ def test_everything_an_operator_sees_has_a_description() -> None:
         "email_operators_on_canceled_batch",
         "email_operators_when_kafka_is_unreachable",
         "fail_runs_whose_worker_died",
+        "email_operators_about_unstored_offsets",
     }
     for sensor in repository.sensor_defs:
         assert sensor.description, sensor.name

@@ -1,0 +1,88 @@
+"""When an unstored offset range is worth an operator email: before retention deletes it.
+
+A batch whose run failed for good is mailed once, when it fails (the run-failure sensor). If
+nobody reruns it, its offsets stay unstored (the consumer group waits below them, later batches
+go on) until the topic's retention deletes them unread: the one way this pipeline loses
+messages. The watch turns the unstored ranges `stream_status` finds into at most three notices
+per range: once it has been unstored for the alert threshold, a last call when less than a day
+is left before retention may delete it, and once retention has deleted it (its batch must still
+be rerun, so that the offsets are recorded as lost and the group moves on).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from fraud_dagster.stream_status import Gap, StreamStatus
+
+NoticeKind = Literal["unstored", "last_call", "deleted"]
+LAST_CALL_BEFORE = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class GapNotice:
+    """One unstored range of one partition to tell the operators about, and why now."""
+
+    partition: int
+    gap: Gap
+    kind: NoticeKind
+
+    @property
+    def key(self) -> str:
+        # By the range's first offset: a range that grows at its end (a later batch failed
+        # too) is the same problem; one whose start moved (partly rerun) is a new one.
+        return f"{self.partition}/{self.gap.first}/{self.kind}"
+
+
+@dataclass(frozen=True)
+class GapWatch:
+    """The notices already sent (a sensor cursor), as their keys."""
+
+    mailed: frozenset[str] = frozenset()
+
+    def serialize(self) -> str:
+        return json.dumps(sorted(self.mailed))
+
+    @classmethod
+    def parse(cls, cursor: str | None) -> GapWatch:
+        if not cursor:
+            return cls()
+        try:
+            return cls(frozenset(str(key) for key in json.loads(cursor)))
+        except (TypeError, ValueError):
+            return cls()  # a cursor of another format: nothing known to be mailed
+
+
+def _kind(gap: Gap, now: datetime, alert_after: timedelta) -> NoticeKind | None:
+    if gap.deleted == gap.size:
+        return "deleted"
+    if gap.produced_at is None or now - gap.produced_at < alert_after:
+        return None  # young: its batch is likely still under way or being retried
+    if gap.deletable_from is not None and gap.deletable_from - now <= LAST_CALL_BEFORE:
+        return "last_call"
+    return "unstored"
+
+
+def gaps_to_mail(
+    watch: GapWatch, status: StreamStatus, now: datetime, alert_after: timedelta
+) -> tuple[GapWatch, list[GapNotice]]:
+    """The notices `status` calls for that `watch` has not sent, and the watch once they are
+    sent (keys of ranges no longer unstored are dropped, so the cursor stays small). The caller
+    saves the new watch only once the email is sent."""
+    due: list[GapNotice] = []
+    current: set[str] = set()
+    for partition in status.partitions:
+        for gap in partition.gaps:
+            kind = _kind(gap, now, alert_after)
+            if kind is None:
+                continue
+            notice = GapNotice(partition.partition, gap, kind)
+            current.add(notice.key)
+            if notice.key not in watch.mailed:
+                due.append(notice)
+    open_ranges = {key.rsplit("/", 1)[0] for key in current}
+    still_open = {key for key in watch.mailed if key.rsplit("/", 1)[0] in open_ranges}
+    return GapWatch(frozenset(still_open | current)), due

@@ -1,0 +1,86 @@
+"""When an unstored offset range is mailed to the operators, and what the email says (pure; the
+sensor against a real broker, database and SMTP server is in test_stream_status)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from datetime import UTC, datetime, timedelta
+
+from fraud_dagster.alerts import render_unstored_notice
+from fraud_dagster.gap_watch import GapWatch, gaps_to_mail
+from fraud_dagster.storage.outbox import OutboxStatus
+from fraud_dagster.stream_status import Gap, PartitionStatus, StreamStatus
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+WEEK = timedelta(days=7)
+HOUR = timedelta(hours=1)
+
+
+def gap(first: int, produced_ago: timedelta | None, deleted: int = 0) -> Gap:
+    if produced_ago is None:
+        return Gap(first, first + 9, deleted=10)
+    produced = NOW - produced_ago
+    return Gap(first, first + 9, deleted, produced, produced + WEEK)
+
+
+def status(*gaps: Gap) -> StreamStatus:
+    partition = PartitionStatus(0, 0, 1000, 0, 0, 1000, gaps=list(gaps))
+    return StreamStatus("tx", "g", [partition], OutboxStatus({}, 0, None, None, None), 604800000)
+
+
+def kinds(notices: list) -> list[tuple[int, str]]:
+    return [(n.gap.first, n.kind) for n in notices]
+
+
+def test_a_range_is_mailed_once_it_is_old_enough_and_only_once() -> None:
+    young, old = gap(10, timedelta(minutes=5)), gap(30, 2 * HOUR)
+
+    watch, notices = gaps_to_mail(GapWatch(), status(young, old), NOW, HOUR)
+    again, more = gaps_to_mail(GapWatch.parse(watch.serialize()), status(young, old), NOW, HOUR)
+
+    assert kinds(notices) == [(30, "unstored")]
+    assert more == [] and again == watch
+
+
+def test_a_last_call_a_day_before_retention_and_a_notice_once_it_deleted_the_range() -> None:
+    watch, _ = gaps_to_mail(GapWatch(), status(gap(30, 2 * HOUR)), NOW, HOUR)
+
+    watch, last_call = gaps_to_mail(watch, status(gap(30, WEEK - 3 * HOUR)), NOW, HOUR)
+    watch, deleted = gaps_to_mail(watch, status(gap(30, None)), NOW, HOUR)
+    _, nothing = gaps_to_mail(watch, status(gap(30, None)), NOW, HOUR)
+
+    assert kinds(last_call) == [(30, "last_call")]
+    assert kinds(deleted) == [(30, "deleted")]
+    assert nothing == []
+
+
+def test_a_rerun_range_leaves_the_cursor_and_a_new_failure_at_the_same_place_is_mailed_again() -> (
+    None
+):
+    watch, _ = gaps_to_mail(GapWatch(), status(gap(30, 2 * HOUR)), NOW, HOUR)
+
+    cleared, _ = gaps_to_mail(watch, status(), NOW, HOUR)
+    _, notices = gaps_to_mail(cleared, status(gap(30, 2 * HOUR)), NOW, HOUR)
+
+    assert cleared.mailed == frozenset()
+    assert kinds(notices) == [(30, "unstored")]
+
+
+def test_the_email_names_each_range_its_deadline_and_what_to_do() -> None:
+    _, notices = gaps_to_mail(GapWatch(), status(gap(10, 2 * HOUR), gap(30, None)), NOW, HOUR)
+
+    raw = render_unstored_notice(notices, "tx", 604800000, "from@x", ["ops@x"]).as_bytes()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    body = message.get_content()
+
+    assert message["To"] == "ops@x"
+    assert message["Subject"] == (
+        "[fraud-dagster] 2 offset range(s) of tx not stored: retention deleted one "
+        "(partition 0 offsets 10-19, ...)"
+    )
+    assert "Partition 0, offsets 10-19 (10): not stored" in body
+    assert "retention may delete it from 2026-12-07 10:00 UTC" in body
+    assert "Partition 0, offsets 30-39 (10): deleted by retention unread" in body
+    assert "fraud_dagster/first_offset=30" in body and "Re-execute > From" in body
+    assert message["X-Fraud-Unstored-Notice"] == "0/10/unstored,0/30/deleted"
