@@ -12,6 +12,7 @@ be rerun, so that the offsets are recorded as lost and the group moves on).
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -67,22 +68,38 @@ def _kind(gap: Gap, now: datetime, alert_after: timedelta) -> NoticeKind | None:
 
 
 def gaps_to_mail(
-    watch: GapWatch, status: StreamStatus, now: datetime, alert_after: timedelta
+    watch: GapWatch,
+    status: StreamStatus,
+    now: datetime,
+    alert_after: timedelta,
+    in_flight: Collection[tuple[int, int, int]] = (),
 ) -> tuple[GapWatch, list[GapNotice]]:
     """The notices `status` calls for that `watch` has not sent, and the watch once they are
     sent (keys of ranges no longer unstored are dropped, so the cursor stays small). The caller
-    saves the new watch only once the email is sent."""
+    saves the new watch only once the email is sent.
+
+    A range that a batch run queued or under way covers in part ((partition, first, last) in
+    `in_flight`: a retry, or an operator's rerun) is not mailed now: it may be stored in a
+    minute (after an outage its messages are old already). What was mailed about it is kept.
+    """
     due: list[GapNotice] = []
     current: set[str] = set()
+    waiting: set[str] = set()
     for partition in status.partitions:
         for gap in partition.gaps:
             kind = _kind(gap, now, alert_after)
             if kind is None:
                 continue
+            if any(
+                p == partition.partition and first <= gap.last and last >= gap.first
+                for p, first, last in in_flight
+            ):
+                waiting.add(f"{partition.partition}/{gap.first}")
+                continue
             notice = GapNotice(partition.partition, gap, kind)
             current.add(notice.key)
             if notice.key not in watch.mailed:
                 due.append(notice)
-    open_ranges = {key.rsplit("/", 1)[0] for key in current}
+    open_ranges = {key.rsplit("/", 1)[0] for key in current} | waiting
     still_open = {key for key in watch.mailed if key.rsplit("/", 1)[0] in open_ranges}
     return GapWatch(frozenset(still_open | current)), due

@@ -21,6 +21,8 @@ from fraud_dagster.alerts import (
     render_unstored_notice,
 )
 from fraud_dagster.batching import (
+    TAG_FIRST_OFFSET,
+    TAG_LAST_OFFSET,
     TAG_OFFSET_RANGE,
     TAG_PARTITION,
     TAG_TOPIC,
@@ -561,11 +563,28 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
             )
         except (SQLAlchemyError, FraudDagsterError) as exc:
             return dg.SkipReason(f"cannot read the stream's status, cursor unchanged: {exc}")
+        runs = context.instance.get_runs(
+            filters=dg.RunsFilter(
+                job_name=score_transactions_job.name,
+                statuses=IN_FLIGHT_STATUSES,
+                tags={TAG_TOPIC: kafka.topic},
+            )
+        )
+        in_flight = [
+            (
+                int(run.tags[TAG_PARTITION]),
+                int(run.tags[TAG_FIRST_OFFSET]),
+                int(run.tags[TAG_LAST_OFFSET]),
+            )
+            for run in runs
+            if {TAG_PARTITION, TAG_FIRST_OFFSET, TAG_LAST_OFFSET} <= set(run.tags)
+        ]
         watch, notices = gaps_to_mail(
             GapWatch.parse(context.cursor),
             status,
             datetime.now(UTC),
             timedelta(seconds=settings.unstored_alert_seconds),
+            in_flight,
         )
         if notices:
             message = render_unstored_notice(

@@ -84,3 +84,16 @@ def test_the_email_names_each_range_its_deadline_and_what_to_do() -> None:
     assert "Partition 0, offsets 30-39 (10): deleted by retention unread" in body
     assert "fraud_dagster/first_offset=30" in body and "Re-execute > From" in body
     assert message["X-Fraud-Unstored-Notice"] == "0/10/unstored,0/30/deleted"
+
+
+def test_a_range_a_run_is_working_on_waits_and_keeps_what_was_mailed_about_it() -> None:
+    old = gap(30, 2 * HOUR)  # after an outage a retry's messages are old at once
+    watch, notices = gaps_to_mail(GapWatch(), status(old), NOW, HOUR, in_flight=[(0, 35, 39)])
+    assert notices == [] and watch.mailed == frozenset()
+
+    watch, _ = gaps_to_mail(GapWatch(), status(old), NOW, HOUR)
+    kept, notices = gaps_to_mail(watch, status(old), NOW, HOUR, in_flight=[(0, 30, 39)])
+    _, mailed = gaps_to_mail(GapWatch(), status(old), NOW, HOUR, [(1, 30, 39)])  # another partition
+
+    assert notices == [] and kept == watch
+    assert kinds(mailed) == [(30, "unstored")]
