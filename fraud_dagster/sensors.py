@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
@@ -481,6 +482,17 @@ def _run_status_email_sensor(
 KAFKA_WATCH_INTERVAL_SECONDS = 30
 
 
+def _mail_operators(
+    context: dg.SensorEvaluationContext, smtp: SmtpResource, message: Message, cursor: str
+) -> dg.SensorResult:
+    """Send a watch's notice, then return the cursor that records it: a failed send raises, so
+    the daemon keeps the previous cursor and the next tick sends the notice again."""
+    with SmtpMailer(smtp.smtp_settings()) as mailer:
+        mailer.send(message)
+    context.log.warning(f"emailed the operators: {message['Subject']}")
+    return dg.SensorResult(skip_reason=message["Subject"], cursor=cursor)
+
+
 def build_kafka_watch_sensor(settings: Settings) -> dg.SensorDefinition:
     """Email the operators when the transaction topic has been unreadable for
     FRAUD_KAFKA_DOWN_ALERT_SECONDS, and again when it is readable (see `kafka_watch`).
@@ -514,10 +526,7 @@ def build_kafka_watch_sensor(settings: Settings) -> dg.SensorDefinition:
             message = render_kafka_notice(
                 notice, kafka.topic, kafka.bootstrap_servers, smtp.sender, smtp.operator_recipients
             )
-            with SmtpMailer(smtp.smtp_settings()) as mailer:
-                mailer.send(message)
-            context.log.warning(f"emailed the operators: {message['Subject']}")
-            return dg.SensorResult(skip_reason=message["Subject"], cursor=watch.serialize())
+            return _mail_operators(context, smtp, message, watch.serialize())
         status = (
             f"{kafka.topic} readable"
             if watch.down_since is None
@@ -590,10 +599,7 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
             message = render_unstored_notice(
                 notices, kafka.topic, status.retention_ms, smtp.sender, smtp.operator_recipients
             )
-            with SmtpMailer(smtp.smtp_settings()) as mailer:
-                mailer.send(message)
-            context.log.warning(f"emailed the operators: {message['Subject']}")
-            return dg.SensorResult(skip_reason=message["Subject"], cursor=watch.serialize())
+            return _mail_operators(context, smtp, message, watch.serialize())
         unstored = sum(len(p.gaps) for p in status.partitions)
         return dg.SensorResult(
             skip_reason=f"{unstored} unstored offset range(s), nothing new to tell",
