@@ -21,6 +21,7 @@ from email.utils import format_datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_PARTITION
 from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
 from fraud_dagster.kafka_watch import KafkaNotice
 
@@ -268,8 +269,8 @@ def render_unstored_notice(
         if gap.deleted:
             lines.append(f"  {gap.deleted} offset(s) already deleted by retention")
         lines.append(
-            "  its run: Dagster UI, Runs, filter tags fraud_dagster/partition="
-            f"{notice.partition}, fraud_dagster/first_offset={gap.first}"
+            f"  its run: Dagster UI, Runs, filter tags {TAG_PARTITION}={notice.partition}, "
+            f"{TAG_FIRST_OFFSET}={gap.first}"
         )
     if retention_ms is not None:
         lines += ["", f"The topic's retention.ms is {retention_ms}."]

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, order=True)
 class RunningBatch:
-    """A batch run of the partition that is starting or executing, by its offset range."""
+    """A batch run under way (or waiting to start), by its offset range and partition."""
 
     first_offset: int
     last_offset: int
     run_id: str
+    partition: int = 0
 
 
 @dataclass

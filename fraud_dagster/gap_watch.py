@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from fraud_dagster.batch_order import RunningBatch
 from fraud_dagster.stream_status import Gap, StreamStatus
 
 NoticeKind = Literal["unstored", "last_call", "deleted"]
@@ -72,14 +73,14 @@ def gaps_to_mail(
     status: StreamStatus,
     now: datetime,
     alert_after: timedelta,
-    in_flight: Collection[tuple[int, int, int]] = (),
+    in_flight: Collection[RunningBatch] = (),
 ) -> tuple[GapWatch, list[GapNotice]]:
     """The notices `status` calls for that `watch` has not sent, and the watch once they are
     sent (keys of ranges no longer unstored are dropped, so the cursor stays small). The caller
     saves the new watch only once the email is sent.
 
-    A range that a batch run queued or under way covers in part ((partition, first, last) in
-    `in_flight`: a retry, or an operator's rerun) is not mailed now: it may be stored in a
+    A range that a batch run queued or under way covers in part (`in_flight`: a retry, or an
+    operator's rerun) is not mailed now: it may be stored in a
     minute (after an outage its messages are old already). What was mailed about it is kept.
     """
     due: list[GapNotice] = []
@@ -91,8 +92,10 @@ def gaps_to_mail(
             if kind is None:
                 continue
             if any(
-                p == partition.partition and first <= gap.last and last >= gap.first
-                for p, first, last in in_flight
+                run.partition == partition.partition
+                and run.first_offset <= gap.last
+                and run.last_offset >= gap.first
+                for run in in_flight
             ):
                 waiting.add(f"{partition.partition}/{gap.first}")
                 continue

@@ -91,6 +91,31 @@ class OrderConfig(dg.Config):
 RUNNING_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
+def batch_runs(
+    instance: dg.DagsterInstance,
+    job_name: str,
+    topic: str,
+    statuses: list[dg.DagsterRunStatus],
+    partition: int | None = None,
+) -> list[RunningBatch]:
+    """The batch runs of `topic` (of one partition, if given) in `statuses`, by the partition
+    and offset range in their tags."""
+    tags = {TAG_TOPIC: topic}
+    if partition is not None:
+        tags[TAG_PARTITION] = str(partition)
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=statuses, tags=tags))
+    return [
+        RunningBatch(
+            int(run.tags[TAG_FIRST_OFFSET]),
+            int(run.tags[TAG_LAST_OFFSET]),
+            run.run_id,
+            int(run.tags[TAG_PARTITION]),
+        )
+        for run in runs
+        if {TAG_PARTITION, TAG_FIRST_OFFSET, TAG_LAST_OFFSET} <= set(run.tags)
+    ]
+
+
 @dg.op(out=dg.Out(dg.Nothing), retry_policy=IO_RETRY_POLICY)
 def wait_for_earlier_batches(
     context: dg.OpExecutionContext,
@@ -108,20 +133,9 @@ def wait_for_earlier_batches(
     """
 
     def list_running() -> list[RunningBatch]:
-        runs = context.instance.get_runs(
-            filters=dg.RunsFilter(
-                job_name=context.job_name,
-                statuses=RUNNING_STATUSES,
-                tags={TAG_TOPIC: batch.topic, TAG_PARTITION: str(batch.partition)},
-            )
+        return batch_runs(
+            context.instance, context.job_name, batch.topic, RUNNING_STATUSES, batch.partition
         )
-        return [
-            RunningBatch(
-                int(run.tags[TAG_FIRST_OFFSET]), int(run.tags[TAG_LAST_OFFSET]), run.run_id
-            )
-            for run in runs
-            if TAG_FIRST_OFFSET in run.tags and TAG_LAST_OFFSET in run.tags
-        ]
 
     def is_stored(ahead: RunningBatch) -> bool:
         # The database only when a run is ahead: alone, the batch goes straight on.

@@ -22,8 +22,6 @@ from fraud_dagster.alerts import (
     render_unstored_notice,
 )
 from fraud_dagster.batching import (
-    TAG_FIRST_OFFSET,
-    TAG_LAST_OFFSET,
     TAG_OFFSET_RANGE,
     TAG_PARTITION,
     TAG_TOPIC,
@@ -41,7 +39,7 @@ from fraud_dagster.jobs import (
     send_pending_alerts_job,
 )
 from fraud_dagster.kafka_watch import KafkaWatch, observe
-from fraud_dagster.ops import RUNNING_STATUSES
+from fraud_dagster.ops import RUNNING_STATUSES, batch_runs
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
@@ -572,22 +570,9 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
             )
         except (SQLAlchemyError, FraudDagsterError) as exc:
             return dg.SkipReason(f"cannot read the stream's status, cursor unchanged: {exc}")
-        runs = context.instance.get_runs(
-            filters=dg.RunsFilter(
-                job_name=score_transactions_job.name,
-                statuses=IN_FLIGHT_STATUSES,
-                tags={TAG_TOPIC: kafka.topic},
-            )
+        in_flight = batch_runs(
+            context.instance, score_transactions_job.name, kafka.topic, IN_FLIGHT_STATUSES
         )
-        in_flight = [
-            (
-                int(run.tags[TAG_PARTITION]),
-                int(run.tags[TAG_FIRST_OFFSET]),
-                int(run.tags[TAG_LAST_OFFSET]),
-            )
-            for run in runs
-            if {TAG_PARTITION, TAG_FIRST_OFFSET, TAG_LAST_OFFSET} <= set(run.tags)
-        ]
         watch, notices = gaps_to_mail(
             GapWatch.parse(context.cursor),
             status,

@@ -8,6 +8,7 @@ import email.policy
 from datetime import UTC, datetime, timedelta
 
 from fraud_dagster.alerts import render_unstored_notice
+from fraud_dagster.batch_order import RunningBatch
 from fraud_dagster.gap_watch import GapWatch, gaps_to_mail
 from fraud_dagster.storage.outbox import OutboxStatus
 from fraud_dagster.stream_status import Gap, PartitionStatus, StreamStatus
@@ -88,12 +89,18 @@ def test_the_email_names_each_range_its_deadline_and_what_to_do() -> None:
 
 def test_a_range_a_run_is_working_on_waits_and_keeps_what_was_mailed_about_it() -> None:
     old = gap(30, 2 * HOUR)  # after an outage a retry's messages are old at once
-    watch, notices = gaps_to_mail(GapWatch(), status(old), NOW, HOUR, in_flight=[(0, 35, 39)])
+    watch, notices = gaps_to_mail(
+        GapWatch(), status(old), NOW, HOUR, in_flight=[RunningBatch(35, 39, "r1", 0)]
+    )
     assert notices == [] and watch.mailed == frozenset()
 
     watch, _ = gaps_to_mail(GapWatch(), status(old), NOW, HOUR)
-    kept, notices = gaps_to_mail(watch, status(old), NOW, HOUR, in_flight=[(0, 30, 39)])
-    _, mailed = gaps_to_mail(GapWatch(), status(old), NOW, HOUR, [(1, 30, 39)])  # another partition
+    kept, notices = gaps_to_mail(
+        watch, status(old), NOW, HOUR, in_flight=[RunningBatch(30, 39, "r2", 0)]
+    )
+    _, mailed = gaps_to_mail(
+        GapWatch(), status(old), NOW, HOUR, [RunningBatch(30, 39, "r3", 1)]
+    )  # another partition
 
     assert notices == [] and kept == watch
     assert kinds(mailed) == [(30, "unstored")]
