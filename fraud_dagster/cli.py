@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fraud_dagster.errors import FraudDagsterError
-from fraud_dagster.logging_setup import configure_logging
+from fraud_dagster.logging_setup import LOG_FILE, configure_logging
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 
 logger = logging.getLogger("fraud_dagster.cli")
@@ -504,11 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = load_settings()
-    configure_logging(settings.log_dir, args.log_level)
+    chatter = configure_logging(settings.log_dir, args.log_level)
     try:
         code = args.handler(settings, args)
     except FraudDagsterError as exc:
-        logger.error("%s", exc)
+        if chatter is not None and chatter.dropped:
+            logger.error("%s (the client's own messages: %s)", exc, settings.log_dir / LOG_FILE)
+        else:
+            logger.error("%s", exc)
         code = 1
     except KeyboardInterrupt:
         code = 130
