@@ -2,7 +2,9 @@
 
 `models/manifest.json` lists every published model file with its SHA-256, training data range,
 feature list, metrics and threshold. A file is unpickled only after its bytes hash to the
-recorded value: joblib files are pickles, and unpickling runs code.
+recorded value: joblib files are pickles, and unpickling runs code. A file pickled by another
+scikit-learn version than the one installed is refused too: scikit-learn reads its pickles
+reliably only in the version that wrote them (constraints.txt pins the tested versions).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
+import sklearn
+from sklearn.exceptions import InconsistentVersionWarning
 
 from fraud_dagster.errors import ModelIntegrityError
 
@@ -40,6 +45,7 @@ class ModelEntry:
     training_data: dict[str, Any] | None = None
     score_histogram: dict[str, Any] | None = None
     kind: str = ""
+    trained_with: dict[str, str] | None = None  # library versions that pickled the file
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelEntry:
@@ -55,6 +61,7 @@ class ModelEntry:
                 training_data=data.get("training_data"),
                 score_histogram=data.get("score_histogram"),
                 kind=str(data.get("kind", "")),
+                trained_with=data.get("trained_with"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelIntegrityError(
@@ -73,6 +80,7 @@ class ModelEntry:
             "training_data": self.training_data,
             "score_histogram": self.score_histogram,
             "kind": self.kind,
+            "trained_with": self.trained_with,
         }
 
 
@@ -131,6 +139,15 @@ def write_manifest(models_dir: Path, manifest: Manifest) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a pickled model depends on, to record with it."""
+    return {
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "joblib": joblib.__version__,
+    }
 
 
 def sha256_of_file(path: Path) -> str:
@@ -210,7 +227,19 @@ def load_verified(
     """
     path, data = read_verified_bytes(models_dir, entry)
     try:
-        estimator = joblib.load(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # scikit-learn only warns; a model it may misread must not score transactions.
+            warnings.simplefilter("error", InconsistentVersionWarning)
+            estimator = joblib.load(io.BytesIO(data))
+    except InconsistentVersionWarning as exc:
+        raise ModelIntegrityError(
+            f"model file {path} (version {entry.version}) was pickled by scikit-learn "
+            f"{exc.original_sklearn_version}, but scikit-learn {exc.current_sklearn_version} is "
+            "installed, which does not promise to read it correctly: refusing to load it. "
+            f"Install scikit-learn=={exc.original_sklearn_version} (`bash scripts/setup.sh` "
+            "installs the versions of constraints.txt) or publish a model trained here with "
+            "`fraud-dagster train`."
+        ) from exc
     except Exception as exc:  # unpickling can fail in many ways; all mean "unusable file"
         raise ModelIntegrityError(f"model file {path} could not be unpickled: {exc!r}") from exc
     if not hasattr(estimator, "predict_proba"):

@@ -42,6 +42,7 @@ from fraud_dagster.features import DELAY_DAYS, FEATURE_COLUMNS, compute_features
 from fraud_dagster.model import (
     Manifest,
     ModelEntry,
+    library_versions,
     read_manifest,
     sha256_of_file,
     write_manifest,
@@ -475,6 +476,7 @@ def publish_model(
             },
             score_histogram=result.score_histogram,
             kind=result.kind,
+            trained_with=library_versions(),
         )
         default = (
             version

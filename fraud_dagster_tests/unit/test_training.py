@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn
+import sklearn.base
 
 from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
 from fraud_dagster.features import FEATURE_COLUMNS
@@ -227,9 +229,28 @@ def test_publish_writes_file_and_manifest_entry(tmp_path: Path, simulated: pd.Da
     assert raw["features"] == FEATURE_COLUMNS
     assert raw["training_data"]["train_start"] == result.periods.train_start.date().isoformat()
     assert raw["training_data"]["test_rows"] == result.test_rows
+    assert raw["trained_with"]["scikit-learn"] == sklearn.__version__
     assert sha256_of_file(tmp_path / first.file) == first.sha256
     loaded = load_verified(tmp_path, first)
     assert loaded.threshold == pytest.approx(result.threshold, abs=1e-6)
+
+
+def test_a_model_pickled_by_another_scikit_learn_version_is_refused(
+    tmp_path: Path, simulated: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scikit-learn only warns when it unpickles another version's estimator (and may misread
+    it); the run must refuse such a model with a message that says what to do."""
+    result = train_model(simulated, kind="logistic")
+    monkeypatch.setattr(sklearn.base, "__version__", "1.0.2")  # the version its pickle records
+    older = publish_model(tmp_path, result, source="unit test")
+    monkeypatch.undo()
+    with pytest.raises(ModelIntegrityError) as refused:
+        load_verified(tmp_path, older)
+    message = str(refused.value)
+    assert f"pickled by scikit-learn 1.0.2, but scikit-learn {sklearn.__version__} is" in message
+    assert "constraints.txt" in message and "fraud-dagster train" in message
+    current = publish_model(tmp_path, result, source="unit test")  # same estimator, this version
+    assert load_verified(tmp_path, current).version == current.version
 
 
 def test_labelled_csv_in_handbook_or_project_columns(tmp_path: Path) -> None:
