@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_PARTITION
 from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
+from fraud_dagster.features import DELAY_DAYS, WINDOWS_DAYS
 from fraud_dagster.kafka_watch import KafkaNotice
 
 if TYPE_CHECKING:  # rendering needs only its fields; the watch module reads Kafka and the database
@@ -79,6 +80,70 @@ def _plain_text_email(headers: Sequence[tuple[str, str]], body: str) -> Message:
     return message
 
 
+def _per_window(features: Mapping[str, Any], pattern: str) -> list[float] | None:
+    """The values of `pattern` (e.g. "account_tx_count_{}d") for each window, if all are known."""
+    values = [features.get(pattern.format(days)) for days in WINDOWS_DAYS]
+    return None if any(v is None for v in values) else [float(v) for v in values]
+
+
+def feature_lines(features: Mapping[str, Any] | None, history_complete: bool | None) -> list[str]:
+    """What the model saw for a transaction, as a small table (empty if not recorded).
+
+    The model's inputs, not an explanation of its score: they show what stands out (an amount
+    far above the account's usual one, a burst of transactions, a merchant with recent frauds).
+    """
+    if not features:
+        return []
+    label_width, column_width = 28, 9
+
+    def row(label: str, values: list[str], note: str = "") -> str:
+        cells = "".join(value.rjust(column_width) for value in values)
+        return f"  {label.ljust(label_width)}{cells}{'   ' + note if note else ''}".rstrip()
+
+    rows = []
+    for label, pattern, shown, note in (
+        ("Account transactions", "account_tx_count_{}d", "{:,.0f}", "(this one included)"),
+        ("Account mean amount", "account_mean_amount_{}d", "{:,.2f}", ""),
+        ("Merchant transactions", "merchant_tx_count_{}d", "{:,.0f}", ""),
+        ("Merchant confirmed fraud", "merchant_risk_{}d", "{:.1%}", ""),
+    ):
+        values = _per_window(features, pattern)
+        if values is not None:
+            rows.append(row(label, [shown.format(v) for v in values], note))
+    if any(line.lstrip().startswith("Merchant") for line in rows):
+        rows.append(
+            f"  (merchant windows end {DELAY_DAYS} days before the transaction: frauds are "
+            "confirmed late)"
+        )
+    lines = ["What the model saw (its inputs):"]
+    if rows:
+        header = [f"{days} day{'s' if days > 1 else ''}" for days in WINDOWS_DAYS]
+        lines += [row("", header), *rows]
+    remarks = []
+    amount = features.get("transaction_amount")
+    means = _per_window(features, "account_mean_amount_{}d")
+    if amount is not None and means is not None and means[-1] > 0:
+        remarks.append(
+            f"This amount is {float(amount) / means[-1]:,.1f} x the account's "
+            f"{WINDOWS_DAYS[-1]}-day mean."
+        )
+    when = [
+        text
+        for name, text in (("during_night", "At night"), ("during_weekend", "on a weekend"))
+        if features.get(name)
+    ]
+    if when:
+        remarks.append(", ".join(when).capitalize() + ".")
+    if remarks:
+        lines.append("  " + " ".join(remarks))
+    if history_complete is False:
+        lines += [
+            "  History INCOMPLETE: an earlier batch of this partition was not stored when this",
+            "  was scored, so the account and merchant figures may be too low.",
+        ]
+    return lines if len(lines) > 1 else []
+
+
 def render_alert(alert: Mapping[str, Any], sender: str, recipients: Sequence[str]) -> Message:
     """The email a risk analyst receives for one suspicious transaction."""
     transaction_id = str(alert["transaction_id"])
@@ -102,6 +167,11 @@ def render_alert(alert: Mapping[str, Any], sender: str, recipients: Sequence[str
         f"Fraud probability: {probability:.4f} (threshold {float(alert['threshold']):.4f})",
         f"Model version:     {alert['model_version']}",
         "",
+    ]
+    context = feature_lines(alert.get("features"), alert.get("history_complete"))
+    if context:
+        lines += [*context, ""]
+    lines += [
         "Record the outcome once it is confirmed, so merchant risk learns from it:",
         f"  fraud-dagster label {transaction_id} --fraud     (or --genuine)",
     ]

@@ -104,6 +104,9 @@ class ScoredBatch:
     oldest_kafka_timestamp_ms: int | None = None
     deleted_by_retention: tuple[int, int] | None = None  # never read: see RawBatch
     history_stored_until: int | None = None  # see PreparedBatch
+    # The features of the suspicious transactions only, indexed by transaction id: stored with
+    # them for the analyst's email (the whole batch's would be pickled between steps for nothing).
+    suspicious_features: pd.DataFrame | None = None
 
     @property
     def history_complete(self) -> bool | None:
@@ -194,9 +197,14 @@ def score_batch(prepared: PreparedBatch, model: LoadedModel) -> ScoredBatch:
     """Score every transaction of the batch with one `predict_proba` call."""
     transactions = prepared.transactions.drop(columns=["is_fraud"], errors="ignore").copy()
     probabilities = model.predict_proba(prepared.features)
+    suspicious = probabilities >= model.threshold
     transactions["fraud_probability"] = probabilities
-    transactions["is_suspicious"] = probabilities >= model.threshold
+    transactions["is_suspicious"] = suspicious
     transactions["model_version"] = model.version
+    suspicious_features = prepared.features.iloc[np.flatnonzero(suspicious)]
+    suspicious_features.index = pd.Index(
+        transactions["transaction_id"].to_numpy()[suspicious], name="transaction_id"
+    )
     return ScoredBatch(
         ref=prepared.ref,
         transactions=transactions,
@@ -207,6 +215,7 @@ def score_batch(prepared: PreparedBatch, model: LoadedModel) -> ScoredBatch:
         oldest_kafka_timestamp_ms=prepared.oldest_kafka_timestamp_ms,
         deleted_by_retention=prepared.deleted_by_retention,
         history_stored_until=prepared.history_stored_until,
+        suspicious_features=suspicious_features,
     )
 
 
@@ -221,6 +230,8 @@ def store_batch(scored: ScoredBatch, engine: Engine, run_id: str | None) -> Pers
         run_id=run_id,
         batch_range=(ref.topic, ref.partition, ref.first_offset, ref.last_offset),
         deleted_by_retention=scored.deleted_by_retention,
+        features=scored.suspicious_features,
+        history_complete=scored.history_complete,
     )
 
 

@@ -48,22 +48,33 @@ def known_transactions() -> tuple[list[dict], set[str], set[str]]:
     return messages, obvious_frauds, obvious_genuine
 
 
-def offline_suspicious(messages: list[dict], models_dir: Path) -> dict[str, float]:
-    """The same transactions scored offline: whole history at once, same model."""
+def offline_features(messages: list[dict]) -> pd.DataFrame:
+    """The model's features of the same transactions computed offline (whole history at once),
+    indexed by transaction id."""
     frame = pd.DataFrame(messages)
     frame["transaction_date"] = pd.to_datetime(
         frame["transaction_date"], utc=True, format="ISO8601"
     ).dt.tz_convert(None)
+    features = compute_features(frame)
+    features.index = pd.Index(frame["transaction_id"])
+    return features
+
+
+def offline_suspicious(features: pd.DataFrame, models_dir: Path) -> dict[str, float]:
+    """The same transactions scored offline by the same model."""
     manifest = read_manifest(models_dir)
     model = load_verified(
         models_dir, manifest.get(manifest.default_version or manifest.newest().version)
     )
-    scores = model.predict_proba(compute_features(frame))
-    return {
-        tid: score
-        for tid, score in zip(frame["transaction_id"], scores, strict=True)
-        if score >= model.threshold
-    }
+    scores = model.predict_proba(features)
+    pairs = zip(features.index, scores, strict=True)
+    return {tid: score for tid, score in pairs if score >= model.threshold}
+
+
+def table_row(body: str, label: str) -> list[str]:
+    """The three window values of one row of the email's "What the model saw" table."""
+    (line,) = [line for line in body.splitlines() if line.strip().startswith(label)]
+    return line[len(label) + 2 :].split()[:3]
 
 
 def test_sensor_runs_store_suspicious_transactions_and_email_each_once(
@@ -88,7 +99,8 @@ def test_sensor_runs_store_suspicious_transactions_and_email_each_once(
     results = execute_requests(defs, instance, first)
     assert all(result.success for result in results)
 
-    expected = offline_suspicious(messages, settings.models_dir)
+    features = offline_features(messages)
+    expected = offline_suspicious(features, settings.models_dir)
     assert obvious_frauds <= set(expected)
     assert not obvious_genuine & set(expected)
     assert suspicious_ids(database_url) == set(expected)
@@ -109,7 +121,16 @@ def test_sensor_runs_store_suspicious_transactions_and_email_each_once(
             stored[tid]["fraud_probability"], abs=1e-6
         )
         assert stored[tid]["fraud_probability"] == pytest.approx(expected[tid], abs=1e-9)
-        assert tid in message.get_content()
+        body = message.get_content()
+        assert tid in body
+        # What the model saw, as the analyst reads it: the online features, equal to offline.
+        assert table_row(body, "Account transactions") == [
+            f"{features.loc[tid, f'account_tx_count_{days}d']:,.0f}" for days in (1, 7, 30)
+        ]
+        assert table_row(body, "Account mean amount") == [
+            f"{features.loc[tid, f'account_mean_amount_{days}d']:,.2f}" for days in (1, 7, 30)
+        ]
+        assert "History INCOMPLETE" not in body  # every batch ran in offset order
 
     assert json.loads(first.cursor)["next_offsets"] == {"0": len(messages)}
     second = evaluate_sensor(defs, settings, instance, cursor=first.cursor)

@@ -7,7 +7,9 @@ ranges say how far the consumer group may be committed (`contiguous_end`).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +31,7 @@ from fraud_dagster.storage.schema import (
     rejected_transactions,
     scored_transactions,
     stored_ranges,
+    suspicious_features,
     suspicious_transactions,
 )
 
@@ -83,6 +86,25 @@ def _rejection_rows(
     ]
 
 
+def _feature_rows(
+    features: pd.DataFrame, transaction_ids: Sequence[str], history_complete: bool | None
+) -> list[dict[str, Any]]:
+    """One `suspicious_features` row per id: its features as a JSON object (NaN -> null)."""
+    values = features.reindex(transaction_ids).astype(float).round(6)
+    return [
+        {
+            "transaction_id": transaction_id,
+            "features": json.dumps(
+                {name: None if math.isnan(value) else value for name, value in row.items()}
+            ),
+            "history_complete": history_complete,
+        }
+        for transaction_id, row in zip(
+            transaction_ids, values.to_dict(orient="records"), strict=True
+        )
+    ]
+
+
 SCORED_COLUMNS = [c.name for c in scored_transactions.columns]
 
 LOST_TO_RETENTION = "deleted by Kafka retention before a batch read them"
@@ -97,12 +119,16 @@ def persist_batch(
     run_id: str | None,
     batch_range: tuple[str, int, int, int],
     deleted_by_retention: tuple[int, int] | None = None,
+    features: pd.DataFrame | None = None,
+    history_complete: bool | None = None,
 ) -> PersistResult:
     """Store a scored batch, its suspicious rows, their alert outbox rows and its rejections.
 
     `batch_range` = (topic, partition, first, last) holds every row of `scored` and is recorded
     as stored in the same transaction (see `contiguous_end`), together with the offsets of the
     range retention deleted before they were read (`deleted_by_retention`, in `lost_ranges`).
+    `features` (of the suspicious rows at least, indexed by transaction id) are stored for the
+    suspicious rows this write inserts, with `history_complete`, for the alert email.
 
     One transaction: either everything is written or nothing is. Messages whose Kafka
     coordinates are already stored (a rerun) keep their first outcome: a scored row its score
@@ -212,6 +238,11 @@ def persist_batch(
                     _records(suspicious, columns),
                 )
                 result.suspicious_inserted = len(suspicious)
+                if features is not None:
+                    conn.execute(
+                        insert_ignoring_conflicts(suspicious_features, dialect),
+                        _feature_rows(features, result.suspicious_ids, history_complete),
+                    )
                 conn.execute(
                     insert_ignoring_conflicts(fraud_alerts, dialect),
                     [

@@ -6,6 +6,7 @@ ones the SMTP server accepted as sent, and the failed ones for a later retry wit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,7 +16,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from fraud_dagster.storage.database import in_chunks, utcnow
-from fraud_dagster.storage.schema import fraud_alerts, scored_transactions, suspicious_transactions
+from fraud_dagster.storage.schema import (
+    fraud_alerts,
+    scored_transactions,
+    suspicious_features,
+    suspicious_transactions,
+)
 
 ALERT_VIEW_COLUMNS = (
     suspicious_transactions.c.transaction_id,
@@ -27,6 +33,9 @@ ALERT_VIEW_COLUMNS = (
     suspicious_transactions.c.threshold,
     suspicious_transactions.c.model_version,
     fraud_alerts.c.attempts,
+    # None for alerts written before suspicious_features existed.
+    suspicious_features.c.features,
+    suspicious_features.c.history_complete,
 )
 
 
@@ -95,11 +104,14 @@ def claim_alerts(
         )
         query = (
             sa.select(*ALERT_VIEW_COLUMNS)
-            .select_from(a.join(suspicious_transactions))
+            .select_from(a.join(suspicious_transactions).outerjoin(suspicious_features))
             .where(a.c.claimed_by == token, a.c.status == "sending")
             .order_by(suspicious_transactions.c.transaction_date)
         )
-        return [dict(row._mapping) for row in conn.execute(query)]
+        alerts = [dict(row._mapping) for row in conn.execute(query)]
+    for alert in alerts:
+        alert["features"] = json.loads(alert["features"]) if alert["features"] else None
+    return alerts
 
 
 @dataclass(frozen=True)

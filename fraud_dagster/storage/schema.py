@@ -74,6 +74,29 @@ suspicious_transactions = Table(
     Index("ix_suspicious_detected_at", "detected_at"),
 )
 
+# What the model saw for a suspicious transaction: its input features (JSON, so that a model
+# with other features needs no new columns) and whether the partition's earlier offsets were all
+# stored when they were computed. Written with the suspicious row; the alert email shows them.
+# A table of its own, not columns of suspicious_transactions: `ensure_schema` creates missing
+# tables on an existing database, it does not add columns.
+suspicious_features = Table(
+    "suspicious_features",
+    metadata,
+    Column(
+        "transaction_id",
+        TRANSACTION_ID,
+        ForeignKey("suspicious_transactions.transaction_id"),
+        primary_key=True,
+    ),
+    Column("features", Text, nullable=False, comment="JSON object: feature name -> value"),
+    Column(
+        "history_complete",
+        Boolean,
+        nullable=True,
+        comment="earlier offsets all stored when the features were computed (null: unknown)",
+    ),
+)
+
 # The alert outbox: written in the same transaction as the suspicious row, sent afterwards.
 fraud_alerts = Table(
     "fraud_alerts",

@@ -15,6 +15,7 @@ from fraud_dagster.alerts import (
     SmtpMailer,
     SmtpSettings,
     alert_message_id,
+    feature_lines,
     header_safe,
     mask_account,
     render_alert,
@@ -55,6 +56,56 @@ def test_email_carries_the_fields_and_probability() -> None:
     assert float(message["X-Fraud-Probability"]) == pytest.approx(0.912346)
     assert message["To"] == "a@x, b@x"
     assert "91%" in message["Subject"]
+
+
+FEATURES = {
+    "transaction_amount": 812.5,
+    "during_weekend": 1.0,
+    "during_night": 0.0,
+    "account_tx_count_1d": 3.0,
+    "account_mean_amount_1d": 320.1,
+    "account_tx_count_7d": 9.0,
+    "account_mean_amount_7d": 140.25,
+    "account_tx_count_30d": 31.0,
+    "account_mean_amount_30d": 62.5,
+    "merchant_tx_count_1d": 12.0,
+    "merchant_risk_1d": 0.0,
+    "merchant_tx_count_7d": 1280.0,
+    "merchant_risk_7d": 0.05,
+    "merchant_tx_count_30d": 4000.0,
+    "merchant_risk_30d": 0.0125,
+}
+
+
+def test_email_shows_what_the_model_saw_as_a_table() -> None:
+    body = parsed(
+        render_alert({**ALERT, "features": FEATURES, "history_complete": True}, "f@x", ["a@x"])
+    ).get_content()
+    lines = body.splitlines()
+    start = lines.index("What the model saw (its inputs):")
+    assert lines[start + 1].split() == ["1", "day", "7", "days", "30", "days"]
+    table = {line[:30].strip(): line[30:].split() for line in lines[start + 2 : start + 6]}
+    assert table == {
+        "Account transactions": ["3", "9", "31", "(this", "one", "included)"],
+        "Account mean amount": ["320.10", "140.25", "62.50"],
+        "Merchant transactions": ["12", "1,280", "4,000"],
+        "Merchant confirmed fraud": ["0.0%", "5.0%", "1.2%"],
+    }
+    assert "This amount is 13.0 x the account's 30-day mean. On a weekend." in body
+    assert "INCOMPLETE" not in body
+    assert body.index("What the model saw") < body.index("fraud-dagster label")
+
+
+def test_incomplete_history_is_said_and_unknown_features_are_left_out() -> None:
+    partial = {"transaction_amount": 50.0, "during_night": 1.0, "account_tx_count_1d": 2.0}
+    lines = feature_lines(partial, history_complete=False)
+    assert lines[0] == "What the model saw (its inputs):"
+    assert not any("Account" in line or "Merchant" in line for line in lines)  # incomplete rows
+    assert "  At night." in lines
+    assert any("History INCOMPLETE" in line for line in lines)
+    # Alerts written before the features were stored (or by a model without them): no section.
+    assert feature_lines(None, None) == [] and feature_lines({}, False) == []
+    assert "What the model saw" not in parsed(render_alert(ALERT, "f@x", ["a@x"])).get_content()
 
 
 @pytest.mark.parametrize("field", ["transaction_id", "merchant"])
