@@ -53,6 +53,17 @@ scored_transactions = Table(
     Index("ix_scored_merchant_date", "merchant", "transaction_date"),
 )
 
+
+def _one_row_per_suspicious_transaction() -> Column:
+    """The key of a table that adds to `suspicious_transactions`: its transaction id."""
+    return Column(
+        "transaction_id",
+        TRANSACTION_ID,
+        ForeignKey("suspicious_transactions.transaction_id"),
+        primary_key=True,
+    )
+
+
 suspicious_transactions = Table(
     "suspicious_transactions",
     metadata,
@@ -82,12 +93,7 @@ suspicious_transactions = Table(
 suspicious_features = Table(
     "suspicious_features",
     metadata,
-    Column(
-        "transaction_id",
-        TRANSACTION_ID,
-        ForeignKey("suspicious_transactions.transaction_id"),
-        primary_key=True,
-    ),
+    _one_row_per_suspicious_transaction(),
     Column("features", Text, nullable=False, comment="JSON object: feature name -> value"),
     Column(
         "history_complete",
@@ -101,12 +107,7 @@ suspicious_features = Table(
 fraud_alerts = Table(
     "fraud_alerts",
     metadata,
-    Column(
-        "transaction_id",
-        TRANSACTION_ID,
-        ForeignKey("suspicious_transactions.transaction_id"),
-        primary_key=True,
-    ),
+    _one_row_per_suspicious_transaction(),
     Column("status", String(16), nullable=False, comment="pending | sending | sent | failed"),
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", Text, nullable=True),
