@@ -32,7 +32,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from fraud_dagster import kafka_io, producer
-from fraud_dagster.batching import TAG_TOPIC
+from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_TOPIC
 from fraud_dagster.benchmarks.harness import (
     Services,
     emit_json,
@@ -88,23 +88,50 @@ def run_durations(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[di
     ]
 
 
-def step_profile(instance: dg.DagsterInstance, tags: dict[str, str]) -> dict[str, float]:
-    """Mean seconds per phase of the finished runs with `tags`: the queue and launch (request
-    -> the run worker's first step) and each step, by step name."""
-    totals: dict[str, list[float]] = {}
+def run_phases(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[dict[str, float]]:
+    """Per finished run with `tags`, oldest first: when it was requested (epoch seconds), how many
+    offsets it held, the queue and launch (request -> the run worker's first step) and each
+    step's seconds, by step name."""
+    runs = []
     for record in instance.get_run_records(filters=dg.RunsFilter(tags=tags)):
         if not record.dagster_run.is_finished:
             continue
+        run_tags = record.dagster_run.tags
+        phases = {"requested_at": record.create_timestamp.timestamp()}
+        if TAG_FIRST_OFFSET in run_tags and TAG_LAST_OFFSET in run_tags:
+            phases["offsets"] = int(run_tags[TAG_LAST_OFFSET]) - int(run_tags[TAG_FIRST_OFFSET]) + 1
         stats = instance.get_run_step_stats(record.dagster_run.run_id)
         starts = [st.start_time for st in stats if st.start_time]
         if starts:
-            launch = min(starts) - record.create_timestamp.timestamp()
-            totals.setdefault("request -> first step", []).append(launch)
+            phases["request -> first step"] = min(starts) - phases["requested_at"]
         for st in stats:
             if st.start_time and st.end_time:
-                name = st.step_key.rsplit(".", 1)[-1]
-                totals.setdefault(name, []).append(st.end_time - st.start_time)
-    return {name: float(np.mean(values)) for name, values in totals.items()}
+                phases[st.step_key.rsplit(".", 1)[-1]] = st.end_time - st.start_time
+        runs.append(phases)
+    return sorted(runs, key=lambda phases: phases["requested_at"])
+
+
+def step_profile(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per phase over `runs` (see `run_phases`)."""
+    names = {name for phases in runs for name in phases} - {"requested_at", "offsets"}
+    return {
+        name: float(np.mean([phases[name] for phases in runs if name in phases]))
+        for name in sorted(names)
+    }
+
+
+def per_minute(runs: list[dict[str, float]], since: float) -> list[dict[str, float]]:
+    """`runs` grouped by the minute they were requested in (from `since`): how many, their mean
+    offsets and mean seconds per phase; shows which phase grows when the lag does."""
+    minutes: dict[int, list[dict[str, float]]] = {}
+    for phases in runs:
+        minutes.setdefault(int((phases["requested_at"] - since) // 60), []).append(phases)
+    return [
+        {"minute": minute, "runs": len(group), **step_profile(group)}
+        | {"offsets": float(np.mean([p.get("offsets", 0) for p in group]))}
+        for minute, group in sorted(minutes.items())
+        if minute >= 0
+    ]
 
 
 def sensor_tick_spacing(instance: dg.DagsterInstance, since: float) -> dict[str, float | None]:
@@ -213,7 +240,8 @@ def run_phase(
         produce_at_rate(services, topic, phase, engine)
         time.sleep(args.sensor_interval + 5)  # let the last alerts go out
         runs = run_durations(instance, {TAG_TOPIC: topic})
-        steps = step_profile(instance, {TAG_TOPIC: topic})
+        phases = run_phases(instance, {TAG_TOPIC: topic})
+        steps = step_profile(phases)
         ticks = sensor_tick_spacing(instance, phase.started_at)
     with engine.connect() as conn:
         rows = conn.execute(
@@ -252,6 +280,7 @@ def run_phase(
         ),
         "failed_runs": sum(1 for r in runs if r["status"] != "SUCCESS"),
         "batch_run_mean_seconds_by_phase": steps,
+        "batch_runs_by_minute": per_minute(phases, phase.started_at),
         "sensor_tick_spacing_seconds": ticks,
         "lag_samples": lag,
         "floor": floor,
@@ -266,6 +295,18 @@ def _wait_for_schema(engine: sa.Engine) -> None:
     from fraud_dagster.storage.database import ensure_schema
 
     ensure_schema(engine)
+
+
+def _minute_line(result: dict, minute: dict) -> str:
+    """One minute of a rate: its lag's trough and peak, its runs' size and phases."""
+    start = minute["minute"] * 60
+    lags = [lag for t, lag in result["lag_samples"] if start <= t < start + 60]
+    phases = ("request -> first step", "fetch", "preprocess", "score", "persist", "alert")
+    return (
+        f"  min {minute['minute']:>2}: lag {min(lags, default=0):>6}-{max(lags, default=0):<6} "
+        f"runs {minute['runs']:>2}, offsets {minute['offsets']:>6.0f}; "
+        + ", ".join(f"{name} {minute[name]:.2f}" for name in phases if name in minute)
+    )
 
 
 def _plot(path: Path, phase: Phase, rows, emails: list[tuple[float, float]]) -> None:
@@ -375,6 +416,10 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
             f"mean {_fmt(spacing['mean']).strip()} s; batch run, mean s: "
             + ", ".join(f"{k} {v:.2f}" for k, v in r["batch_run_mean_seconds_by_phase"].items())
         )
+    for r in results:
+        if len(r["batch_runs_by_minute"]) > 2:
+            lines.append(f"{r['rate']} tx/s by minute of request (mean s per phase):")
+            lines.extend(_minute_line(r, minute) for minute in r["batch_runs_by_minute"])
     for r in results:
         email_p95 = r["email_latency_seconds"]["p95"]
         if r["rate"] == 200 and email_p95 is not None and floor["p95"] is not None:
