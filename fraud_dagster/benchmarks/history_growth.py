@@ -1,0 +1,102 @@
+"""How a batch's preprocess grows with what is already stored (the features' history read).
+
+The 10-minute run at 1,000 tx/s showed `preprocess` growing with the stored rows. This isolates
+it: a fresh SQLite database is filled, batch after batch through the pipeline's own functions,
+with the stream the latency benchmark sends (`producer.synthetic_transactions`: 500 accounts,
+1,000 merchants); at each `--stored` size, the next `--batch` messages of the stream are
+prepared (validation, duplicate check, history read, features) and timed, without storing them.
+No broker: the messages are the bytes the broker would return.
+
+Reproduce: python -m fraud_dagster.benchmarks.history_growth --stored 60000 300000 600000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fraud_dagster import pipeline
+from fraud_dagster.benchmarks.harness import machine_description
+from fraud_dagster.cli import print_line
+from fraud_dagster.features import FEATURE_COLUMNS
+from fraud_dagster.messages import RawBatch
+from fraud_dagster.model import LoadedModel, ModelEntry
+from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.simulator import to_messages
+from fraud_dagster.storage.database import create_engine, ensure_schema
+from fraud_dagster.storage.history import load_batch_history
+
+COMMAND = "python -m fraud_dagster.benchmarks.history_growth"
+TOPIC = "transactions"
+FILL_BATCH = 20_000
+
+
+class _NothingSuspicious:
+    """The fill stores scored rows only: the history read does not look at scores."""
+
+    def predict_proba(self, features: pd.DataFrame) -> np.ndarray:
+        return np.tile([1.0, 0.0], (len(features), 1))
+
+
+FILL_MODEL = LoadedModel(
+    ModelEntry("fill", "unused.joblib", "0" * 64, 0.5, tuple(FEATURE_COLUMNS)),
+    _NothingSuspicious(),
+    0.5,
+)
+
+
+def raw_batch(values: list[bytes], first: int) -> RawBatch:
+    offsets = list(range(first, first + len(values)))
+    return RawBatch(TOPIC, 0, first, offsets[-1], offsets, [0] * len(values), values, None, 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stored", type=int, nargs="+", default=[60_000, 300_000, 600_000])
+    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--repeat", type=int, default=3, help="timed prepares per size")
+    args = parser.parse_args(argv)
+    sizes = sorted(args.stored)
+    stream = to_messages(synthetic_transactions(sizes[-1] + args.batch, seed=1000))
+    values = [json.dumps(message).encode() for message in stream]
+    print_line(f"machine: {machine_description()}")
+    print_line(f"batch {args.batch} messages; median of {args.repeat} prepares per size")
+    print_line(f"{'stored':>9} {'prepare s':>10} {'history s':>10} {'history rows':>13}")
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = create_engine(f"sqlite:///{Path(tmp) / 'history.db'}")
+        ensure_schema(engine)
+        stored = 0
+        for size in sizes:
+            while stored < size:
+                chunk = values[stored : min(size, stored + FILL_BATCH)]
+                prepared = pipeline.prepare_batch(raw_batch(chunk, stored), engine)
+                pipeline.store_batch(pipeline.score_batch(prepared, FILL_MODEL), engine, "fill")
+                stored += len(chunk)
+            batch = raw_batch(values[stored : stored + args.batch], stored)
+            prepare_times, history_times = [], []
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                prepared = pipeline.prepare_batch(batch, engine)
+                prepare_times.append(time.perf_counter() - started)
+                with engine.connect() as conn:
+                    started = time.perf_counter()
+                    history = load_batch_history(conn, prepared.transactions)
+                    history_times.append(time.perf_counter() - started)
+            rows = len(history.accounts) + len(history.merchants)
+            print_line(
+                f"{stored:>9} {statistics.median(prepare_times):>10.3f} "
+                f"{statistics.median(history_times):>10.3f} {rows:>13}"
+            )
+        engine.dispose()
+    print_line(f"reproduce: {COMMAND} --stored {' '.join(map(str, sizes))} --batch {args.batch}")
+
+
+if __name__ == "__main__":
+    main()
