@@ -101,6 +101,7 @@ def feature_lines(features: Mapping[str, Any] | None, history_complete: bool | N
         return f"  {label.ljust(label_width)}{cells}{'   ' + note if note else ''}".rstrip()
 
     rows = []
+    merchant_shown = False
     for label, pattern, shown, note in (
         ("Account transactions", "account_tx_count_{}d", "{:,.0f}", "(this one included)"),
         ("Account mean amount", "account_mean_amount_{}d", "{:,.2f}", ""),
@@ -110,7 +111,8 @@ def feature_lines(features: Mapping[str, Any] | None, history_complete: bool | N
         values = _per_window(features, pattern)
         if values is not None:
             rows.append(row(label, [shown.format(v) for v in values], note))
-    if any(line.lstrip().startswith("Merchant") for line in rows):
+            merchant_shown = merchant_shown or pattern.startswith("merchant")
+    if merchant_shown:
         rows.append(
             f"  (merchant windows end {DELAY_DAYS} days before the transaction: frauds are "
             "confirmed late)"

@@ -127,8 +127,12 @@ def per_minute(runs: list[dict[str, float]], since: float) -> list[dict[str, flo
     for phases in runs:
         minutes.setdefault(int((phases["requested_at"] - since) // 60), []).append(phases)
     return [
-        {"minute": minute, "runs": len(group), **step_profile(group)}
-        | {"offsets": float(np.mean([p.get("offsets", 0) for p in group]))}
+        {
+            "minute": minute,
+            "runs": len(group),
+            "offsets": float(np.mean([phases.get("offsets", 0) for phases in group])),
+            **step_profile(group),
+        }
         for minute, group in sorted(minutes.items())
         if minute >= 0
     ]
