@@ -69,27 +69,26 @@ def _history_part(
     date = s.c.transaction_date
     rows: list[Any] = []
     bands: list[Any] = []
+    # One query per interval: a date range per query lets the database seek the (key, date)
+    # index by both columns. Under one OR of all intervals, SQLite seeks by key only and tests
+    # the date of every row the key ever had, so the read grew with the table.
     for chunk in in_chunks(list(keys)):
         selected = sa.and_(key.in_(chunk), _not_from(exclude_source))
-        if plan.rows:
+        for interval in plan.rows:
             query = (
                 sa.select(s.c.transaction_id, key, date, value, sa.literal(1.0))
                 .select_from(joined)
-                .where(selected, sa.or_(*(_within(date, interval) for interval in plan.rows)))
+                .where(selected, _within(date, interval))
             )
             rows.extend(conn.execute(query).all())
-        if plan.bands:
-            band = sa.case(
-                *((_within(date, interval), i) for i, interval in enumerate(plan.bands)),
-                else_=-1,
-            ).label("band")
+        for band_index, interval in enumerate(plan.bands):
             query = (
-                sa.select(key, band, sa.func.count(), sa.func.sum(value))
+                sa.select(key, sa.func.count(), sa.func.sum(value))
                 .select_from(joined)
-                .where(selected, sa.or_(*(_within(date, interval) for interval in plan.bands)))
-                .group_by(key, band)
+                .where(selected, _within(date, interval))
+                .group_by(key)
             )
-            bands.extend(conn.execute(query).all())
+            bands.extend((k, band_index, n, total) for k, n, total in conn.execute(query))
     names = ["transaction_id", "key", "transaction_date", "value", WEIGHT]
     aggregates = [
         # One row for the n transactions of a key in a band, at the band's last second;
