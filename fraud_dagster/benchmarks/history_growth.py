@@ -7,7 +7,14 @@ with the stream the latency benchmark sends (`producer.synthetic_transactions`: 
 prepared (validation, duplicate check, history read, features) and timed, without storing them.
 No broker: the messages are the bytes the broker would return.
 
+By default the messages keep the simulator's dates (about 950 a simulated day, so a batch's
+30-day windows hold a fixed ~28,000 rows); `--dated-at-rate 1000` dates them at their produce
+time as the latency benchmark does, so that every stored row is inside the accounts' 1-day
+window.
+
 Reproduce: python -m fraud_dagster.benchmarks.history_growth --stored 60000 300000 600000
+           python -m fraud_dagster.benchmarks.history_growth --stored 60000 300000 600000 \
+               --dated-at-rate 1000
 """
 
 from __future__ import annotations
@@ -58,14 +65,31 @@ def raw_batch(values: list[bytes], first: int) -> RawBatch:
     return RawBatch(TOPIC, 0, first, offsets[-1], offsets, [0] * len(values), values, None, 0)
 
 
+def dated_at_rate(count: int, rate: int) -> pd.Series:
+    """Dates of `count` messages produced at `rate` a second, the last one now."""
+    end = pd.Timestamp.now(tz="UTC").tz_localize(None).floor("s")
+    return pd.Series(end - pd.to_timedelta(np.arange(count)[::-1] / rate, unit="s"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stored", type=int, nargs="+", default=[60_000, 300_000, 600_000])
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--repeat", type=int, default=5, help="timed prepares per size")
+    parser.add_argument(
+        "--dated-at-rate",
+        type=int,
+        default=0,
+        metavar="TX_PER_S",
+        help="date the messages as the latency benchmark does, at their produce time, this many "
+        "a second up to now (default 0: the simulator's dates, ~950 a simulated day)",
+    )
     args = parser.parse_args(argv)
     sizes = sorted(args.stored)
-    stream = to_messages(synthetic_transactions(sizes[-1] + args.batch, seed=1000))
+    transactions = synthetic_transactions(sizes[-1] + args.batch, seed=1000)
+    if args.dated_at_rate:
+        transactions["transaction_date"] = dated_at_rate(len(transactions), args.dated_at_rate)
+    stream = to_messages(transactions)
     values = [json.dumps(message).encode() for message in stream]
     del stream
     # The benchmark's own 600,000 messages are not a run's heap: keep them out of the garbage
@@ -100,7 +124,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"{statistics.median(history_times):>10.3f} {rows:>13}"
             )
         engine.dispose()
-    print_line(f"reproduce: {COMMAND} --stored {' '.join(map(str, sizes))} --batch {args.batch}")
+    dated = f" --dated-at-rate {args.dated_at_rate}" if args.dated_at_rate else ""
+    print_line(
+        f"reproduce: {COMMAND} --stored {' '.join(map(str, sizes))} --batch {args.batch}{dated}"
+    )
 
 
 if __name__ == "__main__":
