@@ -9,6 +9,7 @@ scored batch), `storage.outbox` (alert delivery), `storage.labels` and `storage.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
-from fraud_dagster.storage.schema import metadata
+from fraud_dagster.storage.schema import SUPERSEDED_INDEXES, metadata
+
+logger = logging.getLogger(__name__)
 
 # Bound parameters per IN list; stays under SQLite's 32,766-variable limit with room to spare.
 IN_CHUNK = 5000
@@ -55,14 +58,37 @@ def create_engine(url: str) -> Engine:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create missing tables; existing ones are left as they are."""
+    """Create missing tables and indexes, drop superseded indexes; no column is changed."""
     try:
         metadata.create_all(engine)
+        _update_indexes(engine)
     except SQLAlchemyError as exc:
         raise StorageError(
             f"cannot create the schema on {engine.url!r} (is the database running and "
             f"reachable?); batches fail until it is, rerun them afterwards: {exc}"
         ) from exc
+
+
+def _update_indexes(engine: Engine) -> None:
+    """Bring an existing database's indexes to the schema's (`create_all` only indexes the tables
+    it creates). Reads the catalog only, unless an index is missing or superseded; an index
+    created meanwhile by another process counts as created."""
+    inspector = sa.inspect(engine)
+    for table in metadata.sorted_tables:
+        superseded = SUPERSEDED_INDEXES.get(table.name, ())
+        if not table.indexes and not superseded:
+            continue
+        existing = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in existing:
+                logger.info("creating index %s on %s (once)", index.name, table.name)
+                with engine.begin() as conn:
+                    conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+        for name in superseded:
+            if name in existing:
+                logger.info("dropping index %s, superseded", name)
+                with engine.begin() as conn:
+                    conn.execute(sa.schema.DropIndex(sa.Index(name), if_exists=True))
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect_name: str) -> sa.Insert:

@@ -55,37 +55,49 @@ def _not_from(source: tuple[str, int, int, int] | None) -> sa.ColumnElement[bool
     )
 
 
+def _overlaps(interval: tuple[int, int], span: tuple[int, int]) -> bool:
+    return interval[0] <= span[1] and span[0] <= interval[1]
+
+
 def _history_part(
     conn: Connection,
+    source: sa.FromClause,
     key: sa.Column,
     keys: Sequence[str],
     plan: HistoryPlan,
     value: sa.ColumnElement,
+    batch_span: tuple[int, int],
     exclude_source: tuple[str, int, int, int] | None,
 ) -> pd.DataFrame:
-    """Rows of `plan.rows` and one aggregate row per key and band of `plan.bands`."""
-    s, labels = scored_transactions, fraud_labels
-    joined = s.outerjoin(labels, labels.c.transaction_id == s.c.transaction_id)
+    """Rows of `plan.rows` and one aggregate row per key and band of `plan.bands`, read from
+    `source` (scored_transactions, joined to what `value` needs)."""
+    s = scored_transactions
     date = s.c.transaction_date
     rows: list[Any] = []
     bands: list[Any] = []
-    # One query per interval: a date range per query lets the database seek the (key, date)
-    # index by both columns. Under one OR of all intervals, SQLite seeks by key only and tests
-    # the date of every row the key ever had, so the read grew with the table.
+
+    def selected(chunk: Sequence[str], interval: tuple[int, int]) -> sa.ColumnElement[bool]:
+        # One query per interval: a plain date range lets the database seek the (key, date)
+        # index by both columns (under one OR of all intervals SQLite sought by key only and
+        # read every row the key ever had). The batch's own stored messages carry its dates,
+        # so only an interval overlapping `batch_span` needs them excluded; the others can
+        # then be summed from an index alone.
+        exclude = exclude_source if _overlaps(interval, batch_span) else None
+        return sa.and_(key.in_(chunk), _within(date, interval), _not_from(exclude))
+
     for chunk in in_chunks(list(keys)):
-        selected = sa.and_(key.in_(chunk), _not_from(exclude_source))
         for interval in plan.rows:
             query = (
                 sa.select(s.c.transaction_id, key, date, value, sa.literal(1.0))
-                .select_from(joined)
-                .where(selected, _within(date, interval))
+                .select_from(source)
+                .where(selected(chunk, interval))
             )
             rows.extend(conn.execute(query).all())
         for band_index, interval in enumerate(plan.bands):
             query = (
                 sa.select(key, sa.func.count(), sa.func.sum(value))
-                .select_from(joined)
-                .where(selected, _within(date, interval))
+                .select_from(source)
+                .where(selected(chunk, interval))
                 .group_by(key)
             )
             bands.extend((k, band_index, n, total) for k, n, total in conn.execute(query))
@@ -126,19 +138,23 @@ def load_batch_history(
     s, labels = scored_transactions, fraud_labels
     accounts = _history_part(
         conn,
+        s,
         s.c.account_id,
         batch["account_id"].unique().tolist(),
         history_plan(first, last, ACCOUNT_EDGES_DAYS),
         s.c.transaction_amount,
+        (first, last),
         exclude_source,
     ).rename(columns={"key": "account_id", "value": "transaction_amount"})
     fraud = sa.case((labels.c.is_fraud == sa.true(), 1.0), else_=0.0)
     merchants = _history_part(
         conn,
+        s.outerjoin(labels, labels.c.transaction_id == s.c.transaction_id),
         s.c.merchant,
         batch["merchant"].unique().tolist(),
         history_plan(first, last, MERCHANT_EDGES_DAYS),
         fraud,
+        (first, last),
         exclude_source,
     ).rename(columns={"key": "merchant", "value": "is_fraud"})
     return BatchHistory(

@@ -71,7 +71,9 @@ def store(engine: sa.Engine, frame: pd.DataFrame, offset_base: int = 0) -> None:
 
 
 @pytest.mark.parametrize(
-    ("batch_size", "stored_batch_too"), [(5, False), (60, False), (900, False), (60, True)]
+    ("batch_size", "stored_batch_too"),
+    # 900 of 60 days span ~13 days: merchant bands (7+ days back) then hold batch rows too.
+    [(5, False), (60, False), (900, False), (60, True), (900, True)],
 )
 def test_database_history_gives_offline_features(
     tmp_path: Path, batch_size: int, stored_batch_too: bool
@@ -177,3 +179,15 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
     for statement, plan in plans.items():
         seek = next(step for step in plan if "scored_transactions" in step)
         assert "transaction_date>" in seek and "transaction_date<" in seek, (statement, plan)
+    # The accounts' band sums, the part that grows with a dense stream, come from an index alone.
+    account_sums = [
+        plan
+        for statement, plan in plans.items()
+        if "count(*)" in statement and "account_id" in statement
+    ]
+    assert account_sums
+    for plan in account_sums:
+        assert plan == [
+            "SEARCH scored_transactions USING COVERING INDEX ix_scored_account_date_amount "
+            "(account_id=? AND transaction_date>? AND transaction_date<?)"
+        ]
