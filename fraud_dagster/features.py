@@ -181,6 +181,17 @@ ACCOUNT_HISTORY_COLUMNS = ["transaction_id", "account_id", "transaction_amount",
 MERCHANT_HISTORY_COLUMNS = ["transaction_id", "merchant", "transaction_date", "is_fraud"]
 
 
+@dataclass(frozen=True)
+class HistoryRead:
+    """How much stored history one kind of window took: `rows` read one by one, `sums` (one per
+    key and band) and the stored transactions those add up, `summed`. The batch's own size
+    bounds the first two; `summed` grows with how busy its keys are, and so does the read."""
+
+    rows: int = 0
+    sums: int = 0
+    summed: int = 0
+
+
 @dataclass
 class BatchHistory:
     """Stored history for a batch: what its account windows and merchant windows can reach.
@@ -191,6 +202,8 @@ class BatchHistory:
 
     accounts: pd.DataFrame
     merchants: pd.DataFrame
+    accounts_read: HistoryRead = HistoryRead()
+    merchants_read: HistoryRead = HistoryRead()
 
     @classmethod
     def from_rows(cls, rows: pd.DataFrame) -> BatchHistory:
@@ -242,6 +255,21 @@ def history_plan(first_second: int, last_second: int, edges_days: tuple[int, ...
     return HistoryPlan(rows=rows, bands=bands)
 
 
+def labels_reach_batch(batch: pd.DataFrame) -> np.ndarray:
+    """Which of `batch`'s rows can sit in another batch row's merchant windows, so that their
+    fraud labels count (boolean per row).
+
+    Merchant windows end `DELAY_DAYS` before their transaction, at whole seconds: only rows at
+    least that much older than the batch's newest one reach any. In a live stream a batch spans
+    seconds and no row does, so its labels need not be read at all; a replay of a long stretch
+    needs them.
+    """
+    seconds = _epoch_seconds(batch["transaction_date"])
+    if not len(seconds):
+        return np.zeros(0, dtype=bool)
+    return seconds <= seconds.max() - DELAY_DAYS * _SECONDS_PER_DAY
+
+
 def compute_batch_features(
     batch: pd.DataFrame, history: BatchHistory | pd.DataFrame
 ) -> pd.DataFrame:
@@ -249,7 +277,8 @@ def compute_batch_features(
 
     `history` is a `BatchHistory` (see `storage.history.load_batch_history`) or plain stored rows
     with is_fraud labels. History rows whose transaction_id is in the batch are ignored (a rerun
-    finds its own rows stored). The result is indexed like `batch`.
+    finds its own rows stored). The batch's own is_fraud counts only for the rows
+    `labels_reach_batch` marks. The result is indexed like `batch`.
     """
     if isinstance(history, pd.DataFrame):
         history = BatchHistory.from_rows(history)

@@ -30,6 +30,7 @@ from fraud_dagster.batch_checks import (
 from fraud_dagster.batch_order import RunningBatch, wait_for_batches_ahead
 from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_PARTITION, TAG_TOPIC
 from fraud_dagster.errors import FraudDagsterError
+from fraud_dagster.features import HistoryRead
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.resources import (
     BatchChecksResource,
@@ -173,11 +174,16 @@ def wait_for_earlier_batches(
 @dg.op(ins={"raw": dg.In(), "in_order": dg.In(dg.Nothing)}, retry_policy=IO_RETRY_POLICY)
 def preprocess(
     context: dg.OpExecutionContext, raw: RawBatch, database: DatabaseResource
-) -> pipeline.PreparedBatch:
+) -> dg.Output[pipeline.PreparedBatch]:
     """Validate messages, set types and timestamps, and compute the model's features."""
     prepared = pipeline.prepare_batch(raw, database.get_engine())
     context.log.info(
         f"{len(prepared.transactions)} valid transactions, {len(prepared.rejections)} rejected"
+        + "".join(
+            f"; {kind} history: {read.rows} rows and {read.sums} sums of {read.summed} "
+            "stored transactions"
+            for kind, read in _history_reads(prepared)
+        )
     )
     for rejection in prepared.rejections[:20]:
         context.log.warning(f"rejected offset {rejection.offset}: {rejection.reason}")
@@ -188,7 +194,22 @@ def preprocess(
             "still running; rerun it): this batch's features are computed without their rows "
             "(history_complete: false)"
         )
-    return prepared
+    metadata = {
+        "valid_transactions": len(prepared.transactions),
+        "rejected_messages": len(prepared.rejections),
+    }
+    for kind, read in _history_reads(prepared):
+        metadata[f"{kind}_history_rows"] = read.rows
+        metadata[f"{kind}_history_sums"] = read.sums
+        metadata[f"{kind}_history_summed"] = read.summed
+    return dg.Output(prepared, metadata=metadata)
+
+
+def _history_reads(prepared: pipeline.PreparedBatch) -> list[tuple[str, HistoryRead]]:
+    """What the features read per kind of window: the figures to look at when `preprocess` slows
+    down (`summed` grows with how busy the batch's accounts and merchants are)."""
+    reads = [("account", prepared.accounts_read), ("merchant", prepared.merchants_read)]
+    return [(kind, read) for kind, read in reads if read is not None]
 
 
 @dg.op(ins={"prepared": dg.In(), "model_ready": dg.In(dg.Nothing)})

@@ -31,7 +31,9 @@ from fraud_dagster.alerts import (
 from fraud_dagster.errors import AlertDeliveryError, StorageError
 from fraud_dagster.features import (
     FEATURE_COLUMNS,
+    HistoryRead,
     compute_batch_features,
+    labels_reach_batch,
 )
 from fraud_dagster.messages import RawBatch, Rejection, ValidationLimits, parse_batch
 from fraud_dagster.model import LoadedModel
@@ -84,6 +86,9 @@ class PreparedBatch:
     # How far the partition was stored without a gap when the features read the history
     # (None: not known, the range was read without the consumer group).
     history_stored_until: int | None = None
+    # How much stored history the features read, per kind of window (None: nothing was read).
+    accounts_read: HistoryRead | None = None
+    merchants_read: HistoryRead | None = None
 
     @property
     def history_complete(self) -> bool | None:
@@ -170,7 +175,9 @@ def prepare_batch(
                 transactions,
                 exclude_source=(ref.topic, ref.partition, ref.first_offset, ref.last_offset),
             )
-            labels = load_labels(conn, transactions["transaction_id"].tolist())
+            # Only labels a merchant window of the batch can hold (none in a live stream).
+            reach = labels_reach_batch(transactions)
+            labels = load_labels(conn, transactions.loc[reach, "transaction_id"].tolist())
     transactions = transactions.reset_index(drop=True)
     if history is not None:
         transactions["is_fraud"] = (
@@ -190,6 +197,8 @@ def prepare_batch(
         oldest_kafka_timestamp_ms=min(timestamps) if timestamps else None,
         deleted_by_retention=raw.deleted_by_retention,
         history_stored_until=stored_until,
+        accounts_read=history.accounts_read if history is not None else None,
+        merchants_read=history.merchants_read if history is not None else None,
     )
 
 

@@ -31,6 +31,13 @@ pytestmark = pytest.mark.services
 CHUNK_DAYS = 6  # shorter than the 7-day label delay: every label a chunk needs is known before it
 
 
+def step_output_metadata(result, step_key: str) -> dict:
+    """The metadata of `step_key`'s output event, as plain values."""
+    outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    (event,) = [e for e in outputs if e.step_key == step_key]
+    return {k: v.value for k, v in event.event_specific_data.metadata.items()}
+
+
 def write_handbook_csv(history: pd.DataFrame, path: Path) -> None:
     pd.DataFrame(
         {
@@ -69,6 +76,7 @@ def test_streamed_features_equal_offline_features(
     online: list[pd.DataFrame] = []
     cursor = None
     runs = 0
+    summed = 0
     for first_day in range(0, config.n_days, CHUNK_DAYS):
         chunk = history.loc[(day >= first_day) & (day < first_day + CHUNK_DAYS)]
         load_replay_labels(engine, labels_csv, as_of=chunk["transaction_date"].max())
@@ -79,11 +87,21 @@ def test_streamed_features_equal_offline_features(
             assert result.success
             prepared = result.output_for_node("transaction_batch.preprocess")
             assert not prepared.rejections
+            # The run's metadata says how much history the features read (for the UI).
+            metadata = step_output_metadata(result, "transaction_batch.preprocess")
+            for kind, read in (
+                ("account", prepared.accounts_read),
+                ("merchant", prepared.merchants_read),
+            ):
+                reported = [metadata[f"{kind}_history_{n}"] for n in ("rows", "sums", "summed")]
+                assert reported == [read.rows, read.sums, read.summed]
+            summed += metadata["account_history_summed"] + metadata["merchant_history_summed"]
             online.append(
                 prepared.features.set_index(prepared.transactions["transaction_id"].to_numpy())
             )
             runs += 1
     assert runs >= 2 * (config.n_days // CHUNK_DAYS)  # several batches per partition
+    assert summed > 0  # later batches read most of their history as sums
 
     offline = compute_features(history).set_index(history["transaction_id"].to_numpy())
     streamed = pd.concat(online)

@@ -22,6 +22,7 @@ from fraud_dagster.features import (
     WEIGHT,
     BatchHistory,
     HistoryPlan,
+    HistoryRead,
     history_plan,
 )
 from fraud_dagster.messages import Rejection
@@ -68,9 +69,9 @@ def _history_part(
     value: sa.ColumnElement,
     batch_span: tuple[int, int],
     exclude_source: tuple[str, int, int, int] | None,
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, HistoryRead]:
     """Rows of `plan.rows` and one aggregate row per key and band of `plan.bands`, read from
-    `source` (scored_transactions, joined to what `value` needs)."""
+    `source` (scored_transactions, joined to what `value` needs), and how much that was."""
     s = scored_transactions
     date = s.c.transaction_date
     rows: list[Any] = []
@@ -118,7 +119,8 @@ def _history_part(
     frame["transaction_date"] = pd.to_datetime(frame["transaction_date"])
     frame["value"] = frame["value"].astype(float).fillna(0.0)
     frame[WEIGHT] = frame[WEIGHT].astype(float)
-    return frame
+    read = HistoryRead(rows=len(rows), sums=len(bands), summed=sum(n for _, _, n, _ in bands))
+    return frame, read
 
 
 def load_batch_history(
@@ -136,7 +138,7 @@ def load_batch_history(
     seconds = pd.to_datetime(batch["transaction_date"]).astype("datetime64[s]").astype("int64")
     first, last = int(seconds.min()), int(seconds.max())
     s, labels = scored_transactions, fraud_labels
-    accounts = _history_part(
+    accounts, accounts_read = _history_part(
         conn,
         s,
         s.c.account_id,
@@ -145,9 +147,10 @@ def load_batch_history(
         s.c.transaction_amount,
         (first, last),
         exclude_source,
-    ).rename(columns={"key": "account_id", "value": "transaction_amount"})
+    )
+    accounts = accounts.rename(columns={"key": "account_id", "value": "transaction_amount"})
     fraud = sa.case((labels.c.is_fraud == sa.true(), 1.0), else_=0.0)
-    merchants = _history_part(
+    merchants, merchants_read = _history_part(
         conn,
         s.outerjoin(labels, labels.c.transaction_id == s.c.transaction_id),
         s.c.merchant,
@@ -156,10 +159,13 @@ def load_batch_history(
         fraud,
         (first, last),
         exclude_source,
-    ).rename(columns={"key": "merchant", "value": "is_fraud"})
+    )
+    merchants = merchants.rename(columns={"key": "merchant", "value": "is_fraud"})
     return BatchHistory(
         accounts=accounts[[*ACCOUNT_HISTORY_COLUMNS, WEIGHT]],
         merchants=merchants[[*MERCHANT_HISTORY_COLUMNS, WEIGHT]],
+        accounts_read=accounts_read,
+        merchants_read=merchants_read,
     )
 
 

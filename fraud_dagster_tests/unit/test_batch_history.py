@@ -11,7 +11,13 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from fraud_dagster.features import compute_batch_features, compute_features, history_plan
+from fraud_dagster.features import (
+    ACCOUNT_EDGES_DAYS,
+    MERCHANT_EDGES_DAYS,
+    compute_batch_features,
+    compute_features,
+    history_plan,
+)
 from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
 from fraud_dagster.storage.history import load_batch_history
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
@@ -96,6 +102,23 @@ def test_database_history_gives_offline_features(
         # A short batch needs few rows: most of the history comes as aggregates.
         assert (history.accounts["weight"] > 1).any()
         assert len(history.accounts) < split / 4
+    # What the run reports it read: every stored transaction its windows can reach, once.
+    stored = frame.iloc[:split]
+    for read, part, key, edges in (
+        (history.accounts_read, history.accounts, "account_id", ACCOUNT_EDGES_DAYS),
+        (history.merchants_read, history.merchants, "merchant", MERCHANT_EDGES_DAYS),
+    ):
+        assert read.rows + read.summed == within_reach(stored, batch, key, edges)
+        assert read.rows + read.sums == len(part)
+
+
+def within_reach(stored: pd.DataFrame, batch: pd.DataFrame, key: str, edges: tuple) -> int:
+    """Stored transactions of the batch's keys in the time its windows with `edges` cover."""
+    seconds = stored["transaction_date"].astype("datetime64[s]").astype("int64")
+    batch_seconds = batch["transaction_date"].astype("datetime64[s]").astype("int64")
+    low = batch_seconds.min() - max(edges) * 86_400 + 1
+    high = batch_seconds.max() - min(edges) * 86_400
+    return int((stored[key].isin(batch[key]) & seconds.between(low, high)).sum())
 
 
 def test_history_plan_covers_the_reach_without_overlap() -> None:

@@ -6,7 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fraud_dagster.features import FEATURE_COLUMNS, compute_batch_features, compute_features
+from fraud_dagster.features import (
+    FEATURE_COLUMNS,
+    compute_batch_features,
+    compute_features,
+    labels_reach_batch,
+)
 
 
 def random_transactions(n: int = 3000, seed: int = 0) -> pd.DataFrame:
@@ -122,3 +127,28 @@ def test_rerun_ignores_its_own_stored_rows() -> None:
     first = compute_batch_features(batch, frame.iloc[:150])
     rerun = compute_batch_features(batch, frame)  # the batch's rows are stored by now
     pd.testing.assert_frame_equal(first, rerun)
+
+
+def test_only_the_labels_marked_reachable_change_a_batchs_features() -> None:
+    """The batch's labels that `labels_reach_batch` leaves out cannot change any feature; the
+    ones it marks can (here: one exactly 7 days, in whole seconds, before the newest row)."""
+    frame = random_transactions(900, seed=6)
+    history, batch = frame.iloc[:300], frame.iloc[300:].copy()
+    newest = batch["transaction_date"].max().floor("s") + pd.Timedelta(milliseconds=200)
+    edge = batch.index[0]
+    batch.loc[batch.index[-1], "transaction_date"] = newest
+    batch.loc[edge, ["transaction_date", "merchant"]] = [
+        newest - pd.Timedelta(days=7) + pd.Timedelta(milliseconds=600),
+        batch.loc[batch.index[-1], "merchant"],
+    ]
+    reach = labels_reach_batch(batch)
+    assert reach[0] and not reach.all()
+    labeled = batch.assign(is_fraud=1.0)
+    cut = labeled.assign(is_fraud=np.where(reach, 1.0, 0.0))
+    pd.testing.assert_frame_equal(
+        compute_batch_features(labeled, history), compute_batch_features(cut, history)
+    )
+    without_edge = cut.assign(is_fraud=np.where(reach & (batch.index != edge), 1.0, 0.0))
+    assert not compute_batch_features(without_edge, history).equals(
+        compute_batch_features(cut, history)
+    )
