@@ -50,6 +50,7 @@ from fraud_dagster.storage.schema import scored_transactions
 
 logger = logging.getLogger(__name__)
 COMMAND = "python -m fraud_dagster.benchmarks.latency"
+SUMMED = "history summed"  # per run: stored transactions its features read as band sums
 
 
 @dataclass
@@ -90,8 +91,9 @@ def run_durations(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[di
 
 def run_phases(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[dict[str, float]]:
     """Per finished run with `tags`, oldest first: when it was requested (epoch seconds), how many
-    offsets it held, the queue and launch (request -> the run worker's first step) and each
-    step's seconds, by step name."""
+    offsets it held, the queue and launch (request -> the run worker's first step), each
+    step's seconds, by step name, and the stored transactions its features summed (`SUMMED`,
+    from the preprocess output's metadata)."""
     runs = []
     for record in instance.get_run_records(filters=dg.RunsFilter(tags=tags)):
         if not record.dagster_run.is_finished:
@@ -107,13 +109,28 @@ def run_phases(instance: dg.DagsterInstance, tags: dict[str, str]) -> list[dict[
         for st in stats:
             if st.start_time and st.end_time:
                 phases[st.step_key.rsplit(".", 1)[-1]] = st.end_time - st.start_time
+        summed = _history_summed(instance, record.dagster_run.run_id)
+        if summed is not None:
+            phases[SUMMED] = summed
         runs.append(phases)
     return sorted(runs, key=lambda phases: phases["requested_at"])
 
 
+def _history_summed(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """Stored transactions the run's features summed (accounts and merchants), if it says."""
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_OUTPUT):
+        event = entry.dagster_event
+        if event is None or not event.step_key or not event.step_key.endswith("preprocess"):
+            continue
+        metadata = {k: v.value for k, v in event.event_specific_data.metadata.items()}
+        if "account_history_summed" in metadata:
+            return int(metadata["account_history_summed"] + metadata["merchant_history_summed"])
+    return None
+
+
 def step_profile(runs: list[dict[str, float]]) -> dict[str, float]:
     """Mean seconds per phase over `runs` (see `run_phases`)."""
-    names = {name for phases in runs for name in phases} - {"requested_at", "offsets"}
+    names = {name for phases in runs for name in phases} - {"requested_at", "offsets", SUMMED}
     return {
         name: float(np.mean([phases[name] for phases in runs if name in phases]))
         for name in sorted(names)
@@ -131,6 +148,7 @@ def per_minute(runs: list[dict[str, float]], since: float) -> list[dict[str, flo
             "minute": minute,
             "runs": len(group),
             "offsets": float(np.mean([phases.get("offsets", 0) for phases in group])),
+            SUMMED: float(np.mean([phases.get(SUMMED, 0) for phases in group])),
             **step_profile(group),
         }
         for minute, group in sorted(minutes.items())
@@ -308,7 +326,8 @@ def _minute_line(result: dict, minute: dict) -> str:
     phases = ("request -> first step", "fetch", "preprocess", "score", "persist", "alert")
     return (
         f"  min {minute['minute']:>2}: lag {min(lags, default=0):>6}-{max(lags, default=0):<6} "
-        f"runs {minute['runs']:>2}, offsets {minute['offsets']:>6.0f}; "
+        f"runs {minute['runs']:>2}, offsets {minute['offsets']:>6.0f}, "
+        f"history summed {minute.get(SUMMED, 0):>9.0f}; "
         + ", ".join(f"{name} {minute[name]:.2f}" for name in phases if name in minute)
     )
 
