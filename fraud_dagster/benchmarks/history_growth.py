@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     gc.freeze()
     print_line(f"machine: {machine_description()}")
     print_line(f"batch {args.batch} messages; median of {args.repeat} prepares per size")
-    print_line(f"{'stored':>9} {'prepare s':>10} {'history s':>10} {'history rows':>13}")
+    print_line(
+        f"{'stored':>9} {'prepare s':>10} {'history s':>10} {'history rows':>13} {'summed':>9}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         engine = create_engine(f"sqlite:///{Path(tmp) / 'history.db'}")
         ensure_schema(engine)
@@ -119,9 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                     history = load_batch_history(conn, prepared.transactions)
                     history_times.append(time.perf_counter() - started)
             rows = len(history.accounts) + len(history.merchants)
+            summed = history.accounts_read.summed + history.merchants_read.summed
             print_line(
                 f"{stored:>9} {statistics.median(prepare_times):>10.3f} "
-                f"{statistics.median(history_times):>10.3f} {rows:>13}"
+                f"{statistics.median(history_times):>10.3f} {rows:>13} {summed:>9}"
             )
         engine.dispose()
     dated = f" --dated-at-rate {args.dated_at_rate}" if args.dated_at_rate else ""
