@@ -270,6 +270,10 @@ def _stop_like_ctrl_c_on_termination() -> None:
     Python's default for both is to exit on the spot, and the broker, the SMTP server and
     `dagster dev` outlived the demo holding their ports, so the next demo could not start its
     UI. The first signal interrupts; later ones are ignored so that the stopping can finish.
+
+    Ctrl-C (SIGINT) gets Python's own handler explicitly: a process started in the background
+    by a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored, so
+    `kill -INT` did nothing (and `dagster dev`, started from here, inherited the same).
     """
 
     def interrupt(signum: int, _frame: object) -> None:
@@ -280,6 +284,7 @@ def _stop_like_ctrl_c_on_termination() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:

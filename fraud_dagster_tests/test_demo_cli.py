@@ -38,6 +38,15 @@ def processes_of(var_dir: Path) -> list[psutil.Process]:
     return found
 
 
+# Runs argv[1:] in this same process (same pid) with SIGINT ignored, which exec keeps.
+WITH_SIGINT_IGNORED = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
 def kill_all(processes: list[psutil.Process]) -> None:
     for process in processes:
         with contextlib.suppress(psutil.Error):
@@ -45,7 +54,9 @@ def kill_all(processes: list[psutil.Process]) -> None:
 
 
 # SIGINT is Ctrl-C: the terminal sends it to the demo's process group, which is the demo alone
-# (its services and `dagster dev` run in sessions of their own).
+# (its services and `dagster dev` run in sessions of their own). The demo starts with SIGINT
+# ignored, as under a script's `fraud-dagster demo &` (a non-interactive shell's background job):
+# `kill -INT` must stop it all the same, whoever started the test run and how.
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
 )
@@ -61,7 +72,7 @@ def test_a_demo_stopped_by_a_signal_stops_everything_it_started(
     command = [str(Path(sys.executable).with_name("fraud-dagster")), "demo", "--count", "20"]
     with (tmp_path / "demo.log").open("wb") as log:
         demo = subprocess.Popen(
-            [*command, "--partitions", "1", "--dagster-port", str(ui_port)],
+            [*WITH_SIGINT_IGNORED, *command, "--partitions", "1", "--dagster-port", str(ui_port)],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=log,
