@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from kafka.errors import KafkaError
 from tqdm import tqdm
@@ -56,6 +57,28 @@ def synthetic_transactions(count: int, seed: int = 0, end: datetime | None = Non
     frame["transaction_date"] = frame["transaction_date"] + shift
     frame["transaction_id"] = [f"S{seed}-{i:08d}" for i in range(len(frame))]
     return frame
+
+
+def spread_over_cards(transactions: pd.DataFrame, cards: int, seed: int = 0) -> pd.DataFrame:
+    """The same transactions, each simulated customer's spread over its own share of `cards`.
+
+    The simulator's few hundred customers each make a transaction every few seconds when a
+    stream runs at 1,000 tx/s: every stored row is then in every account's windows, far from a
+    bank's cards. Spreading them keeps each customer's amounts and merchants while a card
+    sees a few transactions a day. `cards` below the number of customers changes nothing.
+    """
+    customers = transactions["account_id"].nunique()
+    per_customer = cards // max(customers, 1)
+    if per_customer <= 1:
+        return transactions
+    width = len(str(per_customer - 1))
+    card = np.random.default_rng(seed).integers(0, per_customer, len(transactions))
+    spread = transactions.copy()
+    spread["account_id"] = [
+        f"{account}-{number:0{width}d}"
+        for account, number in zip(transactions["account_id"], card, strict=True)
+    ]
+    return spread
 
 
 def handbook_messages(

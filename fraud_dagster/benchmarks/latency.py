@@ -10,6 +10,7 @@ no-op ops, same code location and launcher) requested by a sensor: that request 
 the floor Dagster puts under every batch run.
 
 Reproduce: python -m fraud_dagster.benchmarks.latency --rates 200 1000 --seconds 60
+(`--cards 1000000` spreads the simulator's 500 customers over a million card numbers.)
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ SUMMED = "history summed"  # per run: stored transactions its features read as b
 class Phase:
     rate: int
     seconds: int
+    cards: int = 0  # 0: the simulator's 500 customers, each one card
     produced: int = 0
     lag_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, lag)
     started_at: float = 0.0
@@ -185,7 +187,8 @@ def stored_count(engine: sa.Engine) -> int:
 def produce_at_rate(services: Services, topic: str, phase: Phase, engine: sa.Engine) -> None:
     """Send `rate` messages per second for `seconds`, sampling lag every second meanwhile."""
     count = phase.rate * phase.seconds
-    messages = to_messages(producer.synthetic_transactions(count, seed=phase.rate))
+    transactions = producer.synthetic_transactions(count, seed=phase.rate)
+    messages = to_messages(producer.spread_over_cards(transactions, phase.cards, seed=phase.rate))
     stop = threading.Event()
 
     def sample() -> None:
@@ -309,7 +312,9 @@ def run_phase(
     }
     if args.plot_dir:
         # One file per rate and duration: a 180-s run must not replace the 60-s plot.
-        _plot(args.plot_dir / f"latency-{phase.rate}-{phase.seconds}s.png", phase, rows, emails)
+        cards = f"-{phase.cards}cards" if phase.cards else ""
+        name = f"latency-{phase.rate}-{phase.seconds}s{cards}.png"
+        _plot(args.plot_dir / name, phase, rows, emails)
     return result
 
 
@@ -371,6 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensor-interval", type=int, default=5)
     parser.add_argument("--max-batch-size", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument(
+        "--cards",
+        type=int,
+        default=0,
+        help="spread the simulator's 500 customers over this many card numbers (0: one each)",
+    )
     parser.add_argument("--floor-runs", type=int, default=20)
     parser.add_argument("--plot-dir", type=Path, default=PROJECT_ROOT / "docs")
     parser.add_argument("--json", type=Path, default=None)
@@ -382,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         home.mkdir()
         shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
         for i, rate in enumerate(args.rates):
-            phase = Phase(rate=rate, seconds=args.seconds)
+            phase = Phase(rate=rate, seconds=args.seconds, cards=args.cards)
             results.append(run_phase(services, home, phase, args, args.floor_runs if i == 0 else 0))
     floor = results[0]["floor"] if results else []
     floor_stats = percentiles([r["request_to_end_seconds"] for r in floor])
@@ -407,7 +418,8 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
     lines = [
         f"machine: {machine_description()}",
         f"sensor interval {args.sensor_interval} s, max batch {args.max_batch_size}, "
-        f"{args.partitions} partition(s), {args.seconds} s per rate",
+        f"{args.partitions} partition(s), {args.seconds} s per rate, "
+        f"{args.cards or 'the simulated'} accounts",
         f"floor (trivial run, request -> success): p50 {_fmt(floor['p50'])} s, "
         f"p95 {_fmt(floor['p95'])} s",
         " | ".join(
@@ -456,6 +468,7 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
     lines.append(
         f"reproduce: {COMMAND} --rates {rates} --seconds {args.seconds} "
         f"--sensor-interval {args.sensor_interval} --max-batch-size {args.max_batch_size}"
+        + (f" --cards {args.cards}" if args.cards else "")
     )
     sys.stdout.write("\n".join(lines) + "\n")
 
