@@ -5,16 +5,21 @@ it: a fresh SQLite database is filled, batch after batch through the pipeline's 
 with the stream the latency benchmark sends (`producer.synthetic_transactions`: 500 accounts,
 1,000 merchants); at each `--stored` size, the next `--batch` messages of the stream are
 prepared (validation, duplicate check, history read, features) and timed, without storing them.
+The fill stores `--batch` messages at a time, and the last `--repeat` of those writes before
+each size are timed too (`persist s`: the scored rows' insert into the grown indexes).
 No broker: the messages are the bytes the broker would return.
 
 By default the messages keep the simulator's dates (about 950 a simulated day, so a batch's
 30-day windows hold a fixed ~28,000 rows); `--dated-at-rate 1000` dates them at their produce
 time as the latency benchmark does, so that every stored row is inside the accounts' 1-day
-window.
+window. `--cards 1000000` spreads the simulator's 500 customers over a million card numbers
+(`producer.spread_over_cards`), so that an account holds a few transactions, as a bank's do.
 
 Reproduce: python -m fraud_dagster.benchmarks.history_growth --stored 60000 300000 600000
            python -m fraud_dagster.benchmarks.history_growth --stored 60000 300000 600000 \
                --dated-at-rate 1000
+           python -m fraud_dagster.benchmarks.history_growth --stored 60000 900000 1800000 \
+               --dated-at-rate 1000 --cards 1000000
 """
 
 from __future__ import annotations
@@ -36,14 +41,13 @@ from fraud_dagster.cli import print_line
 from fraud_dagster.features import FEATURE_COLUMNS
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.model import LoadedModel, ModelEntry
-from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.producer import spread_over_cards, synthetic_transactions
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster.storage.history import load_batch_history
 
 COMMAND = "python -m fraud_dagster.benchmarks.history_growth"
 TOPIC = "transactions"
-FILL_BATCH = 20_000
 
 
 class _NothingSuspicious:
@@ -84,31 +88,45 @@ def main(argv: list[str] | None = None) -> None:
         help="date the messages as the latency benchmark does, at their produce time, this many "
         "a second up to now (default 0: the simulator's dates, ~950 a simulated day)",
     )
+    parser.add_argument(
+        "--cards",
+        type=int,
+        default=0,
+        help="spread the simulator's 500 customers over this many card numbers (0: one each)",
+    )
     args = parser.parse_args(argv)
     sizes = sorted(args.stored)
     transactions = synthetic_transactions(sizes[-1] + args.batch, seed=1000)
     if args.dated_at_rate:
         transactions["transaction_date"] = dated_at_rate(len(transactions), args.dated_at_rate)
-    stream = to_messages(transactions)
+    stream = to_messages(spread_over_cards(transactions, args.cards, seed=1000))
     values = [json.dumps(message).encode() for message in stream]
     del stream
     # The benchmark's own 600,000 messages are not a run's heap: keep them out of the garbage
     # collector's full passes, which otherwise land at random in the timed sections.
     gc.freeze()
     print_line(f"machine: {machine_description()}")
-    print_line(f"batch {args.batch} messages; median of {args.repeat} prepares per size")
     print_line(
-        f"{'stored':>9} {'prepare s':>10} {'history s':>10} {'history rows':>13} {'summed':>9}"
+        f"batch {args.batch} messages, {args.cards or 'the simulated'} accounts; "
+        f"median of {args.repeat} prepares and of the last {args.repeat} persists per size"
+    )
+    print_line(
+        f"{'stored':>9} {'prepare s':>10} {'history s':>10} {'history rows':>13} {'summed':>9} "
+        f"{'persist s':>10}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         engine = create_engine(f"sqlite:///{Path(tmp) / 'history.db'}")
         ensure_schema(engine)
         stored = 0
         for size in sizes:
+            persist_times: list[float] = []
             while stored < size:
-                chunk = values[stored : min(size, stored + FILL_BATCH)]
+                chunk = values[stored : min(size, stored + args.batch)]
                 prepared = pipeline.prepare_batch(raw_batch(chunk, stored), engine)
-                pipeline.store_batch(pipeline.score_batch(prepared, FILL_MODEL), engine, "fill")
+                scored = pipeline.score_batch(prepared, FILL_MODEL)
+                started = time.perf_counter()
+                pipeline.store_batch(scored, engine, "fill")
+                persist_times.append(time.perf_counter() - started)
                 stored += len(chunk)
             batch = raw_batch(values[stored : stored + args.batch], stored)
             prepare_times, history_times = [], []
@@ -124,10 +142,12 @@ def main(argv: list[str] | None = None) -> None:
             summed = history.accounts_read.summed + history.merchants_read.summed
             print_line(
                 f"{stored:>9} {statistics.median(prepare_times):>10.3f} "
-                f"{statistics.median(history_times):>10.3f} {rows:>13} {summed:>9}"
+                f"{statistics.median(history_times):>10.3f} {rows:>13} {summed:>9} "
+                f"{statistics.median(persist_times[-args.repeat :] or [0.0]):>10.3f}"
             )
         engine.dispose()
     dated = f" --dated-at-rate {args.dated_at_rate}" if args.dated_at_rate else ""
+    dated += f" --cards {args.cards}" if args.cards else ""
     print_line(
         f"reproduce: {COMMAND} --stored {' '.join(map(str, sizes))} --batch {args.batch}{dated}"
     )
