@@ -299,6 +299,8 @@ def run_phase(
         "lag_first_third_mean": float(np.mean(during[:third])) if during else None,
         "lag_last_third_mean": float(np.mean(during[-third:])) if during else None,
         "lag_max": max((v for _, v in lag), default=0),
+        # From the first minute (the lag filling up to its sawtooth) until the producer stops.
+        "lag_trend": lag_trend(lag, 60, produce_end),
         "batch_runs": len(runs),
         "batch_run_request_to_end_seconds": percentiles(
             [r["request_to_end_seconds"] for r in runs]
@@ -316,6 +318,19 @@ def run_phase(
         name = f"latency-{phase.rate}-{phase.seconds}s{cards}.png"
         _plot(args.plot_dir / name, phase, rows, emails)
     return result
+
+
+def lag_trend(samples: list[tuple[float, int]], start: float, end: float) -> dict | None:
+    """The lag's least-squares slope (messages a minute) and mean over samples in [start, end].
+
+    The lag is a sawtooth of one tick's messages; a third against a third moves with where the
+    teeth fall, the slope over the whole span does not.
+    """
+    points = [(t, lag) for t, lag in samples if start <= t <= end]
+    if len(points) < 2 or points[0][0] == points[-1][0]:
+        return None
+    times, lags = np.array(points, dtype=float).T
+    return {"per_minute": float(np.polyfit(times, lags, 1)[0] * 60), "mean": float(lags.mean())}
 
 
 def _wait_for_schema(engine: sa.Engine) -> None:
@@ -353,7 +368,8 @@ def _plot(path: Path, phase: Phase, rows, emails: list[tuple[float, float]]) -> 
         xs, ys = zip(*email_points, strict=True)
         top.scatter(xs, ys, s=8, color="tab:red", label="produce -> email received")
     top.set_ylabel("latency (s)")
-    top.set_title(f"{phase.rate} tx/s for {phase.seconds} s through dagster-daemon")
+    accounts = f", {phase.cards:,} cards" if phase.cards else ""
+    top.set_title(f"{phase.rate} tx/s for {phase.seconds} s through dagster-daemon{accounts}")
     top.legend(loc="upper left")
     times, lags = zip(*phase.lag_samples, strict=True) if phase.lag_samples else ([], [])
     bottom.plot(times, lags, color="tab:green")
@@ -451,6 +467,12 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
             f"mean {_fmt(spacing['mean']).strip()} s; batch run, mean s: "
             + ", ".join(f"{k} {v:.2f}" for k, v in r["batch_run_mean_seconds_by_phase"].items())
         )
+        trend = r["lag_trend"]
+        if trend is not None:
+            lines.append(
+                f"{r['rate']} tx/s: lag trend {trend['per_minute']:+.1f} messages a minute, "
+                f"mean {trend['mean']:.0f} (least squares, minute 1 to the producer's end)"
+            )
     for r in results:
         if len(r["batch_runs_by_minute"]) > 2:
             lines.append(f"{r['rate']} tx/s by minute of request (mean s per phase):")
