@@ -62,10 +62,10 @@ def synthetic_transactions(count: int, seed: int = 0, end: datetime | None = Non
 def spread_over_cards(transactions: pd.DataFrame, cards: int, seed: int = 0) -> pd.DataFrame:
     """The same transactions, each simulated customer's spread over its own share of `cards`.
 
-    The simulator's few hundred customers each make a transaction every few seconds when a
-    stream runs at 1,000 tx/s: every stored row is then in every account's windows, far from a
-    bank's cards. Spreading them keeps each customer's amounts and merchants while a card
-    sees a few transactions a day. `cards` below the number of customers changes nothing.
+    At 1,000 tx/s the simulator's 500 customers pay twice a second each, so every stored row is
+    in every account's windows: a stress case, not a bank. Spreading each customer over
+    `cards` / customers card numbers keeps its amounts, merchants and times and divides what one
+    card's windows hold. `cards` up to the number of customers changes nothing.
     """
     customers = transactions["account_id"].nunique()
     per_customer = cards // max(customers, 1)

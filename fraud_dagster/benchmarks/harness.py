@@ -6,6 +6,7 @@ it afterwards, so a benchmark run leaves nothing behind.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -98,6 +99,16 @@ def fill_topic(
     ensure_topic(services.kafka_options(), topic, partitions)
     messages = to_messages(producer.synthetic_transactions(count, seed=seed))
     return producer.produce(services.kafka_options(), topic, messages, show_progress=False).sent
+
+
+def add_cards_option(parser: argparse.ArgumentParser) -> None:
+    """`--cards`, for benchmarks that send the synthetic stream (`producer.spread_over_cards`)."""
+    parser.add_argument(
+        "--cards",
+        type=int,
+        default=0,
+        help="spread the simulator's 500 customers over this many card numbers (0: one each)",
+    )
 
 
 def machine_description() -> str:

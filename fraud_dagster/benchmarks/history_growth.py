@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from fraud_dagster import pipeline
-from fraud_dagster.benchmarks.harness import machine_description
+from fraud_dagster.benchmarks.harness import add_cards_option, machine_description
 from fraud_dagster.cli import print_line
 from fraud_dagster.features import FEATURE_COLUMNS
 from fraud_dagster.messages import RawBatch
@@ -88,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         help="date the messages as the latency benchmark does, at their produce time, this many "
         "a second up to now (default 0: the simulator's dates, ~950 a simulated day)",
     )
-    parser.add_argument(
-        "--cards",
-        type=int,
-        default=0,
-        help="spread the simulator's 500 customers over this many card numbers (0: one each)",
-    )
+    add_cards_option(parser)
     args = parser.parse_args(argv)
     sizes = sorted(args.stored)
     transactions = synthetic_transactions(sizes[-1] + args.batch, seed=1000)

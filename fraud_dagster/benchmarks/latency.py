@@ -36,6 +36,7 @@ from fraud_dagster import kafka_io, producer
 from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_TOPIC
 from fraud_dagster.benchmarks.harness import (
     Services,
+    add_cards_option,
     emit_json,
     kafka_sensor_ticks,
     local_services,
@@ -392,12 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensor-interval", type=int, default=5)
     parser.add_argument("--max-batch-size", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=1)
-    parser.add_argument(
-        "--cards",
-        type=int,
-        default=0,
-        help="spread the simulator's 500 customers over this many card numbers (0: one each)",
-    )
+    add_cards_option(parser)
     parser.add_argument("--floor-runs", type=int, default=20)
     parser.add_argument("--plot-dir", type=Path, default=PROJECT_ROOT / "docs")
     parser.add_argument("--json", type=Path, default=None)
