@@ -515,14 +515,30 @@ def test_daemon_killed_mid_stream_and_restarted_leaves_no_gap_and_no_duplicate(
         m["transaction_id"] for chunk in chunks for m in chunk
     )
     runs = batch_runs()
-    statuses = json.dumps({run.run_id: str(run.status) for run in runs})
-    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), statuses
+    statuses = json.dumps({run.run_id: (str(run.status), run.tags) for run in runs})
+    success = dg.DagsterRunStatus.SUCCESS
+    retries = {
+        run.tags["dagster/parent_run_id"]: run
+        for run in runs
+        if run.tags.get("dagster/parent_run_id")
+    }
+    for run in runs:
+        if run.status != success:
+            # The one failure allowed: a run the killed daemon was launching got no worker, so
+            # run monitoring failed it at its start timeout and the retry policy ran it again.
+            assert run.run_id in unfinished_at_kill, statuses
+            assert run.tags.get("dagster/failure_reason") == "START_TIMEOUT", statuses
+            assert run.run_id in retries, statuses
+            assert retries[run.run_id].status == success, statuses
     # The batches under way (or still queued) when the daemon died were completed, not lost.
-    done = {run.run_id for run in runs if run.status == dg.DagsterRunStatus.SUCCESS}
+    done = {run.run_id for run in runs if run.status == success}
+    done |= {parent for parent, retry in retries.items() if retry.status == success}
     assert unfinished_at_kill <= done, statuses
-    keys = Counter(run.tags["dagster/run_key"] for run in runs if "dagster/run_key" in run.tags)
-    assert all(count == 1 for count in keys.values()), f"a range was launched twice: {keys}"
     originals = [run for run in runs if "dagster/parent_run_id" not in run.tags]
+    keys = Counter(
+        run.tags["dagster/run_key"] for run in originals if "dagster/run_key" in run.tags
+    )
+    assert all(count == 1 for count in keys.values()), f"a range was launched twice: {keys}"
     covered = sorted(offsets(run) for run in originals)
     assert covered[0][0] == 0
     for (_, last), (first_offset, _) in itertools.pairwise(covered):
