@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 TAG_PREFIX = "fraud_dagster"
@@ -100,6 +100,28 @@ class SensorCursor:
         if self.key_tag:
             data["key_tag"] = self.key_tag
         return json.dumps(data, sort_keys=True)
+
+
+def past_launched_ranges(cursor: SensorCursor, run_keys: Iterable[str]) -> SensorCursor:
+    """`cursor` moved past the ranges of `run_keys` (batches already launched) of its own topic
+    incarnation, for partitions it already holds.
+
+    Dagster saves a sensor's cursor when the tick ends: a daemon killed after a tick launched
+    its runs but before it ended leaves the previous cursor, and the next tick would plan those
+    offsets again under longer ranges (other run keys, so launched again, overlapping the
+    first). The launched runs' keys say how far the lost cursor had got.
+    """
+    prefix = f"{cursor.topic}@{cursor.key_tag}/" if cursor.key_tag else f"{cursor.topic}/"
+    next_offsets = dict(cursor.next_offsets)
+    for key in run_keys:
+        if not key.startswith(prefix):
+            continue
+        partition, _, offsets = key[len(prefix) :].partition("/")
+        last = offsets.rpartition("-")[2]
+        if not (partition.isdigit() and last.isdigit()) or int(partition) not in next_offsets:
+            continue
+        next_offsets[int(partition)] = max(next_offsets[int(partition)], int(last) + 1)
+    return SensorCursor(cursor.topic, next_offsets, cursor.topic_id, cursor.key_tag)
 
 
 def new_key_tag(topic_id: str | None, previous_tag: str, now: float) -> str:

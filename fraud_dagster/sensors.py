@@ -28,6 +28,7 @@ from fraud_dagster.batching import (
     TAG_TOPIC_ID,
     SensorCursor,
     new_key_tag,
+    past_launched_ranges,
     plan_batches,
 )
 from fraud_dagster.errors import AlertDeliveryError, FraudDagsterError
@@ -104,6 +105,19 @@ def _cursor_of_a_reset_sensor(
     return SensorCursor(cursor.topic, {}, earlier_id, new_key_tag(None, "", now))
 
 
+def _cursor_past_launched_runs(
+    instance: dg.DagsterInstance, cursor: SensorCursor, limit: int
+) -> SensorCursor:
+    """The cursor moved past the batches the newest `limit` runs of the topic cover: what an
+    interrupted tick launched but could not record (`past_launched_ranges`). One runs query a
+    tick."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(job_name=score_transactions_job.name, tags={TAG_TOPIC: cursor.topic}),
+        limit=limit,
+    )
+    return past_launched_ranges(cursor, (run.tags.get("dagster/run_key", "") for run in runs))
+
+
 def _unfinished_runs(instance: dg.DagsterInstance, topic: str) -> int:
     """How many batch runs of `topic` are queued or under way."""
     return instance.get_runs_count(
@@ -159,6 +173,12 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
             return dg.SkipReason(f"Kafka unavailable, cursor unchanged: {exc}")
         if cursor.is_fresh:
             cursor = _cursor_of_a_reset_sensor(context.instance, cursor, now)
+        else:
+            # An interrupted tick's runs are among the newest: a tick launches at most
+            # max_runs_per_tick, retries and reruns of older batches may come after them.
+            cursor = _cursor_past_launched_runs(
+                context.instance, cursor, 2 * settings.max_runs_per_tick
+            )
         plan = plan_batches(
             cursor,
             beginning,

@@ -8,6 +8,7 @@ from fraud_dagster.batching import (
     TAG_TOPIC_ID,
     SensorCursor,
     new_key_tag,
+    past_launched_ranges,
     plan_batches,
 )
 
@@ -170,3 +171,37 @@ def test_busy_partitions_wait_and_then_take_everything() -> None:
     assert plan.cursor.next_offsets == {0: 0, 1: 4}
     later = plan_batches(plan.cursor, {}, {0: 55, 1: 4}, {}, 100, 10, busy_partitions=set())
     assert ranges(later) == [(0, 0, 54)]
+
+
+def test_an_interrupted_tick_s_launched_ranges_move_the_cursor_it_could_not_save() -> None:
+    saved = SensorCursor("t", {0: 153, 1: 128}, "id", "")
+    interrupted = plan_batches(saved, {}, {0: 180, 1: 148}, {}, 40, 10)
+    launched = [batch.run_key for batch in interrupted.batches]
+    assert launched == ["t/0/153-179", "t/1/128-147"]
+
+    recovered = past_launched_ranges(saved, [*launched, "t/0/100-152"])
+    assert recovered.next_offsets == interrupted.cursor.next_offsets == {0: 180, 1: 148}
+    after_restart = plan_batches(recovered, {}, {0: 193, 1: 168}, {}, 40, 10)
+    assert ranges(after_restart) == [(0, 180, 192), (1, 148, 167)]  # no range planned twice
+    # Without it the restarted daemon planned 153-192 and 128-167: overlapping, other run keys.
+    assert ranges(plan_batches(saved, {}, {0: 193, 1: 168}, {}, 40, 10)) == [
+        (0, 153, 192),
+        (1, 128, 167),
+    ]
+
+
+def test_launched_ranges_of_other_topics_incarnations_or_partitions_do_not_move_the_cursor() -> (
+    None
+):
+    cursor = SensorCursor("t", {0: 10}, "id", "abc")
+    keys = [
+        "t/0/10-99",  # the previous incarnation (no tag)
+        "t@old/0/10-99",  # another incarnation
+        "tt@abc/0/10-99",  # another topic
+        "t@abc/1/0-99",  # a partition the cursor does not hold (a fresh one starts at the commit)
+        "t@abc/0/garbage",
+        "",
+        "t@abc/0/3-5",  # behind the cursor: it never moves back
+    ]
+    assert past_launched_ranges(cursor, keys).next_offsets == {0: 10}
+    assert past_launched_ranges(cursor, [*keys, "t@abc/0/10-19"]).next_offsets == {0: 20}
