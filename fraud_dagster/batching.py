@@ -28,6 +28,11 @@ TAG_OFFSET_RANGE = f"{TAG_PREFIX}/offset_range"
 TAG_TOPIC_ID = f"{TAG_PREFIX}/topic_id"
 
 
+def run_key_prefix(topic: str, key_tag: str) -> str:
+    """What the run keys of one topic incarnation start with: `<topic>[@<tag>]/`."""
+    return f"{topic}@{key_tag}/" if key_tag else f"{topic}/"
+
+
 @dataclass(frozen=True)
 class PlannedBatch:
     topic: str
@@ -39,8 +44,8 @@ class PlannedBatch:
 
     @property
     def run_key(self) -> str:
-        topic = f"{self.topic}@{self.key_tag}" if self.key_tag else self.topic
-        return f"{topic}/{self.partition}/{self.first_offset}-{self.last_offset}"
+        prefix = run_key_prefix(self.topic, self.key_tag)
+        return f"{prefix}{self.partition}/{self.first_offset}-{self.last_offset}"
 
     @property
     def size(self) -> int:
@@ -111,7 +116,7 @@ def past_launched_ranges(cursor: SensorCursor, run_keys: Iterable[str]) -> Senso
     offsets again under longer ranges (other run keys, so launched again, overlapping the
     first). The launched runs' keys say how far the lost cursor had got.
     """
-    prefix = f"{cursor.topic}@{cursor.key_tag}/" if cursor.key_tag else f"{cursor.topic}/"
+    prefix = run_key_prefix(cursor.topic, cursor.key_tag)
     next_offsets = dict(cursor.next_offsets)
     for key in run_keys:
         if not key.startswith(prefix):

@@ -88,6 +88,16 @@ def _partitions_not_to_batch(instance: dg.DagsterInstance, topic: str) -> set[in
     return {int(run.tags[TAG_PARTITION]) for run in runs if TAG_PARTITION in run.tags}
 
 
+def _newest_batch_runs(
+    instance: dg.DagsterInstance, topic: str, limit: int
+) -> Sequence[dg.DagsterRun]:
+    """The newest `limit` batch runs of `topic`, newest first."""
+    return instance.get_runs(
+        filters=dg.RunsFilter(job_name=score_transactions_job.name, tags={TAG_TOPIC: topic}),
+        limit=limit,
+    )
+
+
 def _cursor_of_a_reset_sensor(
     instance: dg.DagsterInstance, cursor: SensorCursor, now: float
 ) -> SensorCursor:
@@ -95,10 +105,7 @@ def _cursor_of_a_reset_sensor(
     cursor was reset): their topic id, if they recorded one (so that a topic recreated meanwhile
     is seen as such; without one the committed offsets decide, as for any new cursor), and a new
     run-key tag, as the earlier runs' keys may be the ones this tick would plan."""
-    latest = instance.get_runs(
-        filters=dg.RunsFilter(job_name=score_transactions_job.name, tags={TAG_TOPIC: cursor.topic}),
-        limit=1,
-    )
+    latest = _newest_batch_runs(instance, cursor.topic, 1)
     if not latest:
         return cursor
     earlier_id = latest[0].tags.get(TAG_TOPIC_ID)
@@ -111,10 +118,7 @@ def _cursor_past_launched_runs(
     """The cursor moved past the batches the newest `limit` runs of the topic cover: what an
     interrupted tick launched but could not record (`past_launched_ranges`). One runs query a
     tick."""
-    runs = instance.get_runs(
-        filters=dg.RunsFilter(job_name=score_transactions_job.name, tags={TAG_TOPIC: cursor.topic}),
-        limit=limit,
-    )
+    runs = _newest_batch_runs(instance, cursor.topic, limit)
     return past_launched_ranges(cursor, (run.tags.get("dagster/run_key", "") for run in runs))
 
 
