@@ -184,12 +184,15 @@ MERCHANT_HISTORY_COLUMNS = ["transaction_id", "merchant", "transaction_date", "i
 @dataclass(frozen=True)
 class HistoryRead:
     """How much stored history one kind of window took: `rows` read one by one, `sums` (one per
-    key and band) and the stored transactions those add up, `summed`. The batch's own size
-    bounds the first two; `summed` grows with how busy its keys are, and so does the read."""
+    key and band), the stored transactions those add up, `summed`, and the `rollup_rows` they
+    were taken from (accounts only). The batch's own size bounds `rows` and `sums`; `summed`
+    grows with how busy its keys are; the read's work grows with `summed` where a band is summed
+    from the transactions (merchants) and is bounded by `rollup_rows` where it has rollups."""
 
     rows: int = 0
     sums: int = 0
     summed: int = 0
+    rollup_rows: int = 0
 
 
 @dataclass

@@ -181,7 +181,7 @@ def preprocess(
         f"{len(prepared.transactions)} valid transactions, {len(prepared.rejections)} rejected"
         + "".join(
             f"; {kind} history: {read.rows} rows and {read.sums} sums of {read.summed} "
-            "stored transactions"
+            f"stored transactions ({read.rollup_rows} rollup rows)"
             for kind, read in _history_reads(prepared)
         )
     )
@@ -202,12 +202,14 @@ def preprocess(
         metadata[f"{kind}_history_rows"] = read.rows
         metadata[f"{kind}_history_sums"] = read.sums
         metadata[f"{kind}_history_summed"] = read.summed
+        metadata[f"{kind}_history_rollup_rows"] = read.rollup_rows
     return dg.Output(prepared, metadata=metadata)
 
 
 def _history_reads(prepared: pipeline.PreparedBatch) -> list[tuple[str, HistoryRead]]:
     """What the features read per kind of window: the figures to look at when `preprocess` slows
-    down (`summed` grows with how busy the batch's accounts and merchants are)."""
+    down (`summed` grows with how busy the batch's accounts and merchants are; the accounts' read
+    with their `rollup_rows`)."""
     reads = [("account", prepared.accounts_read), ("merchant", prepared.merchants_read)]
     return [(kind, read) for kind, read in reads if read is not None]
 

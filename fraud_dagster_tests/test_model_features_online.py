@@ -76,7 +76,7 @@ def test_streamed_features_equal_offline_features(
     online: list[pd.DataFrame] = []
     cursor = None
     runs = 0
-    summed = 0
+    summed = rollup_rows = 0
     for first_day in range(0, config.n_days, CHUNK_DAYS):
         chunk = history.loc[(day >= first_day) & (day < first_day + CHUNK_DAYS)]
         load_replay_labels(engine, labels_csv, as_of=chunk["transaction_date"].max())
@@ -93,15 +93,18 @@ def test_streamed_features_equal_offline_features(
                 ("account", prepared.accounts_read),
                 ("merchant", prepared.merchants_read),
             ):
-                reported = [metadata[f"{kind}_history_{n}"] for n in ("rows", "sums", "summed")]
-                assert reported == [read.rows, read.sums, read.summed]
+                names = ("rows", "sums", "summed", "rollup_rows")
+                reported = [metadata[f"{kind}_history_{n}"] for n in names]
+                assert reported == [read.rows, read.sums, read.summed, read.rollup_rows]
             summed += metadata["account_history_summed"] + metadata["merchant_history_summed"]
+            rollup_rows += metadata["account_history_rollup_rows"]
             online.append(
                 prepared.features.set_index(prepared.transactions["transaction_id"].to_numpy())
             )
             runs += 1
     assert runs >= 2 * (config.n_days // CHUNK_DAYS)  # several batches per partition
     assert summed > 0  # later batches read most of their history as sums
+    assert rollup_rows > 0  # the accounts' sums, from their rollups
 
     offline = compute_features(history).set_index(history["transaction_id"].to_numpy())
     streamed = pd.concat(online)

@@ -25,6 +25,7 @@ from fraud_dagster.errors import StorageError
 from fraud_dagster.messages import Rejection
 from fraud_dagster.storage.database import insert_ignoring_conflicts, utcnow
 from fraud_dagster.storage.history import classify_stored
+from fraud_dagster.storage.rollups import add_to_account_rollups
 from fraud_dagster.storage.schema import (
     fraud_alerts,
     lost_ranges,
@@ -122,7 +123,8 @@ def persist_batch(
     features: pd.DataFrame | None = None,
     history_complete: bool | None = None,
 ) -> PersistResult:
-    """Store a scored batch, its suspicious rows, their alert outbox rows and its rejections.
+    """Store a scored batch (adding its rows to the account rollups), its suspicious rows, their
+    alert outbox rows and its rejections.
 
     `batch_range` = (topic, partition, first, last) holds every row of `scored` and is recorded
     as stored in the same transaction (see `contiguous_end`), together with the offsets of the
@@ -216,6 +218,8 @@ def persist_batch(
                     ).scalars()
                 )
             result.inserted = len(inserted_ids)
+            fresh = scored.loc[scored["transaction_id"].isin(inserted_ids)]
+            add_to_account_rollups(conn, fresh)
             not_inserted = scored.loc[~scored["transaction_id"].isin(inserted_ids)]
             extra_rejections = _classify_conflicts(conn, not_inserted, result)
             all_rejections = [*rejections, *extra_rejections]
@@ -226,7 +230,6 @@ def persist_batch(
                 result.rejected_inserted = len(
                     conn.execute(statement, _rejection_rows(all_rejections, run_id, now)).all()
                 )
-            fresh = scored.loc[scored["transaction_id"].isin(inserted_ids)]
             suspicious = fresh.loc[fresh["is_suspicious"]].copy()
             result.suspicious_ids = suspicious["transaction_id"].tolist()
             if len(suspicious):

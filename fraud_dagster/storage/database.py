@@ -1,10 +1,11 @@
 """The application database: engines, schema creation and the few helpers every query uses.
 
-All SQL goes through SQLAlchemy Core with bound parameters; the only dialect-specific piece is
-`insert_ignoring_conflicts`, which picks SQLite's or PostgreSQL's `ON CONFLICT DO NOTHING`.
-The tables are in `storage.schema`; the reads and writes, one function per question or write,
-in `storage.history` (what features and duplicate checks read), `storage.batches` (the write of a
-scored batch), `storage.outbox` (alert delivery), `storage.labels` and `storage.promotions`.
+All SQL goes through SQLAlchemy Core with bound parameters; the only dialect-specific pieces are
+`insert_ignoring_conflicts` and `insert_adding_on_conflict`, which pick SQLite's or PostgreSQL's
+`ON CONFLICT` clause. The tables are in `storage.schema`; the reads and writes, one function per
+question or write, in `storage.history` (what features and duplicate checks read),
+`storage.rollups` (the accounts' per-bucket sums), `storage.batches` (the write of a scored
+batch), `storage.outbox` (alert delivery), `storage.labels` and `storage.promotions`.
 """
 
 from __future__ import annotations
@@ -58,10 +59,15 @@ def create_engine(url: str) -> Engine:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create missing tables and indexes, drop superseded indexes; no column is changed."""
+    """Create missing tables and indexes, drop superseded indexes, fill what a new table derives
+    from stored rows (the account rollups, once); no column is changed."""
+    # Imported here: storage.rollups builds on this module's helpers.
+    from fraud_dagster.storage.rollups import backfill_account_rollups
+
     try:
         metadata.create_all(engine)
         _update_indexes(engine)
+        backfill_account_rollups(engine)
     except SQLAlchemyError as exc:
         raise StorageError(
             f"cannot create the schema on {engine.url!r} (is the database running and "
@@ -91,13 +97,28 @@ def _update_indexes(engine: Engine) -> None:
                     conn.execute(sa.schema.DropIndex(sa.Index(name), if_exists=True))
 
 
+def _dialect_insert(table: sa.Table, dialect_name: str) -> postgresql.Insert | sqlite.Insert:
+    if dialect_name == "postgresql":
+        return postgresql.insert(table)
+    if dialect_name == "sqlite":
+        return sqlite.insert(table)
+    raise StorageError(f"unsupported database dialect {dialect_name!r}: use SQLite or PostgreSQL")
+
+
 def insert_ignoring_conflicts(table: sa.Table, dialect_name: str) -> sa.Insert:
     """`INSERT ... ON CONFLICT DO NOTHING` for SQLite and PostgreSQL alike."""
-    if dialect_name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if dialect_name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    raise StorageError(f"unsupported database dialect {dialect_name!r}: use SQLite or PostgreSQL")
+    return _dialect_insert(table, dialect_name).on_conflict_do_nothing()
+
+
+def insert_adding_on_conflict(table: sa.Table, dialect_name: str, added: list[str]) -> sa.Insert:
+    """`INSERT ... ON CONFLICT (primary key) DO UPDATE` adding the new row's `added` columns to
+    the stored row's, for SQLite and PostgreSQL alike (one atomic statement: concurrent writers
+    cannot lose each other's increments)."""
+    statement = _dialect_insert(table, dialect_name)
+    return statement.on_conflict_do_update(
+        index_elements=[column.name for column in table.primary_key.columns],
+        set_={name: table.c[name] + statement.excluded[name] for name in added},
+    )
 
 
 def in_chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:

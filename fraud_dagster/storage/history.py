@@ -27,6 +27,7 @@ from fraud_dagster.features import (
 )
 from fraud_dagster.messages import Rejection
 from fraud_dagster.storage.database import frame_from_rows, in_chunks
+from fraud_dagster.storage.rollups import sum_account_bands
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
 _EPOCH = datetime(1970, 1, 1)
@@ -69,13 +70,22 @@ def _history_part(
     value: sa.ColumnElement,
     batch_span: tuple[int, int],
     exclude_source: tuple[str, int, int, int] | None,
+    *,
+    account_rollups: bool = False,
 ) -> tuple[pd.DataFrame, HistoryRead]:
     """Rows of `plan.rows` and one aggregate row per key and band of `plan.bands`, read from
-    `source` (scored_transactions, joined to what `value` needs), and how much that was."""
+    `source` (scored_transactions, joined to what `value` needs), and how much that was.
+
+    With `account_rollups` (`key` is the account, `value` the amount) a band's whole minutes,
+    hours and days come from `storage.rollups`, only its partial minutes from `source`. A band
+    that overlaps the batch's own span (`history_plan` makes none for the accounts' edges, which
+    start at 0) is summed from `source`, where a rerun's stored rows can be left out.
+    """
     s = scored_transactions
     date = s.c.transaction_date
     rows: list[Any] = []
     bands: list[Any] = []
+    rollup_rows = 0
 
     def selected(chunk: Sequence[str], interval: tuple[int, int]) -> sa.ColumnElement[bool]:
         # One query per interval: a plain date range lets the database seek the (key, date)
@@ -95,13 +105,24 @@ def _history_part(
             )
             rows.extend(conn.execute(query).all())
         for band_index, interval in enumerate(plan.bands):
-            query = (
-                sa.select(key, sa.func.count(), sa.func.sum(value))
-                .select_from(source)
-                .where(selected(chunk, interval))
-                .group_by(key)
-            )
-            bands.extend((k, band_index, n, total) for k, n, total in conn.execute(query))
+            sums: dict[str, list[float]] = {}
+            edges = [interval]
+            if account_rollups and not (exclude_source and _overlaps(interval, batch_span)):
+                from_rollups, edges = sum_account_bands(conn, chunk, interval)
+                sums = {k: [part.count, part.total] for k, part in from_rollups.items()}
+                rollup_rows += sum(part.rollup_rows for part in from_rollups.values())
+            for edge in edges:
+                query = (
+                    sa.select(key, sa.func.count(), sa.func.sum(value))
+                    .select_from(source)
+                    .where(selected(chunk, edge))
+                    .group_by(key)
+                )
+                for k, n, total in conn.execute(query):
+                    both = sums.setdefault(k, [0, 0.0])
+                    both[0] += n
+                    both[1] += total or 0.0
+            bands.extend((k, band_index, n, total) for k, (n, total) in sums.items() if n)
     names = ["transaction_id", "key", "transaction_date", "value", WEIGHT]
     aggregates = [
         # One row for the n transactions of a key in a band, at the band's last second;
@@ -119,7 +140,12 @@ def _history_part(
     frame["transaction_date"] = pd.to_datetime(frame["transaction_date"])
     frame["value"] = frame["value"].astype(float).fillna(0.0)
     frame[WEIGHT] = frame[WEIGHT].astype(float)
-    read = HistoryRead(rows=len(rows), sums=len(bands), summed=sum(n for _, _, n, _ in bands))
+    read = HistoryRead(
+        rows=len(rows),
+        sums=len(bands),
+        summed=sum(n for _, _, n, _ in bands),
+        rollup_rows=rollup_rows,
+    )
     return frame, read
 
 
@@ -132,8 +158,10 @@ def load_batch_history(
 
     Near the windows' edges stored transactions come as rows, elsewhere as one aggregate row
     per key and band (see `features.history_plan`), so the history of a batch stays about as
-    large as the batch however much is stored. `exclude_source` = (topic, partition, first,
-    last) leaves out the batch's own messages, which a rerun finds stored already.
+    large as the batch however much is stored. The accounts' aggregates are summed from their
+    rollups (`storage.rollups`), so they cost about the same however busy the accounts are.
+    `exclude_source` = (topic, partition, first, last) leaves out the batch's own messages,
+    which a rerun finds stored already.
     """
     seconds = pd.to_datetime(batch["transaction_date"]).astype("datetime64[s]").astype("int64")
     first, last = int(seconds.min()), int(seconds.max())
@@ -147,6 +175,7 @@ def load_batch_history(
         s.c.transaction_amount,
         (first, last),
         exclude_source,
+        account_rollups=True,
     )
     accounts = accounts.rename(columns={"key": "account_id", "value": "transaction_amount"})
     fraud = sa.case((labels.c.is_fraud == sa.true(), 1.0), else_=0.0)

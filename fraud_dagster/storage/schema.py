@@ -55,6 +55,27 @@ scored_transactions = Table(
     Index("ix_scored_merchant_date", "merchant", "transaction_date"),
 )
 
+# Per account, level (bucket size in seconds: a day, an hour, a minute) and bucket (epoch
+# seconds // level): how many transactions `scored_transactions` holds there and their amounts'
+# sum. Kept by the batch write (storage.rollups); the features' band sums read them.
+account_rollups = Table(
+    "account_rollups",
+    metadata,
+    Column("account_id", String(128), primary_key=True),
+    Column("level", Integer, primary_key=True, autoincrement=False),
+    Column("bucket", BigInteger, primary_key=True, autoincrement=False),
+    Column("tx_count", BigInteger, nullable=False),
+    Column("amount_sum", Float, nullable=False),
+)
+
+# One-off data upgrades done on this database (e.g. the rollups' first fill), by name.
+schema_upgrades = Table(
+    "schema_upgrades",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("done_at", DateTime, nullable=False),
+)
+
 # Indexes an earlier version created that a newer one replaces: `ensure_schema` drops them.
 SUPERSEDED_INDEXES = {"scored_transactions": ("ix_scored_account_date",)}
 

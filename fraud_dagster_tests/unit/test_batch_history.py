@@ -20,6 +20,7 @@ from fraud_dagster.features import (
 )
 from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
 from fraud_dagster.storage.history import load_batch_history
+from fraud_dagster.storage.rollups import add_to_account_rollups
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
 
@@ -72,6 +73,7 @@ def store(engine: sa.Engine, frame: pd.DataFrame, offset_base: int = 0) -> None:
     ]
     with engine.begin() as conn:
         conn.execute(sa.insert(scored_transactions), rows)
+        add_to_account_rollups(conn, frame)  # as the batch write does
         if labels:
             conn.execute(sa.insert(fraud_labels), labels)
 
@@ -102,6 +104,9 @@ def test_database_history_gives_offline_features(
         # A short batch needs few rows: most of the history comes as aggregates.
         assert (history.accounts["weight"] > 1).any()
         assert len(history.accounts) < split / 4
+        # The accounts' bands come from their rollups; merchants have none.
+        assert history.accounts_read.rollup_rows > 0
+        assert history.merchants_read.rollup_rows == 0
     # What the run reports it read: every stored transaction its windows can reach, once.
     stored = frame.iloc[:split]
     for read, part, key, edges in (
@@ -200,14 +205,25 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
             for statement, parameters in statements
         }
     assert len(plans) >= 4  # rows and bands, for accounts and merchants
+    rollup_plans = {st: plan for st, plan in plans.items() if "account_rollups" in st}
     for statement, plan in plans.items():
+        if statement in rollup_plans:
+            continue
         seek = next(step for step in plan if "scored_transactions" in step)
         assert "transaction_date>" in seek and "transaction_date<" in seek, (statement, plan)
-    # The accounts' band sums, the part that grows with a dense stream, come from an index alone.
+    # The accounts' bands, the part that grows with a dense stream: whole days, hours and minutes
+    # from the rollups, each a seek by key, level and bucket range...
+    assert rollup_plans
+    for plan in rollup_plans.values():
+        assert plan == [
+            "SEARCH account_rollups USING INDEX sqlite_autoindex_account_rollups_1 "
+            "(account_id=? AND level=? AND bucket>? AND bucket<?)"
+        ]
+    # ... and the partial minutes at their ends summed from an index alone.
     account_sums = [
         plan
         for statement, plan in plans.items()
-        if "count(*)" in statement and "account_id" in statement
+        if "count(*)" in statement and "account_id" in statement and statement not in rollup_plans
     ]
     assert account_sums
     for plan in account_sums:
