@@ -27,10 +27,14 @@ from fraud_dagster.features import (
 )
 from fraud_dagster.messages import Rejection
 from fraud_dagster.storage.database import frame_from_rows, in_chunks
-from fraud_dagster.storage.rollups import sum_account_bands
+from fraud_dagster.storage.rollups import accounts_in_reach, sum_account_bands
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
 _EPOCH = datetime(1970, 1, 1)
+# Accounts with more stored transactions than this within their windows' reach have their band
+# sums read from the rollups; fewer are cheaper to sum from the transactions' index (a rollup
+# band costs about as much as summing a few hundred index entries, docs/benchmarks.md).
+DENSE_ACCOUNT_TRANSACTIONS = 1_000
 
 
 def _second(second: int) -> datetime:
@@ -71,15 +75,18 @@ def _history_part(
     batch_span: tuple[int, int],
     exclude_source: tuple[str, int, int, int] | None,
     *,
-    account_rollups: bool = False,
+    dense_accounts_from: int | None = None,
 ) -> tuple[pd.DataFrame, HistoryRead]:
     """Rows of `plan.rows` and one aggregate row per key and band of `plan.bands`, read from
     `source` (scored_transactions, joined to what `value` needs), and how much that was.
 
-    With `account_rollups` (`key` is the account, `value` the amount) a band's whole minutes,
-    hours and days come from `storage.rollups`, only its partial minutes from `source`. A band
-    that overlaps the batch's own span (`history_plan` makes none for the accounts' edges, which
-    start at 0) is summed from `source`, where a rerun's stored rows can be left out.
+    With `dense_accounts_from` (`key` is the account, `value` the amount) the accounts' day
+    rollups first say which keys hold stored transactions in reach at all (the others need no
+    query) and which hold more than that many: those dense keys' bands are taken from the
+    rollups, whole days, hours and minutes, and only their partial minutes from `source`. A
+    sparse key's band costs less summed from `source`, as are bands that overlap the batch's
+    own span (`history_plan` makes none for the accounts' edges, which start at 0), where a
+    rerun's stored rows can be left out.
     """
     s = scored_transactions
     date = s.c.transaction_date
@@ -96,7 +103,32 @@ def _history_part(
         exclude = exclude_source if _overlaps(interval, batch_span) else None
         return sa.and_(key.in_(chunk), _within(date, interval), _not_from(exclude))
 
-    for chunk in in_chunks(list(keys)):
+    def add_sums(
+        sums: dict[str, list[float]], chunk: Sequence[str], interval: tuple[int, int]
+    ) -> None:
+        if not chunk:
+            return
+        query = (
+            sa.select(key, sa.func.count(), sa.func.sum(value))
+            .select_from(source)
+            .where(selected(chunk, interval))
+            .group_by(key)
+        )
+        for k, n, total in conn.execute(query):
+            both = sums.setdefault(k, [0, 0.0])
+            both[0] += n
+            both[1] += total or 0.0
+
+    reach = (min(a for a, _ in plan.rows + plan.bands), max(b for _, b in plan.rows + plan.bands))
+    for candidates in in_chunks(list(keys)):
+        chunk, dense = candidates, []
+        if dense_accounts_from is not None:
+            in_reach, probed = accounts_in_reach(conn, candidates, reach)
+            rollup_rows += probed
+            chunk = [k for k in candidates if in_reach.get(k)]
+            dense = [k for k in chunk if in_reach[k] > dense_accounts_from]
+        if not chunk:
+            continue
         for interval in plan.rows:
             query = (
                 sa.select(s.c.transaction_id, key, date, value, sa.literal(1.0))
@@ -106,22 +138,19 @@ def _history_part(
             rows.extend(conn.execute(query).all())
         for band_index, interval in enumerate(plan.bands):
             sums: dict[str, list[float]] = {}
-            edges = [interval]
-            if account_rollups and not (exclude_source and _overlaps(interval, batch_span)):
-                from_rollups, edges = sum_account_bands(conn, chunk, interval)
-                sums = {k: [part.count, part.total] for k, part in from_rollups.items()}
-                rollup_rows += sum(part.rollup_rows for part in from_rollups.values())
-            for edge in edges:
-                query = (
-                    sa.select(key, sa.func.count(), sa.func.sum(value))
-                    .select_from(source)
-                    .where(selected(chunk, edge))
-                    .group_by(key)
-                )
-                for k, n, total in conn.execute(query):
+            if dense and not (exclude_source and _overlaps(interval, batch_span)):
+                dense_set = set(dense)
+                add_sums(sums, [k for k in chunk if k not in dense_set], interval)
+                from_rollups, edges = sum_account_bands(conn, dense, interval)
+                for k, part in from_rollups.items():
                     both = sums.setdefault(k, [0, 0.0])
-                    both[0] += n
-                    both[1] += total or 0.0
+                    both[0] += part.count
+                    both[1] += part.total
+                    rollup_rows += part.rollup_rows
+                for edge in edges:
+                    add_sums(sums, dense, edge)
+            else:
+                add_sums(sums, chunk, interval)
             bands.extend((k, band_index, n, total) for k, (n, total) in sums.items() if n)
     names = ["transaction_id", "key", "transaction_date", "value", WEIGHT]
     aggregates = [
@@ -153,13 +182,15 @@ def load_batch_history(
     conn: Connection,
     batch: pd.DataFrame,
     exclude_source: tuple[str, int, int, int] | None = None,
+    dense_accounts_from: int = DENSE_ACCOUNT_TRANSACTIONS,
 ) -> BatchHistory:
     """What the windows of `batch` (account_id, merchant, transaction_date) need from storage.
 
     Near the windows' edges stored transactions come as rows, elsewhere as one aggregate row
     per key and band (see `features.history_plan`), so the history of a batch stays about as
-    large as the batch however much is stored. The accounts' aggregates are summed from their
-    rollups (`storage.rollups`), so they cost about the same however busy the accounts are.
+    large as the batch however much is stored. The aggregates of accounts with more than
+    `dense_accounts_from` stored transactions in reach are summed from their rollups
+    (`storage.rollups`), so they cost about the same however busy the accounts are.
     `exclude_source` = (topic, partition, first, last) leaves out the batch's own messages,
     which a rerun finds stored already.
     """
@@ -175,7 +206,7 @@ def load_batch_history(
         s.c.transaction_amount,
         (first, last),
         exclude_source,
-        account_rollups=True,
+        dense_accounts_from=dense_accounts_from,
     )
     accounts = accounts.rename(columns={"key": "account_id", "value": "transaction_amount"})
     fraud = sa.case((labels.c.is_fraud == sa.true(), 1.0), else_=0.0)

@@ -190,6 +190,31 @@ def sum_account_bands(
     return result, parts.edges
 
 
+def accounts_in_reach(
+    conn: Connection, accounts: Sequence[str], reach: tuple[int, int]
+) -> tuple[dict[str, int], int]:
+    """Per account, how many stored transactions the days overlapping `reach` (closed epoch
+    seconds) hold, at least as many as `reach` itself holds (accounts with none left out); and
+    the rollup rows that took (one per account and day)."""
+    r = account_rollups
+    day = ROLLUP_LEVELS_SECONDS[0]
+    query = (
+        sa.select(r.c.account_id, sa.func.sum(r.c.tx_count), sa.func.count())
+        .where(
+            r.c.account_id.in_(accounts),
+            r.c.level == day,
+            r.c.bucket.between(reach[0] // day, reach[1] // day),
+        )
+        .group_by(r.c.account_id)
+    )
+    counts: dict[str, int] = {}
+    read = 0
+    for account, count, rows in conn.execute(query):
+        counts[account] = int(count)
+        read += int(rows)
+    return counts, read
+
+
 def backfill_account_rollups(engine: Engine) -> None:
     """Fill the rollups from the stored transactions, once per database (`BACKFILL_MARK`).
 

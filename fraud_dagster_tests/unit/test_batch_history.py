@@ -19,7 +19,7 @@ from fraud_dagster.features import (
     history_plan,
 )
 from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
-from fraud_dagster.storage.history import load_batch_history
+from fraud_dagster.storage.history import DENSE_ACCOUNT_TRANSACTIONS, load_batch_history
 from fraud_dagster.storage.rollups import add_to_account_rollups
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
@@ -78,13 +78,21 @@ def store(engine: sa.Engine, frame: pd.DataFrame, offset_base: int = 0) -> None:
             conn.execute(sa.insert(fraud_labels), labels)
 
 
+# The accounts here hold ~80 transactions in a batch's reach: dense from 0 sends every account's
+# bands through the rollups, the default sums them from the transactions' index.
+BOTH_ACCOUNT_PATHS = pytest.mark.parametrize(
+    "dense_from", [0, DENSE_ACCOUNT_TRANSACTIONS], ids=["rollups", "index"]
+)
+
+
+@BOTH_ACCOUNT_PATHS
 @pytest.mark.parametrize(
     ("batch_size", "stored_batch_too"),
     # 900 of 60 days span ~13 days: merchant bands (7+ days back) then hold batch rows too.
     [(5, False), (60, False), (900, False), (60, True), (900, True)],
 )
 def test_database_history_gives_offline_features(
-    tmp_path: Path, batch_size: int, stored_batch_too: bool
+    tmp_path: Path, batch_size: int, stored_batch_too: bool, dense_from: int
 ) -> None:
     frame = transactions(4000, seed=batch_size)
     engine = create_engine(f"sqlite:///{tmp_path / 'h.db'}")
@@ -94,7 +102,9 @@ def test_database_history_gives_offline_features(
     batch = frame.iloc[split:]
     with engine.connect() as conn:
         exclude = ("t", 0, split, len(frame) - 1) if stored_batch_too else None
-        history = load_batch_history(conn, batch, exclude_source=exclude)
+        history = load_batch_history(
+            conn, batch, exclude_source=exclude, dense_accounts_from=dense_from
+        )
     online = compute_batch_features(batch, history)
     offline = compute_features(frame).iloc[split:]
     pd.testing.assert_frame_equal(
@@ -104,7 +114,7 @@ def test_database_history_gives_offline_features(
         # A short batch needs few rows: most of the history comes as aggregates.
         assert (history.accounts["weight"] > 1).any()
         assert len(history.accounts) < split / 4
-        # The accounts' bands come from their rollups; merchants have none.
+        # The accounts' day rollups say which accounts to read; merchants have no rollups.
         assert history.accounts_read.rollup_rows > 0
         assert history.merchants_read.rollup_rows == 0
     # What the run reports it read: every stored transaction its windows can reach, once.
@@ -140,7 +150,8 @@ def test_history_plan_covers_the_reach_without_overlap() -> None:
     assert long.bands == []
 
 
-def test_transactions_exactly_on_window_edges(tmp_path: Path) -> None:
+@BOTH_ACCOUNT_PATHS
+def test_transactions_exactly_on_window_edges(tmp_path: Path, dense_from: int) -> None:
     """Stored transactions a second before, on and after every window edge of every batch row."""
     start = pd.Timestamp("2025-03-01 12:00:00")
     offsets = pd.to_timedelta([0, 10, 20], unit="s")
@@ -174,7 +185,8 @@ def test_transactions_exactly_on_window_edges(tmp_path: Path) -> None:
     ensure_schema(engine)
     store(engine, history)
     with engine.connect() as conn:
-        online = compute_batch_features(batch, load_batch_history(conn, batch))
+        read = load_batch_history(conn, batch, dense_accounts_from=dense_from)
+        online = compute_batch_features(batch, read)
     everything = pd.concat([history, batch], ignore_index=True)
     offline = compute_features(everything).iloc[len(history) :].set_axis(batch.index)
     pd.testing.assert_frame_equal(online, offline, check_dtype=False)
@@ -196,7 +208,13 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
 
     with engine.connect() as conn:
         # As a run calls it: its own offsets excluded (a rerun finds them stored).
-        load_batch_history(conn, frame.iloc[-60:], exclude_source=("t", 0, 3940, 3999))
+        for dense_from in (0, DENSE_ACCOUNT_TRANSACTIONS):  # both ways of summing accounts
+            load_batch_history(
+                conn,
+                frame.iloc[-60:],
+                exclude_source=("t", 0, 3940, 3999),
+                dense_accounts_from=dense_from,
+            )
         sqlite = conn.connection.driver_connection
         plans = {
             statement: [
@@ -211,9 +229,10 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
             continue
         seek = next(step for step in plan if "scored_transactions" in step)
         assert "transaction_date>" in seek and "transaction_date<" in seek, (statement, plan)
-    # The accounts' bands, the part that grows with a dense stream: whole days, hours and minutes
-    # from the rollups, each a seek by key, level and bucket range...
-    assert rollup_plans
+    # Which accounts hold anything in reach (their day rollups), and the dense accounts' bands,
+    # the part that grows with a dense stream: whole days, hours and minutes from the rollups,
+    # each a seek by key, level and bucket range...
+    assert any("amount_sum" in statement for statement in rollup_plans)
     for plan in rollup_plans.values():
         assert plan == [
             "SEARCH account_rollups USING INDEX sqlite_autoindex_account_rollups_1 "
