@@ -11,23 +11,26 @@ import sqlalchemy as sa
 
 from fraud_dagster.messages import RawBatch, ValidationLimits
 from fraud_dagster.storage.database import create_engine, ensure_schema
-from fraud_dagster.storage.rollups import rollup_increments
+from fraud_dagster.storage.rollups import DAY, rollup_rows_of
 from fraud_dagster.storage.schema import account_rollups, schema_upgrades, scored_transactions
 from fraud_dagster_tests.unit.stored_batches import run
 
 
-def raw_batch(partition: int, first: int, count: int, *, ids_of: int | None = None) -> RawBatch:
-    """Offsets first.. of topic "t": 5 accounts, all in the same minute (the same rollup rows);
-    transaction ids "p<partition>-<offset>", or those of partition `ids_of` (duplicates)."""
+def raw_batch(
+    partition: int, first: int, count: int, *, accounts: int = 5, ids_of: int | None = None
+) -> RawBatch:
+    """Offsets first.. of topic "t", spread over `accounts` accounts, all on one day (one day
+    rollup row per account); transaction ids "p<partition>-<offset>", or those of partition
+    `ids_of` (duplicates)."""
     id_prefix = f"p{partition if ids_of is None else ids_of}-"
     values = [
         json.dumps(
             {
                 "transaction_id": f"{id_prefix}{offset}",
-                "account_id": f"A{offset % 5}",
+                "account_id": f"A{offset % accounts}",
                 "merchant": "M1",
                 "transaction_amount": 1.0 + offset % 7,
-                "transaction_date": f"2026-11-01T10:00:{offset % 60:02d}Z",
+                "transaction_date": f"2026-11-01T10:{offset // 60 % 60:02d}:{offset % 60:02d}Z",
             }
         ).encode()
         for offset in range(first, first + count)
@@ -60,26 +63,31 @@ def rollups_of_stored_rows(engine: sa.Engine) -> list[tuple]:
         )
     return [
         (r["account_id"], r["level"], r["bucket"], r["tx_count"], r["amount_sum"])
-        for r in rollup_increments(stored)
+        for r in rollup_rows_of(stored)
     ]
 
 
 def test_reruns_rejections_and_duplicates_add_nothing(database_url: str) -> None:
     engine = create_engine(database_url)
     ensure_schema(engine)
-    first = raw_batch(0, 0, 40)
+    # A1 gets busy in the first batch (hours and minutes from its stored rows), in the second it
+    # is busy already (this batch's increments); A0's day stays quiet (a day row only).
+    first, second = raw_batch(0, 0, 300, accounts=2), raw_batch(0, 300, 200, accounts=2)
     run(first, engine, ValidationLimits())
-    after_first = rollups(engine)
-    assert sum(row[3] for row in after_first) == 40 * 3  # every row, at each of 3 levels
+    run(second, engine, ValidationLimits())
+    stored = rollups(engine)
+    assert [row[3] for row in stored if row[1] == DAY] == [250, 250]
+    assert {row[0] for row in stored if row[1] != DAY} == {"A0", "A1"}
+    assert sum(row[3] for row in stored if row[0] == "A1" and row[1] == 60) == 250
 
     rerun = run(first, engine, ValidationLimits())
     duplicates = run(raw_batch(1, 0, 10, ids_of=0), engine, ValidationLimits())
     rejected = run(raw_batch(2, 0, 10), engine, ValidationLimits(max_amount=0.5))
-    assert (rerun.inserted, rerun.already_stored) == (0, 40)
+    assert (rerun.inserted, rerun.already_stored) == (0, 300)
     assert (duplicates.inserted, duplicates.rejected_inserted) == (0, 10)
     assert (rejected.inserted, rejected.rejected_inserted) == (0, 10)
 
-    assert rollups(engine) == after_first == rollups_of_stored_rows(engine)
+    assert rollups(engine) == stored == rollups_of_stored_rows(engine)
     engine.dispose()
 
 
@@ -94,8 +102,8 @@ def test_concurrent_batches_of_the_same_accounts_add_up(database_url: str) -> No
     def write(partition: int) -> None:
         try:
             start.wait()
-            for first in range(0, 400, 50):
-                run(raw_batch(partition, first, 50), engine, ValidationLimits())
+            for first in range(0, 400, 50):  # 2 accounts: their day gets busy meanwhile
+                run(raw_batch(partition, first, 50, accounts=2), engine, ValidationLimits())
         except BaseException as exc:  # reported below, with the other thread's result
             errors.append(exc)
 
@@ -106,7 +114,8 @@ def test_concurrent_batches_of_the_same_accounts_add_up(database_url: str) -> No
         thread.join(timeout=300)
     assert not errors
     stored = rollups_of_stored_rows(engine)
-    assert sum(row[3] for row in stored) == 800 * 3
+    assert [row[3] for row in stored if row[1] == DAY] == [400, 400]
+    assert sum(row[3] for row in stored) == 800 * 3  # both days busy: every level
     assert rollups(engine) == stored
     engine.dispose()
 
@@ -114,8 +123,10 @@ def test_concurrent_batches_of_the_same_accounts_add_up(database_url: str) -> No
 def test_a_database_without_rollups_gets_them_filled_once(database_url: str) -> None:
     engine = create_engine(database_url)
     ensure_schema(engine)
-    run(raw_batch(0, 0, 60), engine, ValidationLimits())
+    run(raw_batch(0, 0, 250, accounts=1), engine, ValidationLimits())
+    run(raw_batch(0, 250, 30, accounts=3), engine, ValidationLimits())
     expected = rollups(engine)
+    assert {row[0] for row in expected if row[1] != DAY} == {"A0"}  # busy; A1 and A2 are not
     # As an earlier version left it: the stored rows, no rollups, no mark.
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE account_rollups"))

@@ -27,7 +27,7 @@ from fraud_dagster.features import (
 )
 from fraud_dagster.messages import Rejection
 from fraud_dagster.storage.database import frame_from_rows, in_chunks
-from fraud_dagster.storage.rollups import accounts_in_reach, sum_account_bands
+from fraud_dagster.storage.rollups import plan_account_bands
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
 _EPOCH = datetime(1970, 1, 1)
@@ -80,13 +80,12 @@ def _history_part(
     """Rows of `plan.rows` and one aggregate row per key and band of `plan.bands`, read from
     `source` (scored_transactions, joined to what `value` needs), and how much that was.
 
-    With `dense_accounts_from` (`key` is the account, `value` the amount) the accounts' day
-    rollups first say which keys hold stored transactions in reach at all (the others need no
-    query) and which hold more than that many: those dense keys' bands are taken from the
-    rollups, whole days, hours and minutes, and only their partial minutes from `source`. A
-    sparse key's band costs less summed from `source`, as are bands that overlap the batch's
-    own span (`history_plan` makes none for the accounts' edges, which start at 0), where a
-    rerun's stored rows can be left out.
+    With `dense_accounts_from` (`key` is the account, `value` the amount) the accounts' bands
+    are planned by `storage.rollups.plan_account_bands`: accounts with nothing stored in reach
+    need no query at all, and the bands of accounts with more than that many transactions in
+    reach come from their rollups, all but their partial minutes. Bands that overlap the batch's
+    own span (`history_plan` makes none for the accounts' edges, which start at 0) are summed
+    from `source`, where a rerun's stored rows can be left out.
     """
     s = scored_transactions
     date = s.c.transaction_date
@@ -104,10 +103,11 @@ def _history_part(
         return sa.and_(key.in_(chunk), _within(date, interval), _not_from(exclude))
 
     def add_sums(
-        sums: dict[str, list[float]], chunk: Sequence[str], interval: tuple[int, int]
+        sums: dict[tuple[str, int], list[float]],
+        chunk: Sequence[str],
+        band_index: int,
+        interval: tuple[int, int],
     ) -> None:
-        if not chunk:
-            return
         query = (
             sa.select(key, sa.func.count(), sa.func.sum(value))
             .select_from(source)
@@ -115,18 +115,26 @@ def _history_part(
             .group_by(key)
         )
         for k, n, total in conn.execute(query):
-            both = sums.setdefault(k, [0, 0.0])
+            both = sums.setdefault((k, band_index), [0, 0.0])
             both[0] += n
             both[1] += total or 0.0
 
     reach = (min(a for a, _ in plan.rows + plan.bands), max(b for _, b in plan.rows + plan.bands))
     for candidates in in_chunks(list(keys)):
-        chunk, dense = candidates, []
+        chunk = candidates
+        sums: dict[tuple[str, int], list[float]] = {}
+        from_rows = [(chunk, index, interval) for index, interval in enumerate(plan.bands)]
         if dense_accounts_from is not None:
-            in_reach, probed = accounts_in_reach(conn, candidates, reach)
-            rollup_rows += probed
-            chunk = [k for k in candidates if in_reach.get(k)]
-            dense = [k for k in chunk if in_reach[k] > dense_accounts_from]
+            own = [
+                (index, interval)
+                for index, interval in enumerate(plan.bands)
+                if exclude_source and _overlaps(interval, batch_span)
+            ]
+            others = [band for band in enumerate(plan.bands) if band not in own]
+            accounts = plan_account_bands(conn, candidates, others, reach, dense_accounts_from)
+            rollup_rows += accounts.rollup_rows
+            chunk, sums = accounts.accounts, accounts.sums
+            from_rows = [*accounts.from_rows, *((chunk, index, band) for index, band in own)]
         if not chunk:
             continue
         for interval in plan.rows:
@@ -136,22 +144,10 @@ def _history_part(
                 .where(selected(chunk, interval))
             )
             rows.extend(conn.execute(query).all())
-        for band_index, interval in enumerate(plan.bands):
-            sums: dict[str, list[float]] = {}
-            if dense and not (exclude_source and _overlaps(interval, batch_span)):
-                dense_set = set(dense)
-                add_sums(sums, [k for k in chunk if k not in dense_set], interval)
-                from_rollups, edges = sum_account_bands(conn, dense, interval)
-                for k, part in from_rollups.items():
-                    both = sums.setdefault(k, [0, 0.0])
-                    both[0] += part.count
-                    both[1] += part.total
-                    rollup_rows += part.rollup_rows
-                for edge in edges:
-                    add_sums(sums, dense, edge)
-            else:
-                add_sums(sums, chunk, interval)
-            bands.extend((k, band_index, n, total) for k, (n, total) in sums.items() if n)
+        for part, band_index, interval in from_rows:
+            if part:
+                add_sums(sums, part, band_index, interval)
+        bands.extend((k, band_index, n, total) for (k, band_index), (n, total) in sums.items() if n)
     names = ["transaction_id", "key", "transaction_date", "value", WEIGHT]
     aggregates = [
         # One row for the n transactions of a key in a band, at the band's last second;

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -26,16 +27,24 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
-from fraud_dagster.storage.database import insert_adding_on_conflict, utcnow
+from fraud_dagster.storage.database import in_chunks, insert_adding_on_conflict, utcnow
 from fraud_dagster.storage.schema import account_rollups, schema_upgrades, scored_transactions
 
 logger = logging.getLogger(__name__)
 
-# Bucket sizes in seconds, coarsest first; each divides the one before it, and buckets are
-# aligned to the epoch (days to UTC midnight).
-ROLLUP_LEVELS_SECONDS = (86_400, 3_600, 60)
+DAY = 86_400
+# Finer bucket sizes in seconds, coarser first; each divides a day and the one before it, and
+# buckets are aligned to the epoch (days to UTC midnight).
+FINE_LEVELS_SECONDS = (3_600, 60)
+ROLLUP_LEVELS_SECONDS = (DAY, *FINE_LEVELS_SECONDS)
+# An account's day gets hour and minute rollups once it holds more transactions than this; a
+# sparser day is cheaper to sum from the transactions' index than to keep three rollup rows per
+# transaction for (docs/benchmarks.md, "Stop 22").
+FINE_FROM_DAY_COUNT = 200
 BACKFILL_MARK = "account_rollups backfilled"
 _BACKFILL_CHUNK = 200_000
+_KEY = ["account_id", "level", "bucket"]
+_EPOCH = datetime(1970, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,9 @@ def split_band(first: int, last: int, levels: Sequence[int] = ROLLUP_LEVELS_SECO
     )
 
 
-def _increments_frame(transactions: pd.DataFrame) -> pd.DataFrame:
+def _increments_frame(
+    transactions: pd.DataFrame, levels: Sequence[int] = ROLLUP_LEVELS_SECONDS
+) -> pd.DataFrame:
     """Count and amount sum of `transactions` per account_id, level and bucket, sorted."""
     seconds = (
         pd.to_datetime(transactions["transaction_date"])
@@ -92,15 +103,36 @@ def _increments_frame(transactions: pd.DataFrame) -> pd.DataFrame:
                     "amount": amounts,
                 }
             )
-            for level in ROLLUP_LEVELS_SECONDS
+            for level in levels
         ],
         ignore_index=True,
     )
     return (
-        parts.groupby(["account_id", "level", "bucket"], sort=True)["amount"]
+        parts.groupby(_KEY, sort=True)["amount"]
         .agg(tx_count="count", amount_sum="sum")
         .reset_index()
     )
+
+
+def _day_of(frame: pd.DataFrame) -> pd.Series:
+    """The day bucket each rollup row of `frame` falls in."""
+    return frame["bucket"] * frame["level"] // DAY
+
+
+def _kept(increments: pd.DataFrame) -> pd.DataFrame:
+    """Of the increments of every stored transaction, the rollup rows the table keeps: every
+    day, and the hours and minutes of days with more than `FINE_FROM_DAY_COUNT`."""
+    days = increments.loc[increments["level"] == DAY]
+    busy = days.loc[days["tx_count"] > FINE_FROM_DAY_COUNT, ["account_id", "bucket"]]
+    fine = increments.loc[increments["level"] != DAY]
+    fine = fine.loc[
+        _pairs(fine["account_id"], _day_of(fine)).isin(_pairs(busy["account_id"], busy["bucket"]))
+    ]
+    return pd.concat([days, fine]).sort_values(_KEY, ignore_index=True)
+
+
+def _pairs(accounts: Any, days: Any) -> pd.Index:
+    return pd.MultiIndex.from_arrays([np.asarray(accounts), np.asarray(days, dtype=np.int64)])
 
 
 def _rollup_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -123,45 +155,158 @@ def _rollup_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     ]
 
 
-def rollup_increments(transactions: pd.DataFrame) -> list[dict[str, Any]]:
-    """What `transactions` (account_id, transaction_amount, transaction_date) add to the
-    rollups: one row per account, level and bucket, sorted by that key (so that concurrent
-    writers lock rollup rows in the same order and cannot deadlock)."""
+def rollup_rows_of(transactions: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rollup rows the table holds when `transactions` (account_id, transaction_amount,
+    transaction_date) are all that is stored, sorted by key."""
     if transactions.empty:
         return []
-    return _rollup_records(_increments_frame(transactions))
+    return _rollup_records(_kept(_increments_frame(transactions)))
 
 
 def add_to_account_rollups(conn: Connection, transactions: pd.DataFrame) -> int:
     """Add newly inserted `transactions` to the rollups, in the caller's transaction; returns
-    the rollup rows written. Call it only with rows this transaction inserted."""
-    increments = rollup_increments(transactions)
-    if increments:
-        statement = insert_adding_on_conflict(
-            account_rollups, conn.dialect.name, ["tx_count", "amount_sum"]
-        )
-        conn.execute(statement, increments)
-    return len(increments)
+    the rollup rows written. Call it only with rows this transaction inserted.
 
-
-@dataclass(frozen=True)
-class BandSum:
-    """One key's transactions in one band: how many, their amounts' sum, and the rollup rows
-    that took."""
-
-    count: int
-    total: float
-    rollup_rows: int
-
-
-def sum_account_bands(
-    conn: Connection, accounts: Sequence[str], band: tuple[int, int]
-) -> tuple[dict[str, BandSum], list[tuple[int, int]]]:
-    """The rollups' share of `band` per account (keys with nothing there are left out), and the
-    edges of the band the caller must sum from the stored transactions."""
+    Days first, then hours and minutes, each in key order: concurrent writers lock rollup rows
+    in one order and cannot deadlock. The day rows' new counts say which days are busy: a day
+    that becomes busy with this write gets its hours and minutes from all its stored
+    transactions (this write's included), one that was busy before gets this write's increments.
+    A writer waiting on a day row sees the count the other one committed.
+    """
+    if transactions.empty:
+        return 0
+    increments = _increments_frame(transactions)
+    days = increments.loc[increments["level"] == DAY]
+    add = insert_adding_on_conflict(account_rollups, conn.dialect.name, ["tx_count", "amount_sum"])
     r = account_rollups
-    parts = split_band(*band)
-    sums: dict[str, list[float]] = {}
+    counted = pd.DataFrame(
+        conn.execute(
+            add.returning(r.c.account_id, r.c.bucket, r.c.tx_count), _rollup_records(days)
+        ).all(),
+        columns=["account_id", "bucket", "after"],
+    )
+    counted = days.merge(counted, on=["account_id", "bucket"])
+    busy = counted["after"] > FINE_FROM_DAY_COUNT
+    before = counted["after"] - counted["tx_count"]
+    became_busy = counted.loc[busy & (before <= FINE_FROM_DAY_COUNT)]
+    busy_before = counted.loc[busy & (before > FINE_FROM_DAY_COUNT)]
+    fine = increments.loc[increments["level"] != DAY]
+    fine = fine.loc[
+        _pairs(fine["account_id"], _day_of(fine)).isin(
+            _pairs(busy_before["account_id"], busy_before["bucket"])
+        )
+    ]
+    if len(became_busy):
+        fine = pd.concat([fine, _stored_fine_increments(conn, became_busy)])
+    if len(fine):
+        conn.execute(add, _rollup_records(fine.sort_values(_KEY)))
+    return len(days) + len(fine)
+
+
+def _stored_fine_increments(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
+    """Hour and minute rollups of every stored transaction of the (account_id, bucket) days."""
+    s = scored_transactions
+    wanted = _pairs(days["account_id"], days["bucket"])
+    first, last = int(days["bucket"].min()), int(days["bucket"].max())
+    found = []
+    for accounts in in_chunks(days["account_id"].unique().tolist()):
+        query = sa.select(s.c.account_id, s.c.transaction_amount, s.c.transaction_date).where(
+            s.c.account_id.in_(accounts),
+            s.c.transaction_date >= _EPOCH + timedelta(days=first),
+            s.c.transaction_date < _EPOCH + timedelta(days=last + 1),
+        )
+        found.extend(conn.execute(query).all())
+    rows = pd.DataFrame(found, columns=["account_id", "transaction_amount", "transaction_date"])
+    increments = _increments_frame(rows, FINE_LEVELS_SECONDS)
+    return increments.loc[_pairs(increments["account_id"], _day_of(increments)).isin(wanted)]
+
+
+@dataclass
+class AccountBands:
+    """How the accounts' band sums are read (`plan_account_bands`): `sums` taken from the
+    rollups per (account, band index) as [count, amount sum]; `from_rows` (accounts, band index,
+    interval) left to sum from the stored transactions; `accounts` holding anything in reach;
+    `rollup_rows` read."""
+
+    sums: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    from_rows: list[tuple[list[str], int, tuple[int, int]]] = field(default_factory=list)
+    accounts: list[str] = field(default_factory=list)
+    rollup_rows: int = 0
+
+    def add(self, account: str, band: int, count: float, total: float) -> None:
+        both = self.sums.setdefault((account, band), [0, 0.0])
+        both[0] += count
+        both[1] += total
+
+
+def _by_day(first: int, last: int) -> tuple[tuple[int, int] | None, list[tuple[int, int, int]]]:
+    """[first, last] as a range of whole days (or None) and the parts of days at its ends, each
+    (day, first second, last second) within one day."""
+    whole = split_band(first, last, (DAY,))
+    days = [(b0, b1) for _, b0, b1 in whole.buckets]
+    partial = []
+    for start, end in whole.edges:
+        for day in range(start // DAY, end // DAY + 1):
+            partial.append((day, max(start, day * DAY), min(end, (day + 1) * DAY - 1)))
+    return (days[0] if days else None), partial
+
+
+def plan_account_bands(
+    conn: Connection,
+    accounts: Sequence[str],
+    bands: Sequence[tuple[int, tuple[int, int]]],
+    reach: tuple[int, int],
+    dense_from: int,
+) -> AccountBands:
+    """Read what the rollups hold of `bands` ((index, closed epoch-second interval) each) for
+    `accounts`, and say what must be summed from the stored transactions instead.
+
+    The day rollups of `reach` come first: accounts with nothing there need no read at all, and
+    those with at most `dense_from` transactions are cheaper summed from the transactions. A
+    denser account's band is its whole days (from those day rows), and at each end the part of a
+    day: from the hour and minute rollups if that day has them (busy), else from the rows.
+    """
+    r = account_rollups
+    plan = AccountBands()
+    day_rows: dict[str, list[tuple[int, int, float]]] = {}
+    query = sa.select(r.c.account_id, r.c.bucket, r.c.tx_count, r.c.amount_sum).where(
+        r.c.account_id.in_(accounts),
+        r.c.level == DAY,
+        r.c.bucket.between(reach[0] // DAY, reach[1] // DAY),
+    )
+    for account, day, count, total in conn.execute(query):
+        day_rows.setdefault(account, []).append((int(day), int(count), float(total)))
+        plan.rollup_rows += 1
+    plan.accounts = [a for a in accounts if a in day_rows]
+    in_reach = {a: sum(count for _, count, _ in rows) for a, rows in day_rows.items()}
+    dense = [a for a in plan.accounts if in_reach[a] > dense_from]
+    sparse = [a for a in plan.accounts if in_reach[a] <= dense_from]
+    busy = {(a, day) for a in dense for day, count, _ in day_rows[a] if count > FINE_FROM_DAY_COUNT}
+    for band, (first, last) in bands:
+        if sparse:
+            plan.from_rows.append((sparse, band, (first, last)))
+        if not dense:
+            continue
+        whole, partial = _by_day(first, last)
+        if whole:
+            for account in dense:
+                for day, count, total in day_rows[account]:
+                    if whole[0] <= day <= whole[1]:
+                        plan.add(account, band, count, total)
+        for day, start, end in partial:
+            fine = [a for a in dense if (a, day) in busy]
+            rows_only = [a for a in dense if (a, day) not in busy]
+            if rows_only:
+                plan.from_rows.append((rows_only, band, (start, end)))
+            if fine:
+                _read_fine(conn, plan, fine, band, split_band(start, end, FINE_LEVELS_SECONDS))
+    return plan
+
+
+def _read_fine(
+    conn: Connection, plan: AccountBands, accounts: list[str], band: int, parts: BandParts
+) -> None:
+    r = account_rollups
     for level, first_bucket, last_bucket in parts.buckets:
         query = (
             sa.select(
@@ -178,41 +323,10 @@ def sum_account_bands(
             .group_by(r.c.account_id)
         )
         for account, count, total, rows in conn.execute(query):
-            acc = sums.setdefault(account, [0, 0.0, 0])
-            acc[0] += int(count)
-            acc[1] += float(total or 0.0)
-            acc[2] += int(rows)
-    result = {
-        account: BandSum(int(count), total, int(rows))
-        for account, (count, total, rows) in sums.items()
-        if count
-    }
-    return result, parts.edges
-
-
-def accounts_in_reach(
-    conn: Connection, accounts: Sequence[str], reach: tuple[int, int]
-) -> tuple[dict[str, int], int]:
-    """Per account, how many stored transactions the days overlapping `reach` (closed epoch
-    seconds) hold, at least as many as `reach` itself holds (accounts with none left out); and
-    the rollup rows that took (one per account and day)."""
-    r = account_rollups
-    day = ROLLUP_LEVELS_SECONDS[0]
-    query = (
-        sa.select(r.c.account_id, sa.func.sum(r.c.tx_count), sa.func.count())
-        .where(
-            r.c.account_id.in_(accounts),
-            r.c.level == day,
-            r.c.bucket.between(reach[0] // day, reach[1] // day),
-        )
-        .group_by(r.c.account_id)
-    )
-    counts: dict[str, int] = {}
-    read = 0
-    for account, count, rows in conn.execute(query):
-        counts[account] = int(count)
-        read += int(rows)
-    return counts, read
+            plan.add(account, band, int(count), float(total or 0.0))
+            plan.rollup_rows += int(rows)
+    for edge in parts.edges:
+        plan.from_rows.append((accounts, band, edge))
 
 
 def backfill_account_rollups(engine: Engine) -> None:
@@ -229,9 +343,9 @@ def backfill_account_rollups(engine: Engine) -> None:
             if conn.execute(sa.select(marks.c.name).where(marks.c.name == BACKFILL_MARK)).first():
                 return
             conn.execute(sa.delete(account_rollups))
-            rows = _stored_increments(conn)
+            rows = _stored_rollup_rows(conn)
             if rows:
-                logger.info("filling account rollups from %d stored rollup rows (once)", len(rows))
+                logger.info("filling account rollups: %d rollup rows (once)", len(rows))
                 conn.execute(sa.insert(account_rollups), rows)
             conn.execute(sa.insert(marks), [{"name": BACKFILL_MARK, "done_at": utcnow()}])
     except SQLAlchemyError as exc:
@@ -244,8 +358,8 @@ def backfill_account_rollups(engine: Engine) -> None:
             raise StorageError(f"cannot fill the account rollups: {exc}") from exc
 
 
-def _stored_increments(conn: Connection) -> list[dict[str, Any]]:
-    """The rollups of everything stored, read in chunks and summed per key."""
+def _stored_rollup_rows(conn: Connection) -> list[dict[str, Any]]:
+    """The rollup rows of everything stored, read in chunks and summed per key."""
     s = scored_transactions
     query = sa.select(s.c.account_id, s.c.transaction_amount, s.c.transaction_date)
     result = conn.execute(query.execution_options(yield_per=_BACKFILL_CHUNK))
@@ -259,8 +373,8 @@ def _stored_increments(conn: Connection) -> list[dict[str, Any]]:
         return []
     summed = (
         pd.concat(partial, ignore_index=True)
-        .groupby(["account_id", "level", "bucket"], sort=True)[["tx_count", "amount_sum"]]
+        .groupby(_KEY, sort=True)[["tx_count", "amount_sum"]]
         .sum()
         .reset_index()
     )
-    return _rollup_records(summed)
+    return _rollup_records(_kept(summed))

@@ -57,7 +57,8 @@ scored_transactions = Table(
 
 # Per account, level (bucket size in seconds: a day, an hour, a minute) and bucket (epoch
 # seconds // level): how many transactions `scored_transactions` holds there and their amounts'
-# sum. Kept by the batch write (storage.rollups); the features' band sums read them.
+# sum; hours and minutes only for an account's busy days. Kept by the batch write
+# (storage.rollups); the features' band sums of busy accounts read them.
 account_rollups = Table(
     "account_rollups",
     metadata,
@@ -66,6 +67,8 @@ account_rollups = Table(
     Column("bucket", BigInteger, primary_key=True, autoincrement=False),
     Column("tx_count", BigInteger, nullable=False),
     Column("amount_sum", Float, nullable=False),
+    # SQLite: the table is its primary key's B-tree (one write per upsert, covering reads).
+    sqlite_with_rowid=False,
 )
 
 # One-off data upgrades done on this database (e.g. the rollups' first fill), by name.

@@ -127,6 +127,45 @@ def test_database_history_gives_offline_features(
         assert read.rows + read.sums == len(part)
 
 
+@pytest.mark.parametrize("stored_batch_too", [False, True])
+def test_busy_accounts_read_hours_and_minutes_and_give_offline_features(
+    tmp_path: Path, stored_batch_too: bool
+) -> None:
+    """Three accounts with ~600 transactions a day: every day has hour and minute rollups, and
+    the bands' ends are read from them (the part of the read that grew with a dense stream)."""
+    rng = np.random.default_rng(5)
+    n = 3 * 600 * 35
+    micros = np.sort(rng.integers(0, 86_400 * 35 * 1_000_000, n))
+    frame = pd.DataFrame(
+        {
+            "transaction_id": [f"t{i:06d}" for i in range(n)],
+            "account_id": rng.integers(0, 3, n).astype(str),
+            "merchant": rng.integers(0, 50, n).astype(str),
+            "transaction_amount": rng.gamma(2, 30, n).round(2),
+            "transaction_date": pd.Timestamp("2025-01-01") + pd.to_timedelta(micros, unit="us"),
+            "is_fraud": 0.0,
+        }
+    )
+    engine = create_engine(f"sqlite:///{tmp_path / 'busy.db'}")
+    ensure_schema(engine)
+    split = n - 60
+    store(engine, frame if stored_batch_too else frame.iloc[:split])
+    batch = frame.iloc[split:]
+    exclude = ("t", 0, split, n - 1) if stored_batch_too else None
+    with engine.connect() as conn:
+        history = load_batch_history(conn, batch, exclude_source=exclude)
+    online = compute_batch_features(batch, history)
+    offline = compute_features(frame).iloc[split:]
+    pd.testing.assert_frame_equal(
+        online, offline, check_exact=False, rtol=1e-9, atol=1e-9, check_dtype=False
+    )
+    # More rollup rows than the 3 accounts' days in reach: hours and minutes were read too.
+    assert history.accounts_read.rollup_rows > 3 * 31
+    # ... instead of the ~18,000 transactions a day's band holds per account, one by one.
+    assert history.accounts_read.summed > 3 * 30 * 500
+    assert len(history.accounts) < 3 * 60 + 3 * 3 + 60
+
+
 def within_reach(stored: pd.DataFrame, batch: pd.DataFrame, key: str, edges: tuple) -> int:
     """Stored transactions of the batch's keys in the time its windows with `edges` cover."""
     seconds = stored["transaction_date"].astype("datetime64[s]").astype("int64")
@@ -235,7 +274,7 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
     assert any("amount_sum" in statement for statement in rollup_plans)
     for plan in rollup_plans.values():
         assert plan == [
-            "SEARCH account_rollups USING INDEX sqlite_autoindex_account_rollups_1 "
+            "SEARCH account_rollups USING PRIMARY KEY "
             "(account_id=? AND level=? AND bucket>? AND bucket<?)"
         ]
     # ... and the partial minutes at their ends summed from an index alone.

@@ -1,4 +1,5 @@
-"""How the account rollups cut a band into buckets, and what a batch adds to them: pure logic."""
+"""How the account rollups cut a band into buckets, and which rollup rows stored transactions
+make: pure logic."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from fraud_dagster.storage.rollups import ROLLUP_LEVELS_SECONDS, rollup_increments, split_band
+from fraud_dagster.storage.rollups import DAY, FINE_FROM_DAY_COUNT, rollup_rows_of, split_band
 
-DAY, HOUR, MINUTE = 86_400, 3_600, 60
+HOUR, MINUTE = 3_600, 60
 
 
 def covered(first: int, last: int) -> list[tuple[int, int]]:
@@ -60,30 +61,38 @@ def test_a_band_shorter_than_a_minute_is_one_edge() -> None:
     assert split_band(171, 170).edges == []
 
 
-def test_increments_count_and_sum_each_account_per_bucket_of_each_level() -> None:
-    start = pd.Timestamp("2026-11-30 23:59:30")
+def test_every_day_is_rolled_up_and_hours_and_minutes_only_on_busy_days() -> None:
+    day1 = pd.Timestamp("2026-11-30")
+    busy = FINE_FROM_DAY_COUNT + 1
     frame = pd.DataFrame(
         {
-            "account_id": ["a", "a", "b", "a"],
-            "transaction_amount": [1.5, 2.0, 4.0, 8.0],
+            "account_id": ["a"] * (busy + 1) + ["b", "b"],
+            "transaction_amount": [1.0] * busy + [8.0, 2.0, 4.0],
             "transaction_date": [
-                start,
-                start + pd.Timedelta(seconds=20),  # same minute, hour and day
-                start + pd.Timedelta(seconds=25),
-                start + pd.Timedelta(seconds=40),  # the next day
+                *(day1 + pd.to_timedelta(np.arange(busy) * 30, unit="s")),  # a: busy on day 1
+                day1 + pd.Timedelta(days=1, seconds=5),  # a, day 2: one transaction
+                day1 + pd.Timedelta(seconds=20),  # b: quiet
+                day1 + pd.Timedelta(seconds=40),
             ],
         }
     )
-    increments = rollup_increments(frame)
-    first = int(start.timestamp())
-    expected = []
-    for account, seconds, amounts in (("a", first, [1.5, 2.0]), ("a", first + 40, [8.0])):
-        for level in ROLLUP_LEVELS_SECONDS:
-            expected.append((account, level, seconds // level, len(amounts), sum(amounts)))
-    expected += [("b", level, (first + 25) // level, 1, 4.0) for level in ROLLUP_LEVELS_SECONDS]
+    rows = rollup_rows_of(frame)
     as_tuples = [
-        (r["account_id"], r["level"], r["bucket"], r["tx_count"], r["amount_sum"])
-        for r in increments
+        (r["account_id"], r["level"], r["bucket"], r["tx_count"], r["amount_sum"]) for r in rows
     ]
-    assert as_tuples == sorted(expected)
-    assert rollup_increments(frame.iloc[:0]) == []
+    first_day = int(day1.timestamp()) // DAY
+    days = [row for row in as_tuples if row[1] == DAY]
+    assert days == [
+        ("a", DAY, first_day, busy, float(busy)),
+        ("a", DAY, first_day + 1, 1, 8.0),
+        ("b", DAY, first_day, 2, 6.0),
+    ]
+    finer = [row for row in as_tuples if row[1] != DAY]
+    assert {row[0] for row in finer} == {"a"}
+    assert all(row[2] * row[1] // DAY == first_day for row in finer)  # day 1 only
+    for level in (3_600, 60):
+        assert sum(row[3] for row in finer if row[1] == level) == busy
+    minutes = [row for row in finer if row[1] == 60]
+    assert len(minutes) == (busy + 1) // 2 and {row[3] for row in minutes} <= {1, 2}
+    assert as_tuples == sorted(as_tuples)
+    assert rollup_rows_of(frame.iloc[:0]) == []
