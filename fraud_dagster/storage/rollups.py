@@ -1,10 +1,14 @@
-"""Per-account rollups: transaction counts and amount sums by day, hour and minute.
+"""Per-account rollups: transaction counts and amount sums by day, and by hour and minute on
+an account's busy days.
 
 Why: an account's window band (see `features.history_plan`) used to be summed from every stored
 transaction in it, so `preprocess` grew with how busy the batch's accounts were (the 1,000 tx/s
-stress stream's 500 cards drifted). From the rollups a band is whole days, hours and minutes
-(`split_band`: at most ~200 rollup rows per key however dense the key) plus two partial minutes
-summed from the transactions themselves.
+stress stream's 500 cards drifted). Now a busy account's band is its whole days from the day
+rows, and the parts of days at its ends from the hour and minute rows (`split_band`) where that
+day is busy, from the transactions where it is not; only the partial minutes at the ends are
+always summed from the transactions. That is at most ~200 rollup rows per account and band
+however dense the account (`plan_account_bands`). Quiet accounts (most of a bank's) cost one day
+row per transaction to keep, and are read as before.
 
 Written by `add_to_account_rollups` in the transaction that inserts the transactions they count
 (`storage.batches.persist_batch`): a rerun inserts no row, so it adds nothing. Filled from the
@@ -27,7 +31,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
-from fraud_dagster.storage.database import in_chunks, insert_adding_on_conflict, utcnow
+from fraud_dagster.storage.database import (
+    frame_from_rows,
+    in_chunks,
+    insert_adding_on_conflict,
+    utcnow,
+)
 from fraud_dagster.storage.schema import account_rollups, schema_upgrades, scored_transactions
 
 logger = logging.getLogger(__name__)
@@ -81,16 +90,16 @@ def split_band(first: int, last: int, levels: Sequence[int] = ROLLUP_LEVELS_SECO
     )
 
 
+def _epoch_seconds(transactions: pd.DataFrame) -> np.ndarray:
+    dates = pd.to_datetime(transactions["transaction_date"])
+    return dates.astype("datetime64[s]").to_numpy().astype(np.int64)
+
+
 def _increments_frame(
     transactions: pd.DataFrame, levels: Sequence[int] = ROLLUP_LEVELS_SECONDS
 ) -> pd.DataFrame:
     """Count and amount sum of `transactions` per account_id, level and bucket, sorted."""
-    seconds = (
-        pd.to_datetime(transactions["transaction_date"])
-        .astype("datetime64[s]")
-        .to_numpy()
-        .astype(np.int64)
-    )
+    seconds = _epoch_seconds(transactions)
     accounts = transactions["account_id"].to_numpy()
     amounts = transactions["transaction_amount"].to_numpy(dtype=np.float64)
     parts = pd.concat(
@@ -171,36 +180,48 @@ def add_to_account_rollups(conn: Connection, transactions: pd.DataFrame) -> int:
     in one order and cannot deadlock. The day rows' new counts say which days are busy: a day
     that becomes busy with this write gets its hours and minutes from all its stored
     transactions (this write's included), one that was busy before gets this write's increments.
-    A writer waiting on a day row sees the count the other one committed.
+    A writer waiting on a day row's lock counts on from what the other one committed.
     """
     if transactions.empty:
         return 0
-    increments = _increments_frame(transactions)
-    days = increments.loc[increments["level"] == DAY]
+    days = _increments_frame(transactions, (DAY,))
     add = insert_adding_on_conflict(account_rollups, conn.dialect.name, ["tx_count", "amount_sum"])
-    r = account_rollups
-    counted = pd.DataFrame(
-        conn.execute(
-            add.returning(r.c.account_id, r.c.bucket, r.c.tx_count), _rollup_records(days)
-        ).all(),
-        columns=["account_id", "bucket", "after"],
-    )
-    counted = days.merge(counted, on=["account_id", "bucket"])
+    conn.execute(add, _rollup_records(days))
+    counted = days.merge(_day_counts(conn, days))  # this write's days only
     busy = counted["after"] > FINE_FROM_DAY_COUNT
     before = counted["after"] - counted["tx_count"]
     became_busy = counted.loc[busy & (before <= FINE_FROM_DAY_COUNT)]
     busy_before = counted.loc[busy & (before > FINE_FROM_DAY_COUNT)]
-    fine = increments.loc[increments["level"] != DAY]
-    fine = fine.loc[
-        _pairs(fine["account_id"], _day_of(fine)).isin(
+    parts = []
+    if len(busy_before):
+        day = _epoch_seconds(transactions) // DAY
+        on_busy_days = _pairs(transactions["account_id"], day).isin(
             _pairs(busy_before["account_id"], busy_before["bucket"])
         )
-    ]
+        parts.append(_increments_frame(transactions.loc[on_busy_days], FINE_LEVELS_SECONDS))
     if len(became_busy):
-        fine = pd.concat([fine, _stored_fine_increments(conn, became_busy)])
+        parts.append(_stored_fine_increments(conn, became_busy))
+    fine = pd.concat(parts).sort_values(_KEY) if parts else days.iloc[:0]
     if len(fine):
-        conn.execute(add, _rollup_records(fine.sort_values(_KEY)))
+        conn.execute(add, _rollup_records(fine))
     return len(days) + len(fine)
+
+
+def _day_counts(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
+    """The stored day rows of `days`' accounts over its days (account_id, bucket, after).
+
+    Read back after this transaction's upsert of them, not returned by it (cheaper than RETURNING
+    per row here): its row locks keep every other writer off them until it commits, so the
+    counts are this write's plus what was committed before it."""
+    r = account_rollups
+    first, last = int(days["bucket"].min()), int(days["bucket"].max())
+    counts = []
+    for accounts in in_chunks(days["account_id"].unique().tolist()):
+        query = sa.select(r.c.account_id, r.c.bucket, r.c.tx_count).where(
+            r.c.account_id.in_(accounts), r.c.level == DAY, r.c.bucket.between(first, last)
+        )
+        counts.extend(conn.execute(query).all())
+    return frame_from_rows(counts, ["account_id", "bucket", "after"])
 
 
 def _stored_fine_increments(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
@@ -216,7 +237,7 @@ def _stored_fine_increments(conn: Connection, days: pd.DataFrame) -> pd.DataFram
             s.c.transaction_date < _EPOCH + timedelta(days=last + 1),
         )
         found.extend(conn.execute(query).all())
-    rows = pd.DataFrame(found, columns=["account_id", "transaction_amount", "transaction_date"])
+    rows = frame_from_rows(found, ["account_id", "transaction_amount", "transaction_date"])
     increments = _increments_frame(rows, FINE_LEVELS_SECONDS)
     return increments.loc[_pairs(increments["account_id"], _day_of(increments)).isin(wanted)]
 
