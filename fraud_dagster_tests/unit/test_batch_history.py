@@ -24,15 +24,17 @@ from fraud_dagster.storage.rollups import add_to_account_rollups
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
 
-def transactions(n: int, seed: int) -> pd.DataFrame:
+def transactions(
+    n: int, seed: int, *, accounts: int = 25, merchants: int = 35, days: int = 60
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    micros = np.sort(rng.integers(0, 86_400 * 60 * 1_000_000, n))
+    micros = np.sort(rng.integers(0, 86_400 * days * 1_000_000, n))
     micros[10:20] = micros[10]  # ties within one second
     frame = pd.DataFrame(
         {
             "transaction_id": [f"t{i:06d}" for i in range(n)],
-            "account_id": rng.integers(0, 25, n).astype(str),
-            "merchant": rng.integers(0, 35, n).astype(str),
+            "account_id": rng.integers(0, accounts, n).astype(str),
+            "merchant": rng.integers(0, merchants, n).astype(str),
             "transaction_amount": rng.gamma(2, 30, n).round(2),
             "transaction_date": pd.Timestamp("2025-01-01") + pd.to_timedelta(micros, unit="us"),
             "is_fraud": (rng.random(n) < 0.1).astype(float),
@@ -133,19 +135,8 @@ def test_busy_accounts_read_hours_and_minutes_and_give_offline_features(
 ) -> None:
     """Three accounts with ~600 transactions a day: every day has hour and minute rollups, and
     the bands' ends are read from them (the part of the read that grew with a dense stream)."""
-    rng = np.random.default_rng(5)
     n = 3 * 600 * 35
-    micros = np.sort(rng.integers(0, 86_400 * 35 * 1_000_000, n))
-    frame = pd.DataFrame(
-        {
-            "transaction_id": [f"t{i:06d}" for i in range(n)],
-            "account_id": rng.integers(0, 3, n).astype(str),
-            "merchant": rng.integers(0, 50, n).astype(str),
-            "transaction_amount": rng.gamma(2, 30, n).round(2),
-            "transaction_date": pd.Timestamp("2025-01-01") + pd.to_timedelta(micros, unit="us"),
-            "is_fraud": 0.0,
-        }
-    )
+    frame = transactions(n, seed=5, accounts=3, merchants=50, days=35)
     engine = create_engine(f"sqlite:///{tmp_path / 'busy.db'}")
     ensure_schema(engine)
     split = n - 60
