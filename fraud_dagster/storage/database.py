@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,17 @@ logger = logging.getLogger(__name__)
 
 # Bound parameters per IN list; stays under SQLite's 32,766-variable limit with room to spare.
 IN_CHUNK = 5000
+_EPOCH = datetime(1970, 1, 1)
 
 
 def utcnow() -> datetime:
     """Naive UTC now: the convention of every DateTime column."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def datetime_at(second: int) -> datetime:
+    """The naive UTC datetime of an epoch second (the DateTime columns' convention)."""
+    return _EPOCH + timedelta(seconds=second)
 
 
 def create_engine(url: str) -> Engine:

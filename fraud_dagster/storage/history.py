@@ -7,7 +7,6 @@ so a batch reads about as many rows as it has, however much is stored.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -26,25 +25,20 @@ from fraud_dagster.features import (
     history_plan,
 )
 from fraud_dagster.messages import Rejection
-from fraud_dagster.storage.database import frame_from_rows, in_chunks
+from fraud_dagster.storage.database import datetime_at, frame_from_rows, in_chunks
 from fraud_dagster.storage.rollups import plan_account_bands
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
-_EPOCH = datetime(1970, 1, 1)
 # Accounts with more stored transactions than this within their windows' reach have their band
 # sums read from the rollups; fewer are cheaper to sum from the transactions' index (a rollup
 # band costs about as much as summing a few hundred index entries, docs/benchmarks.md).
 DENSE_ACCOUNT_TRANSACTIONS = 1_000
 
 
-def _second(second: int) -> datetime:
-    return _EPOCH + timedelta(seconds=second)
-
-
 def _within(column: sa.Column, interval: tuple[int, int]) -> sa.ColumnElement[bool]:
     """`column` falls in the closed interval of whole epoch seconds [first, last]."""
     first, last = interval
-    return sa.and_(column >= _second(first), column < _second(last + 1))
+    return sa.and_(column >= datetime_at(first), column < datetime_at(last + 1))
 
 
 def _not_from(source: tuple[str, int, int, int] | None) -> sa.ColumnElement[bool]:
@@ -155,7 +149,7 @@ def _history_part(
         (
             f"\x00band{band_index}:{key_value}",
             key_value,
-            _second(plan.bands[band_index][1]),
+            datetime_at(plan.bands[band_index][1]),
             total,
             count,
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
 from fraud_dagster.storage.database import (
+    datetime_at,
     frame_from_rows,
     in_chunks,
     insert_adding_on_conflict,
@@ -53,7 +53,6 @@ FINE_FROM_DAY_COUNT = 200
 BACKFILL_MARK = "account_rollups backfilled"
 _BACKFILL_CHUNK = 200_000
 _KEY = ["account_id", "level", "bucket"]
-_EPOCH = datetime(1970, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -233,8 +232,8 @@ def _stored_fine_increments(conn: Connection, days: pd.DataFrame) -> pd.DataFram
     for accounts in in_chunks(days["account_id"].unique().tolist()):
         query = sa.select(s.c.account_id, s.c.transaction_amount, s.c.transaction_date).where(
             s.c.account_id.in_(accounts),
-            s.c.transaction_date >= _EPOCH + timedelta(days=first),
-            s.c.transaction_date < _EPOCH + timedelta(days=last + 1),
+            s.c.transaction_date >= datetime_at(first * DAY),
+            s.c.transaction_date < datetime_at((last + 1) * DAY),
         )
         found.extend(conn.execute(query).all())
     rows = frame_from_rows(found, ["account_id", "transaction_amount", "transaction_date"])
