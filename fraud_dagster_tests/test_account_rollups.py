@@ -10,17 +10,19 @@ import pandas as pd
 import sqlalchemy as sa
 
 from fraud_dagster.messages import RawBatch, ValidationLimits
-from fraud_dagster.storage.database import create_engine, ensure_schema
+from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
 from fraud_dagster.storage.rollups import DAY, rollup_rows_of
 from fraud_dagster.storage.schema import account_rollups, schema_upgrades, scored_transactions
 from fraud_dagster_tests.unit.stored_batches import run
+
+A_DAY = int(pd.Timestamp("2026-11-01").timestamp()) // DAY  # the day of every raw_batch
 
 
 def raw_batch(
     partition: int, first: int, count: int, *, accounts: int = 5, ids_of: int | None = None
 ) -> RawBatch:
-    """Offsets first.. of topic "t", spread over `accounts` accounts, all on one day (one day
-    rollup row per account); transaction ids "p<partition>-<offset>", or those of partition
+    """Offsets first.. of topic "t", spread over `accounts` accounts, all on one day (`A_DAY`);
+    transaction ids "p<partition>-<offset>", or those of partition
     `ids_of` (duplicates)."""
     id_prefix = f"p{partition if ids_of is None else ids_of}-"
     values = [
@@ -67,23 +69,31 @@ def rollups_of_stored_rows(engine: sa.Engine) -> list[tuple]:
     ]
 
 
-def test_reruns_rejections_and_duplicates_add_nothing(database_url: str) -> None:
+def day_counts(rows: list[tuple]) -> dict[str, int]:
+    return {row[0]: row[3] for row in rows if row[1] == DAY}
+
+
+def test_quiet_days_write_nothing_and_reruns_add_nothing(database_url: str) -> None:
     engine = create_engine(database_url)
     ensure_schema(engine)
-    # A1 gets busy in the first batch (hours and minutes from its stored rows), in the second it
-    # is busy already (this batch's increments); A0's day stays quiet (a day row only).
-    first, second = raw_batch(0, 0, 300, accounts=2), raw_batch(0, 300, 200, accounts=2)
-    run(first, engine, ValidationLimits())
-    run(second, engine, ValidationLimits())
+    # 150 a day for A0 and A1: quiet, no rollup row. The second batch makes both days busy
+    # (started from their stored rows), the third adds to them; A2's day stays quiet.
+    run(raw_batch(0, 0, 300, accounts=2), engine, ValidationLimits())
+    assert rollups(engine) == []
+    run(raw_batch(0, 300, 200, accounts=2), engine, ValidationLimits())
+    assert day_counts(rollups(engine)) == {"A0": 250, "A1": 250}
+    third = raw_batch(0, 500, 100, accounts=3)
+    run(third, engine, ValidationLimits())
     stored = rollups(engine)
-    assert [row[3] for row in stored if row[1] == DAY] == [250, 250]
+    assert day_counts(stored) == {"A0": 250 + 33, "A1": 250 + 33}  # A2: 34
     assert {row[0] for row in stored if row[1] != DAY} == {"A0", "A1"}
-    assert sum(row[3] for row in stored if row[0] == "A1" and row[1] == 60) == 250
+    assert sum(row[3] for row in stored if row[0] == "A1" and row[1] == 60) == 283
+    assert stored == rollups_of_stored_rows(engine)
 
-    rerun = run(first, engine, ValidationLimits())
+    rerun = run(third, engine, ValidationLimits())
     duplicates = run(raw_batch(1, 0, 10, ids_of=0), engine, ValidationLimits())
     rejected = run(raw_batch(2, 0, 10), engine, ValidationLimits(max_amount=0.5))
-    assert (rerun.inserted, rerun.already_stored) == (0, 300)
+    assert (rerun.inserted, rerun.already_stored) == (0, 100)
     assert (duplicates.inserted, duplicates.rejected_inserted) == (0, 10)
     assert (rejected.inserted, rejected.rejected_inserted) == (0, 10)
 
@@ -114,24 +124,67 @@ def test_concurrent_batches_of_the_same_accounts_add_up(database_url: str) -> No
         thread.join(timeout=300)
     assert not errors
     stored = rollups_of_stored_rows(engine)
-    assert [row[3] for row in stored if row[1] == DAY] == [400, 400]
+    assert day_counts(stored) == {"A0": 400, "A1": 400}
     assert sum(row[3] for row in stored) == 800 * 3  # both days busy: every level
     assert rollups(engine) == stored
     engine.dispose()
 
 
-def test_a_database_without_rollups_gets_them_filled_once(database_url: str) -> None:
+def test_a_day_made_busy_while_another_write_of_it_is_uncommitted(database_url: str) -> None:
+    """The write that starts a day's rollups sums its stored rows, so it must wait for a write
+    of that day that has inserted rows but not committed them (PostgreSQL: the table lock
+    `may_start_rollups` takes; SQLite: one writer at a time). Without the wait the day's
+    rollups would miss the other write's 30 rows for good."""
+    engine = create_engine(database_url)
+    ensure_schema(engine)
+    run(raw_batch(0, 0, 150, accounts=1), engine, ValidationLimits())  # A0's day: 150, quiet
+    inserted, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    @sa.event.listens_for(engine, "after_cursor_execute")
+    def hold(conn, cursor, statement, parameters, context, executemany) -> None:
+        if threading.current_thread().name == "slow" and statement.startswith(
+            "INSERT INTO scored_transactions"
+        ):
+            inserted.set()
+            release.wait(60)
+
+    def write(batch: RawBatch) -> None:
+        try:
+            run(batch, engine, ValidationLimits())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    # 150 + 30 stays quiet: "slow" starts nothing and holds its rows uncommitted ...
+    slow = threading.Thread(target=write, args=(raw_batch(1, 0, 30, accounts=1),), name="slow")
+    slow.start()
+    assert inserted.wait(30)
+    # ... while "fast" makes the day busy (150 + 60 committed or its own).
+    fast = threading.Thread(target=write, args=(raw_batch(2, 0, 60, accounts=1),), name="fast")
+    fast.start()
+    fast.join(2.0)
+    fast_waited = fast.is_alive()
+    release.set()
+    slow.join(60)
+    fast.join(60)
+    assert not errors
+    assert fast_waited
+    assert day_counts(rollups(engine)) == {"A0": 240}
+    assert rollups(engine) == rollups_of_stored_rows(engine)
+    engine.dispose()
+
+
+def test_a_database_gets_its_rollups_filled_once(database_url: str) -> None:
     engine = create_engine(database_url)
     ensure_schema(engine)
     run(raw_batch(0, 0, 250, accounts=1), engine, ValidationLimits())
     run(raw_batch(0, 250, 30, accounts=3), engine, ValidationLimits())
     expected = rollups(engine)
-    assert {row[0] for row in expected if row[1] != DAY} == {"A0"}  # busy; A1 and A2 are not
-    # As an earlier version left it: the stored rows, no rollups, no mark.
+    assert {row[0] for row in expected} == {"A0"}  # busy; A1 and A2 are not
+    # As a version before the rollups left it: the stored rows, no rollups, no mark.
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE account_rollups"))
         conn.execute(sa.text("DROP TABLE schema_upgrades"))
-
     ensure_schema(engine)
     assert rollups(engine) == expected
     # Done once: a later start does not sum the rows again (a changed rollup row stays).
@@ -141,4 +194,18 @@ def test_a_database_without_rollups_gets_them_filled_once(database_url: str) -> 
     assert [row[3] for row in rollups(engine)] == [row[3] + 1 for row in expected]
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(schema_upgrades)).scalar() == 1
+    # As stop 22's rules left it (a day row for every account-day, under its own mark): filled
+    # again once, by today's rules.
+    with engine.begin() as conn:
+        conn.execute(sa.delete(schema_upgrades))
+        conn.execute(
+            sa.insert(schema_upgrades),
+            [{"name": "account_rollups backfilled", "done_at": utcnow()}],
+        )
+        conn.execute(
+            sa.insert(account_rollups),
+            [{"account_id": "A1", "level": DAY, "bucket": A_DAY, "tx_count": 10, "amount_sum": 1}],
+        )
+    ensure_schema(engine)
+    assert rollups(engine) == expected
     engine.dispose()

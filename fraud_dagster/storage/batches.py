@@ -25,7 +25,7 @@ from fraud_dagster.errors import StorageError
 from fraud_dagster.messages import Rejection
 from fraud_dagster.storage.database import insert_ignoring_conflicts, utcnow
 from fraud_dagster.storage.history import classify_stored
-from fraud_dagster.storage.rollups import add_to_account_rollups
+from fraud_dagster.storage.rollups import add_to_account_rollups, may_start_rollups
 from fraud_dagster.storage.schema import (
     fraud_alerts,
     lost_ranges,
@@ -201,6 +201,7 @@ def persist_batch(
                             r.reason,
                         )
             inserted_ids: set[str] = set()
+            may_start = may_start_rollups(conn, scored)  # before the insert: it may lock
             if len(scored):
                 # A plain multi-row insert (no RETURNING: a third faster); the rows this write
                 # inserted are then the batch's rows carrying this write's `scored_at`.
@@ -219,7 +220,7 @@ def persist_batch(
                 )
             result.inserted = len(inserted_ids)
             fresh = scored.loc[scored["transaction_id"].isin(inserted_ids)]
-            add_to_account_rollups(conn, fresh)
+            add_to_account_rollups(conn, fresh, may_start=may_start)
             not_inserted = scored.loc[~scored["transaction_id"].isin(inserted_ids)]
             extra_rejections = _classify_conflicts(conn, not_inserted, result)
             all_rejections = [*rejections, *extra_rejections]

@@ -1,25 +1,29 @@
-"""Per-account rollups: transaction counts and amount sums by day, and by hour and minute on
-an account's busy days.
+"""Per-account rollups of busy days: transaction counts and amount sums by day, hour and minute.
 
 Why: an account's window band (see `features.history_plan`) used to be summed from every stored
 transaction in it, so `preprocess` grew with how busy the batch's accounts were (the 1,000 tx/s
-stress stream's 500 cards drifted). Now a busy account's band is its whole days from the day
-rows, and the parts of days at its ends from the hour and minute rows (`split_band`) where that
-day is busy, from the transactions where it is not; only the partial minutes at the ends are
-always summed from the transactions. That is at most ~200 rollup rows per account and band
-however dense the account (`plan_account_bands`). Quiet accounts (most of a bank's) cost one day
-row per transaction to keep, and are read as before.
+stress stream's 500 cards drifted). Now a dense account's band is its busy whole days from the
+day rows, and the parts of days at its ends from the hour and minute rows (`split_band`) where
+that day is busy; quiet days and the partial minutes at the ends are summed from the
+transactions. That is at most ~200 rollup rows per account and band however dense the account
+(`plan_account_bands`).
+
+Only days with more than `FINE_FROM_DAY_COUNT` transactions have rollups. A quiet day costs no
+more to sum from the transactions' index than to read from rollups, and most of a bank's cards
+have only quiet days: their transactions write nothing here (an earlier version kept a day row
+for every account-day, and its random writes cost those cards more than the rollups saved,
+docs/benchmarks.md "Stop 23").
 
 Written by `add_to_account_rollups` in the transaction that inserts the transactions they count
 (`storage.batches.persist_batch`): a rerun inserts no row, so it adds nothing. Filled from the
-stored transactions once, when a database first gets the table (`backfill_account_rollups`).
+stored transactions once per database and version of these rules (`backfill_account_rollups`).
 Merchants have no rollups yet: their windows also need the fraud labels, which arrive later.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +50,13 @@ DAY = 86_400
 # buckets are aligned to the epoch (days to UTC midnight).
 FINE_LEVELS_SECONDS = (3_600, 60)
 ROLLUP_LEVELS_SECONDS = (DAY, *FINE_LEVELS_SECONDS)
-# An account's day gets hour and minute rollups once it holds more transactions than this; a
-# sparser day is cheaper to sum from the transactions' index than to keep three rollup rows per
-# transaction for (docs/benchmarks.md, "Stop 22").
+# An account's day gets rollups (day, hours, minutes) once it holds more transactions than
+# this; a sparser day is cheaper to sum from the transactions' index than to keep rollup rows
+# for (docs/benchmarks.md, "Stop 22" and "Stop 23").
 FINE_FROM_DAY_COUNT = 200
-BACKFILL_MARK = "account_rollups backfilled"
+# The fill's mark names the rules it filled by: a database filled by other rules (stop 22 kept
+# a day row for every account-day) is filled again once.
+BACKFILL_MARK = "account_rollups of busy days filled"
 _BACKFILL_CHUNK = 200_000
 _KEY = ["account_id", "level", "bucket"]
 
@@ -127,16 +133,15 @@ def _day_of(frame: pd.DataFrame) -> pd.Series:
     return frame["bucket"] * frame["level"] // DAY
 
 
-def _kept(increments: pd.DataFrame) -> pd.DataFrame:
-    """Of the increments of every stored transaction, the rollup rows the table keeps: every
-    day, and the hours and minutes of days with more than `FINE_FROM_DAY_COUNT`."""
+def _kept(increments: pd.DataFrame, busy_from: int = FINE_FROM_DAY_COUNT) -> pd.DataFrame:
+    """Of the increments of every stored transaction, the rollup rows the table keeps: the days
+    with more than `busy_from` transactions, and their hours and minutes."""
     days = increments.loc[increments["level"] == DAY]
-    busy = days.loc[days["tx_count"] > FINE_FROM_DAY_COUNT, ["account_id", "bucket"]]
-    fine = increments.loc[increments["level"] != DAY]
-    fine = fine.loc[
-        _pairs(fine["account_id"], _day_of(fine)).isin(_pairs(busy["account_id"], busy["bucket"]))
-    ]
-    return pd.concat([days, fine]).sort_values(_KEY, ignore_index=True)
+    busy = days.loc[days["tx_count"] > busy_from, ["account_id", "bucket"]]
+    on_busy_days = _pairs(increments["account_id"], _day_of(increments)).isin(
+        _pairs(busy["account_id"], busy["bucket"])
+    )
+    return increments.loc[on_busy_days].sort_values(_KEY, ignore_index=True)
 
 
 def _pairs(accounts: Any, days: Any) -> pd.Index:
@@ -163,82 +168,129 @@ def _rollup_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     ]
 
 
-def rollup_rows_of(transactions: pd.DataFrame) -> list[dict[str, Any]]:
+def rollup_rows_of(
+    transactions: pd.DataFrame, busy_from: int = FINE_FROM_DAY_COUNT
+) -> list[dict[str, Any]]:
     """The rollup rows the table holds when `transactions` (account_id, transaction_amount,
     transaction_date) are all that is stored, sorted by key."""
     if transactions.empty:
         return []
-    return _rollup_records(_kept(_increments_frame(transactions)))
+    return _rollup_records(_kept(_increments_frame(transactions), busy_from))
 
 
-def add_to_account_rollups(conn: Connection, transactions: pd.DataFrame) -> int:
-    """Add newly inserted `transactions` to the rollups, in the caller's transaction; returns
-    the rollup rows written. Call it only with rows this transaction inserted.
-
-    Days first, then hours and minutes, each in key order: concurrent writers lock rollup rows
-    in one order and cannot deadlock. The day rows' new counts say which days are busy: a day
-    that becomes busy with this write gets its hours and minutes from all its stored
-    transactions (this write's included), one that was busy before gets this write's increments.
-    A writer waiting on a day row's lock counts on from what the other one committed.
-    """
-    if transactions.empty:
-        return 0
-    days = _increments_frame(transactions, (DAY,))
-    add = insert_adding_on_conflict(account_rollups, conn.dialect.name, ["tx_count", "amount_sum"])
-    conn.execute(add, _rollup_records(days))
-    counted = days.merge(_day_counts(conn, days))  # this write's days only
-    busy = counted["after"] > FINE_FROM_DAY_COUNT
-    before = counted["after"] - counted["tx_count"]
-    became_busy = counted.loc[busy & (before <= FINE_FROM_DAY_COUNT)]
-    busy_before = counted.loc[busy & (before > FINE_FROM_DAY_COUNT)]
-    parts = []
-    if len(busy_before):
-        day = _epoch_seconds(transactions) // DAY
-        on_busy_days = _pairs(transactions["account_id"], day).isin(
-            _pairs(busy_before["account_id"], busy_before["bucket"])
-        )
-        parts.append(_increments_frame(transactions.loc[on_busy_days], FINE_LEVELS_SECONDS))
-    if len(became_busy):
-        parts.append(_stored_fine_increments(conn, became_busy))
-    fine = pd.concat(parts).sort_values(_KEY) if parts else days.iloc[:0]
-    if len(fine):
-        conn.execute(add, _rollup_records(fine))
-    return len(days) + len(fine)
+def _account_days(transactions: pd.DataFrame) -> pd.DataFrame:
+    """The (account_id, bucket) days `transactions` fall on, with their count (tx_count)."""
+    days = pd.DataFrame(
+        {"account_id": transactions["account_id"], "bucket": _epoch_seconds(transactions) // DAY}
+    )
+    return days.groupby(["account_id", "bucket"], sort=True).size().rename("tx_count").reset_index()
 
 
-def _day_counts(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
-    """The stored day rows of `days`' accounts over its days (account_id, bucket, after).
-
-    Read back after this transaction's upsert of them, not returned by it (cheaper than RETURNING
-    per row here): its row locks keep every other writer off them until it commits, so the
-    counts are this write's plus what was committed before it."""
+def _rolled_up_days(conn: Connection, days: pd.DataFrame) -> pd.Index:
+    """Which of the (account_id, bucket) `days` have a day rollup row."""
     r = account_rollups
-    first, last = int(days["bucket"].min()), int(days["bucket"].max())
-    counts = []
-    for accounts in in_chunks(days["account_id"].unique().tolist()):
-        query = sa.select(r.c.account_id, r.c.bucket, r.c.tx_count).where(
-            r.c.account_id.in_(accounts), r.c.level == DAY, r.c.bucket.between(first, last)
-        )
-        counts.extend(conn.execute(query).all())
-    return frame_from_rows(counts, ["account_id", "bucket", "after"])
-
-
-def _stored_fine_increments(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
-    """Hour and minute rollups of every stored transaction of the (account_id, bucket) days."""
-    s = scored_transactions
-    wanted = _pairs(days["account_id"], days["bucket"])
     first, last = int(days["bucket"].min()), int(days["bucket"].max())
     found = []
     for accounts in in_chunks(days["account_id"].unique().tolist()):
-        query = sa.select(s.c.account_id, s.c.transaction_amount, s.c.transaction_date).where(
-            s.c.account_id.in_(accounts),
-            s.c.transaction_date >= datetime_at(first * DAY),
-            s.c.transaction_date < datetime_at((last + 1) * DAY),
+        query = sa.select(r.c.account_id, r.c.bucket).where(
+            r.c.account_id.in_(accounts), r.c.level == DAY, r.c.bucket.between(first, last)
         )
         found.extend(conn.execute(query).all())
-    rows = frame_from_rows(found, ["account_id", "transaction_amount", "transaction_date"])
-    increments = _increments_frame(rows, FINE_LEVELS_SECONDS)
-    return increments.loc[_pairs(increments["account_id"], _day_of(increments)).isin(wanted)]
+    return _pairs([a for a, _ in found], [b for _, b in found])
+
+
+def _stored_on_days(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
+    """The stored transactions (account_id, transaction_amount, transaction_date) of the
+    (account_id, bucket) `days`: one date range per day, so an account's other days, busy ones
+    included, are not read."""
+    s = scored_transactions
+    found = []
+    for day, of_day in days.groupby("bucket", sort=True):
+        for accounts in in_chunks(of_day["account_id"].tolist()):
+            query = sa.select(s.c.account_id, s.c.transaction_amount, s.c.transaction_date).where(
+                s.c.account_id.in_(accounts),
+                s.c.transaction_date >= datetime_at(int(day) * DAY),
+                s.c.transaction_date < datetime_at((int(day) + 1) * DAY),
+            )
+            found.extend(conn.execute(query).all())
+    return frame_from_rows(found, ["account_id", "transaction_amount", "transaction_date"])
+
+
+def may_start_rollups(
+    conn: Connection, candidates: pd.DataFrame, busy_from: int = FINE_FROM_DAY_COUNT
+) -> bool:
+    """Call before the batch's transactions are inserted: whether this write may start the
+    rollups of days that become busy (see `add_to_account_rollups`).
+
+    A day's rollups are started from its stored transactions, so no other writer may hold
+    uncommitted transactions of that day meanwhile. SQLite has one writer at a time, from its
+    first insert to its commit: always. PostgreSQL: only if the batch would make a day busy that
+    has no rollups yet (its committed transactions and the batch's `candidates` together); the
+    write then takes a SHARE ROW EXCLUSIVE lock on the transactions table, which waits for the
+    other writers to commit and keeps new ones waiting until this one does. A day becomes busy
+    once per account, so this lock is rare; a write that does not take it leaves such a day
+    without rollups (read from the transactions, exactly) for the next write to start.
+    """
+    if conn.dialect.name == "sqlite":
+        return True
+    if candidates.empty:
+        return False
+    days = _account_days(candidates)
+    quiet = days.loc[~_pairs(days["account_id"], days["bucket"]).isin(_rolled_up_days(conn, days))]
+    if quiet.empty:
+        return False
+    stored = _account_days(_stored_on_days(conn, quiet)).rename(columns={"tx_count": "stored"})
+    together = quiet.merge(stored, on=["account_id", "bucket"], how="left")
+    if not (together["tx_count"] + together["stored"].fillna(0) > busy_from).any():
+        return False
+    conn.execute(sa.text(f"LOCK TABLE {scored_transactions.name} IN SHARE ROW EXCLUSIVE MODE"))
+    return True
+
+
+def add_to_account_rollups(
+    conn: Connection,
+    transactions: pd.DataFrame,
+    *,
+    may_start: bool,
+    busy_from: int = FINE_FROM_DAY_COUNT,
+) -> int:
+    """Add newly inserted `transactions` to the rollups, in the caller's transaction; returns
+    the rollup rows written. Call it only with rows this transaction inserted, and `may_start`
+    as `may_start_rollups` said before they were.
+
+    Only busy days (more than `busy_from` transactions) have rollups: a quiet day is summed
+    from the transactions' index as cheaply, and most of a bank's cards have only quiet days, so
+    their transactions write no rollup row at all. A day with rollups gets this write's
+    increments, days first, then hours and minutes, each in key order (concurrent writers lock
+    rollup rows in one order and cannot deadlock). If `may_start`, a day without them that this
+    write makes busy gets its day, hour and minute rows from all its stored transactions (this
+    write's included).
+    """
+    if transactions.empty:
+        return 0
+    days = _account_days(transactions)
+    rolled = _pairs(days["account_id"], days["bucket"]).isin(_rolled_up_days(conn, days))
+    on_rolled = _pairs(transactions["account_id"], _epoch_seconds(transactions) // DAY).isin(
+        _pairs(days.loc[rolled, "account_id"], days.loc[rolled, "bucket"])
+    )
+    increments = _increments_frame(transactions.loc[on_rolled])
+    add = insert_adding_on_conflict(account_rollups, conn.dialect.name, ["tx_count", "amount_sum"])
+    written = 0
+    for part in (increments["level"] == DAY, increments["level"] != DAY):
+        if part.any():
+            records = _rollup_records(increments.loc[part])  # sorted by key
+            conn.execute(add, records)
+            written += len(records)
+    if may_start and not rolled.all():
+        stored = _stored_on_days(conn, days.loc[~rolled])
+        started = _kept(_increments_frame(stored), busy_from)
+        if len(started):
+            # No other writer can hold rows of these days (see `may_start_rollups`), so none
+            # can have started them meanwhile: a clash would be an error, not a sum.
+            records = _rollup_records(started)
+            conn.execute(sa.insert(account_rollups), records)
+            written += len(records)
+    return written
 
 
 @dataclass
@@ -281,46 +333,64 @@ def plan_account_bands(
     """Read what the rollups hold of `bands` ((index, closed epoch-second interval) each) for
     `accounts`, and say what must be summed from the stored transactions instead.
 
-    The day rollups of `reach` come first: accounts with nothing there need no read at all, and
-    those with at most `dense_from` transactions are cheaper summed from the transactions. A
-    denser account's band is its whole days (from those day rows), and at each end the part of a
-    day: from the hour and minute rollups if that day has them (busy), else from the rows.
+    The day rollups of `reach` come first (busy days only): accounts with at most `dense_from`
+    transactions on them are cheaper summed from the transactions. A denser account's band is
+    its busy whole days from those day rows, its quiet whole days from the transactions, and at
+    each end the part of a day: from the hour and minute rollups on a busy day, else from the
+    transactions.
     """
     r = account_rollups
-    plan = AccountBands()
-    day_rows: dict[str, list[tuple[int, int, float]]] = {}
+    plan = AccountBands(accounts=list(accounts))
+    busy_days: dict[str, dict[int, tuple[int, float]]] = {}
     query = sa.select(r.c.account_id, r.c.bucket, r.c.tx_count, r.c.amount_sum).where(
         r.c.account_id.in_(accounts),
         r.c.level == DAY,
         r.c.bucket.between(reach[0] // DAY, reach[1] // DAY),
     )
     for account, day, count, total in conn.execute(query):
-        day_rows.setdefault(account, []).append((int(day), int(count), float(total)))
+        busy_days.setdefault(account, {})[int(day)] = (int(count), float(total))
         plan.rollup_rows += 1
-    plan.accounts = [a for a in accounts if a in day_rows]
-    in_reach = {a: sum(count for _, count, _ in rows) for a, rows in day_rows.items()}
-    dense = [a for a in plan.accounts if in_reach[a] > dense_from]
-    sparse = [a for a in plan.accounts if in_reach[a] <= dense_from]
-    busy = {(a, day) for a in dense for day, count, _ in day_rows[a] if count > FINE_FROM_DAY_COUNT}
+    on_busy_days = {a: sum(count for count, _ in days.values()) for a, days in busy_days.items()}
+    dense = [a for a in accounts if on_busy_days.get(a, 0) > dense_from]
+    sparse = [a for a in accounts if on_busy_days.get(a, 0) <= dense_from]
     for band, (first, last) in bands:
         if sparse:
             plan.from_rows.append((sparse, band, (first, last)))
         if not dense:
             continue
         whole, partial = _by_day(first, last)
+        quiet: dict[tuple[int, int], list[str]] = {}
         if whole:
             for account in dense:
-                for day, count, total in day_rows[account]:
-                    if whole[0] <= day <= whole[1]:
-                        plan.add(account, band, count, total)
+                days = busy_days[account]
+                for day in range(whole[0], whole[1] + 1):
+                    if day in days:
+                        plan.add(account, band, *days[day])
+                for start, end in _quiet_stretches(days, whole):
+                    quiet.setdefault((start * DAY, (end + 1) * DAY - 1), []).append(account)
+        for interval, of_accounts in quiet.items():
+            plan.from_rows.append((of_accounts, band, interval))
         for day, start, end in partial:
-            fine = [a for a in dense if (a, day) in busy]
-            rows_only = [a for a in dense if (a, day) not in busy]
+            fine = [a for a in dense if day in busy_days[a]]
+            rows_only = [a for a in dense if day not in busy_days[a]]
             if rows_only:
                 plan.from_rows.append((rows_only, band, (start, end)))
             if fine:
                 _read_fine(conn, plan, fine, band, split_band(start, end, FINE_LEVELS_SECONDS))
     return plan
+
+
+def _quiet_stretches(busy: Container[int], days: tuple[int, int]) -> list[tuple[int, int]]:
+    """The runs of days in the closed range `days` that are not in `busy`, as (first, last)."""
+    stretches: list[tuple[int, int]] = []
+    start = None
+    for day in range(days[0], days[1] + 2):
+        if day <= days[1] and day not in busy:
+            start = day if start is None else start
+        elif start is not None:
+            stretches.append((start, day - 1))
+            start = None
+    return stretches
 
 
 def _read_fine(
@@ -353,9 +423,10 @@ def backfill_account_rollups(engine: Engine) -> None:
     """Fill the rollups from the stored transactions, once per database (`BACKFILL_MARK`).
 
     A new database fills nothing and only records the mark. A database an earlier version wrote
-    is summed once, in one transaction with the mark, so a failure leaves no half-filled rollups
-    behind: the next process tries again. Upgrade with the daemon stopped: a run of the earlier
-    version that stores rows after this fill leaves them out of the rollups.
+    (no rollups, or rollups kept by other rules) is summed once, in one transaction with the
+    mark, so a failure leaves no half-filled rollups behind: the next process tries again.
+    Upgrade with the daemon stopped: a run of the earlier version that stores rows after this
+    fill leaves them out of the rollups.
     """
     marks = schema_upgrades
     try:

@@ -20,7 +20,7 @@ from fraud_dagster.features import (
 )
 from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
 from fraud_dagster.storage.history import DENSE_ACCOUNT_TRANSACTIONS, load_batch_history
-from fraud_dagster.storage.rollups import add_to_account_rollups
+from fraud_dagster.storage.rollups import FINE_FROM_DAY_COUNT, add_to_account_rollups
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
 
@@ -43,7 +43,9 @@ def transactions(
     return frame
 
 
-def store(engine: sa.Engine, frame: pd.DataFrame, offset_base: int = 0) -> None:
+def store(engine: sa.Engine, frame: pd.DataFrame, busy_from: int = FINE_FROM_DAY_COUNT) -> None:
+    """Insert `frame` as scored transactions (offsets from 0) with their rollups: days with
+    more than `busy_from` transactions get them."""
     now = utcnow()
     rows = [
         {
@@ -54,7 +56,7 @@ def store(engine: sa.Engine, frame: pd.DataFrame, offset_base: int = 0) -> None:
             "transaction_date": r.transaction_date.to_pydatetime(),
             "source_topic": "t",
             "source_partition": 0,
-            "source_offset": offset_base + i,
+            "source_offset": i,
             "fraud_probability": 0.0,
             "is_suspicious": False,
             "model_version": "v",
@@ -75,15 +77,20 @@ def store(engine: sa.Engine, frame: pd.DataFrame, offset_base: int = 0) -> None:
     ]
     with engine.begin() as conn:
         conn.execute(sa.insert(scored_transactions), rows)
-        add_to_account_rollups(conn, frame)  # as the batch write does
+        add_to_account_rollups(conn, frame, may_start=True, busy_from=busy_from)
         if labels:
             conn.execute(sa.insert(fraud_labels), labels)
 
 
-# The accounts here hold ~80 transactions in a batch's reach: dense from 0 sends every account's
-# bands through the rollups, the default sums them from the transactions' index.
+# The accounts here hold ~2.7 transactions a day. "rollups": days with more than 2 get rollups
+# (about a third), and dense from 0 sends every account that has any through the rollups: its
+# bands mix busy days (rollups) and quiet ones (transactions). "index": the defaults, no day is
+# busy and every band is summed from the transactions' index.
+ROLLUPS_EVERYWHERE = (2, 0)
 BOTH_ACCOUNT_PATHS = pytest.mark.parametrize(
-    "dense_from", [0, DENSE_ACCOUNT_TRANSACTIONS], ids=["rollups", "index"]
+    ("busy_from", "dense_from"),
+    [ROLLUPS_EVERYWHERE, (FINE_FROM_DAY_COUNT, DENSE_ACCOUNT_TRANSACTIONS)],
+    ids=["rollups", "index"],
 )
 
 
@@ -94,13 +101,13 @@ BOTH_ACCOUNT_PATHS = pytest.mark.parametrize(
     [(5, False), (60, False), (900, False), (60, True), (900, True)],
 )
 def test_database_history_gives_offline_features(
-    tmp_path: Path, batch_size: int, stored_batch_too: bool, dense_from: int
+    tmp_path: Path, batch_size: int, stored_batch_too: bool, busy_from: int, dense_from: int
 ) -> None:
     frame = transactions(4000, seed=batch_size)
     engine = create_engine(f"sqlite:///{tmp_path / 'h.db'}")
     ensure_schema(engine)
     split = len(frame) - batch_size
-    store(engine, frame.iloc[:split] if not stored_batch_too else frame)
+    store(engine, frame.iloc[:split] if not stored_batch_too else frame, busy_from)
     batch = frame.iloc[split:]
     with engine.connect() as conn:
         exclude = ("t", 0, split, len(frame) - 1) if stored_batch_too else None
@@ -116,8 +123,8 @@ def test_database_history_gives_offline_features(
         # A short batch needs few rows: most of the history comes as aggregates.
         assert (history.accounts["weight"] > 1).any()
         assert len(history.accounts) < split / 4
-        # The accounts' day rollups say which accounts to read; merchants have no rollups.
-        assert history.accounts_read.rollup_rows > 0
+        # Busy days come from the accounts' rollups; merchants have none.
+        assert (history.accounts_read.rollup_rows > 0) == (busy_from < FINE_FROM_DAY_COUNT)
         assert history.merchants_read.rollup_rows == 0
     # What the run reports it read: every stored transaction its windows can reach, once.
     stored = frame.iloc[:split]
@@ -181,7 +188,9 @@ def test_history_plan_covers_the_reach_without_overlap() -> None:
 
 
 @BOTH_ACCOUNT_PATHS
-def test_transactions_exactly_on_window_edges(tmp_path: Path, dense_from: int) -> None:
+def test_transactions_exactly_on_window_edges(
+    tmp_path: Path, busy_from: int, dense_from: int
+) -> None:
     """Stored transactions a second before, on and after every window edge of every batch row."""
     start = pd.Timestamp("2025-03-01 12:00:00")
     offsets = pd.to_timedelta([0, 10, 20], unit="s")
@@ -213,7 +222,7 @@ def test_transactions_exactly_on_window_edges(tmp_path: Path, dense_from: int) -
     history = history.loc[history["transaction_date"] < start].reset_index(drop=True)
     engine = create_engine(f"sqlite:///{tmp_path / 'edges.db'}")
     ensure_schema(engine)
-    store(engine, history)
+    store(engine, history, busy_from)
     with engine.connect() as conn:
         read = load_batch_history(conn, batch, dense_accounts_from=dense_from)
         online = compute_batch_features(batch, read)
@@ -229,7 +238,7 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
     frame = transactions(4000, seed=7)
     engine = create_engine(f"sqlite:///{tmp_path / 'plans.db'}")
     ensure_schema(engine)
-    store(engine, frame.iloc[:-60])
+    store(engine, frame.iloc[:-60], busy_from=ROLLUPS_EVERYWHERE[0])
     statements: list[tuple[str, tuple]] = []
 
     @sa.event.listens_for(engine, "before_cursor_execute")
@@ -238,7 +247,7 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
 
     with engine.connect() as conn:
         # As a run calls it: its own offsets excluded (a rerun finds them stored).
-        for dense_from in (0, DENSE_ACCOUNT_TRANSACTIONS):  # both ways of summing accounts
+        for dense_from in (ROLLUPS_EVERYWHERE[1], DENSE_ACCOUNT_TRANSACTIONS):  # both ways
             load_batch_history(
                 conn,
                 frame.iloc[-60:],
@@ -259,10 +268,10 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
             continue
         seek = next(step for step in plan if "scored_transactions" in step)
         assert "transaction_date>" in seek and "transaction_date<" in seek, (statement, plan)
-    # Which accounts hold anything in reach (their day rollups), and the dense accounts' bands,
-    # the part that grows with a dense stream: whole days, hours and minutes from the rollups,
-    # each a seek by key, level and bucket range...
-    assert any("amount_sum" in statement for statement in rollup_plans)
+    # The accounts' busy days in reach (their day rollups), and the dense accounts' bands, the
+    # part that grows with a dense stream: whole days, hours and minutes from the rollups, each
+    # a seek by key, level and bucket range...
+    assert any("sum(account_rollups.amount_sum)" in statement for statement in rollup_plans)
     for plan in rollup_plans.values():
         assert plan == [
             "SEARCH account_rollups USING PRIMARY KEY "

@@ -61,7 +61,7 @@ def test_a_band_shorter_than_a_minute_is_one_edge() -> None:
     assert split_band(171, 170).edges == []
 
 
-def test_every_day_is_rolled_up_and_hours_and_minutes_only_on_busy_days() -> None:
+def test_only_busy_days_are_rolled_up_by_day_hour_and_minute() -> None:
     day1 = pd.Timestamp("2026-11-30")
     busy = FINE_FROM_DAY_COUNT + 1
     frame = pd.DataFrame(
@@ -82,11 +82,7 @@ def test_every_day_is_rolled_up_and_hours_and_minutes_only_on_busy_days() -> Non
     ]
     first_day = int(day1.timestamp()) // DAY
     days = [row for row in as_tuples if row[1] == DAY]
-    assert days == [
-        ("a", DAY, first_day, busy, float(busy)),
-        ("a", DAY, first_day + 1, 1, 8.0),
-        ("b", DAY, first_day, 2, 6.0),
-    ]
+    assert days == [("a", DAY, first_day, busy, float(busy))]  # a's second day and b: quiet
     finer = [row for row in as_tuples if row[1] != DAY]
     assert {row[0] for row in finer} == {"a"}
     assert all(row[2] * row[1] // DAY == first_day for row in finer)  # day 1 only
@@ -96,3 +92,7 @@ def test_every_day_is_rolled_up_and_hours_and_minutes_only_on_busy_days() -> Non
     assert len(minutes) == (busy + 1) // 2 and {row[3] for row in minutes} <= {1, 2}
     assert as_tuples == sorted(as_tuples)
     assert rollup_rows_of(frame.iloc[:0]) == []
+    # The threshold is the writer's: from 1, b's day (2 transactions) is busy, a's second not.
+    from_one = rollup_rows_of(frame, busy_from=1)
+    busy_days = {(r["account_id"], r["bucket"]) for r in from_one if r["level"] == DAY}
+    assert busy_days == {("a", first_day), ("b", first_day)}
