@@ -23,7 +23,7 @@ Merchants have no rollups yet: their windows also need the fraud labels, which a
 from __future__ import annotations
 
 import logging
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,21 +199,55 @@ def _rolled_up_days(conn: Connection, days: pd.DataFrame) -> pd.Index:
     return _pairs([a for a, _ in found], [b for _, b in found])
 
 
-def _stored_on_days(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
-    """The stored transactions (account_id, transaction_amount, transaction_date) of the
-    (account_id, bucket) `days`: one date range per day, so an account's other days, busy ones
-    included, are not read."""
-    s = scored_transactions
-    found = []
+def _per_day(
+    days: pd.DataFrame, query_of_day: Callable[[Sequence[str], int], Iterable[Any]]
+) -> list[Any]:
+    """The rows `query_of_day(accounts, day)` returns for each day of the (account_id, bucket)
+    `days`, with that day's accounts in chunks: one date range per query, so an account's other
+    days, busy ones included, are not read."""
+    found: list[Any] = []
     for day, of_day in days.groupby("bucket", sort=True):
         for accounts in in_chunks(of_day["account_id"].tolist()):
-            query = sa.select(s.c.account_id, s.c.transaction_amount, s.c.transaction_date).where(
-                s.c.account_id.in_(accounts),
-                s.c.transaction_date >= datetime_at(int(day) * DAY),
-                s.c.transaction_date < datetime_at((int(day) + 1) * DAY),
-            )
-            found.extend(conn.execute(query).all())
-    return frame_from_rows(found, ["account_id", "transaction_amount", "transaction_date"])
+            found.extend(query_of_day(accounts, int(day)))
+    return found
+
+
+def _of_accounts_on(accounts: Sequence[str], day: int) -> sa.ColumnElement[bool]:
+    s = scored_transactions
+    return sa.and_(
+        s.c.account_id.in_(accounts),
+        s.c.transaction_date >= datetime_at(day * DAY),
+        s.c.transaction_date < datetime_at((day + 1) * DAY),
+    )
+
+
+def _stored_counts(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
+    """How many transactions are stored (stored) on each of the (account_id, bucket) `days`,
+    those with none left out; from the transactions' index alone."""
+    s = scored_transactions
+
+    def counts(accounts: Sequence[str], day: int) -> Iterable[Any]:
+        query = (
+            sa.select(s.c.account_id, sa.func.count())
+            .where(_of_accounts_on(accounts, day))
+            .group_by(s.c.account_id)
+        )
+        return [(account, day, count) for account, count in conn.execute(query)]
+
+    return frame_from_rows(_per_day(days, counts), ["account_id", "bucket", "stored"])
+
+
+def _stored_on_days(conn: Connection, days: pd.DataFrame) -> pd.DataFrame:
+    """The stored transactions (account_id, transaction_amount, transaction_date) of the
+    (account_id, bucket) `days`."""
+    s = scored_transactions
+
+    def rows(accounts: Sequence[str], day: int) -> Iterable[Any]:
+        columns = (s.c.account_id, s.c.transaction_amount, s.c.transaction_date)
+        return conn.execute(sa.select(*columns).where(_of_accounts_on(accounts, day))).all()
+
+    columns = ["account_id", "transaction_amount", "transaction_date"]
+    return frame_from_rows(_per_day(days, rows), columns)
 
 
 def may_start_rollups(
@@ -239,8 +273,7 @@ def may_start_rollups(
     quiet = days.loc[~_pairs(days["account_id"], days["bucket"]).isin(_rolled_up_days(conn, days))]
     if quiet.empty:
         return False
-    stored = _account_days(_stored_on_days(conn, quiet)).rename(columns={"tx_count": "stored"})
-    together = quiet.merge(stored, on=["account_id", "bucket"], how="left")
+    together = quiet.merge(_stored_counts(conn, quiet), on=["account_id", "bucket"], how="left")
     if not (together["tx_count"] + together["stored"].fillna(0) > busy_from).any():
         return False
     conn.execute(sa.text(f"LOCK TABLE {scored_transactions.name} IN SHARE ROW EXCLUSIVE MODE"))
@@ -282,12 +315,12 @@ def add_to_account_rollups(
             conn.execute(add, records)
             written += len(records)
     if may_start and not rolled.all():
-        stored = _stored_on_days(conn, days.loc[~rolled])
-        started = _kept(_increments_frame(stored), busy_from)
-        if len(started):
+        counted = _stored_counts(conn, days.loc[~rolled])  # this write's rows included
+        busy = counted.loc[counted["stored"] > busy_from]
+        if len(busy):
             # No other writer can hold rows of these days (see `may_start_rollups`), so none
             # can have started them meanwhile: a clash would be an error, not a sum.
-            records = _rollup_records(started)
+            records = _rollup_records(_increments_frame(_stored_on_days(conn, busy)))
             conn.execute(sa.insert(account_rollups), records)
             written += len(records)
     return written
