@@ -14,6 +14,9 @@ By default the messages keep the simulator's dates (about 950 a simulated day, s
 time as the latency benchmark does, so that every stored row is inside the accounts' 1-day
 window. `--cards 1000000` spreads the simulator's 500 customers over a million card numbers
 (`producer.spread_over_cards`), so that an account holds a few transactions, as a bank's do.
+`--storage postgresql` fills a throw-away PostgreSQL server (`local_services.postgres`) instead
+of SQLite; `--time-rollup-fill` times, at the end, the one-off fill of the account rollups an
+upgraded database gets (`storage.rollups.backfill_account_rollups`) over everything stored.
 
 Reproduce: python -m fraud_dagster.benchmarks.history_growth --stored 60000 300000 600000
            python -m fraud_dagster.benchmarks.history_growth --stored 60000 300000 600000 \
@@ -25,6 +28,7 @@ Reproduce: python -m fraud_dagster.benchmarks.history_growth --stored 60000 3000
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -34,17 +38,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 
 from fraud_dagster import pipeline
 from fraud_dagster.benchmarks.harness import add_cards_option, machine_description
 from fraud_dagster.cli import print_line
 from fraud_dagster.features import FEATURE_COLUMNS
+from fraud_dagster.local_services.postgres import temporary_postgres
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.model import LoadedModel, ModelEntry
 from fraud_dagster.producer import spread_over_cards, synthetic_transactions
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster.storage.history import load_batch_history
+from fraud_dagster.storage.rollups import BACKFILL_MARK, backfill_account_rollups
+from fraud_dagster.storage.schema import account_rollups, schema_upgrades
 
 COMMAND = "python -m fraud_dagster.benchmarks.history_growth"
 TOPIC = "transactions"
@@ -89,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         "a second up to now (default 0: the simulator's dates, ~950 a simulated day)",
     )
     add_cards_option(parser)
+    parser.add_argument("--storage", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--time-rollup-fill",
+        action="store_true",
+        help="at the end, time the account rollups' one-off fill over everything stored",
+    )
     args = parser.parse_args(argv)
     sizes = sorted(args.stored)
     transactions = synthetic_transactions(sizes[-1] + args.batch, seed=1000)
@@ -109,8 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{'stored':>9} {'prepare s':>10} {'history s':>10} {'history rows':>13} {'summed':>9} "
         f"{'persist s':>10}"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = create_engine(f"sqlite:///{Path(tmp) / 'history.db'}")
+    with contextlib.ExitStack() as stack:
+        if args.storage == "postgresql":
+            url = stack.enter_context(temporary_postgres(prefix="fraud-history-pg-")).url()
+        else:
+            url = f"sqlite:///{Path(stack.enter_context(tempfile.TemporaryDirectory())) / 'h.db'}"
+        engine = create_engine(url)
         ensure_schema(engine)
         stored = 0
         for size in sizes:
@@ -140,11 +158,33 @@ def main(argv: list[str] | None = None) -> None:
                 f"{statistics.median(history_times):>10.3f} {rows:>13} {summed:>9} "
                 f"{statistics.median(persist_times[-args.repeat :] or [0.0]):>10.3f}"
             )
+        if args.time_rollup_fill:
+            time_rollup_fill(engine, stored)
         engine.dispose()
     dated = f" --dated-at-rate {args.dated_at_rate}" if args.dated_at_rate else ""
     dated += f" --cards {args.cards}" if args.cards else ""
+    dated += " --storage postgresql" if args.storage == "postgresql" else ""
+    dated += " --time-rollup-fill" if args.time_rollup_fill else ""
     print_line(
         f"reproduce: {COMMAND} --stored {' '.join(map(str, sizes))} --batch {args.batch}{dated}"
+    )
+
+
+def time_rollup_fill(engine: sa.Engine, stored: int) -> None:
+    """Forget the rollups and their mark, as on a database an earlier version filled, and time
+    the fill the first process to open it does."""
+    with engine.begin() as conn:
+        kept = conn.execute(sa.select(sa.func.count()).select_from(account_rollups)).scalar_one()
+        conn.execute(sa.delete(schema_upgrades).where(schema_upgrades.c.name == BACKFILL_MARK))
+        conn.execute(sa.delete(account_rollups))
+    started = time.perf_counter()
+    backfill_account_rollups(engine)
+    seconds = time.perf_counter() - started
+    with engine.connect() as conn:
+        filled = conn.execute(sa.select(sa.func.count()).select_from(account_rollups)).scalar_one()
+    print_line(
+        f"rollups fill (once, on upgrade): {seconds:.1f} s over {stored} stored, "
+        f"{filled} rollup rows (the batches had written {kept})"
     )
 
 
