@@ -75,9 +75,9 @@ def _history_part(
     `source` (scored_transactions, joined to what `value` needs), and how much that was.
 
     With `dense_accounts_from` (`key` is the account, `value` the amount) the accounts' bands
-    are planned by `storage.rollups.plan_account_bands`: accounts with nothing stored in reach
-    need no query at all, and the bands of accounts with more than that many transactions in
-    reach come from their rollups, all but their partial minutes. Bands that overlap the batch's
+    are planned by `storage.rollups.plan_account_bands`: the bands of accounts with more than
+    that many transactions on busy days in reach come from their rollups, all but their quiet
+    days and partial minutes. Bands that overlap the batch's
     own span (`history_plan` makes none for the accounts' edges, which start at 0) are summed
     from `source`, where a rerun's stored rows can be left out.
     """
@@ -114,8 +114,7 @@ def _history_part(
             both[1] += total or 0.0
 
     reach = (min(a for a, _ in plan.rows + plan.bands), max(b for _, b in plan.rows + plan.bands))
-    for candidates in in_chunks(list(keys)):
-        chunk = candidates
+    for chunk in in_chunks(list(keys)):
         sums: dict[tuple[str, int], list[float]] = {}
         from_rows = [(chunk, index, interval) for index, interval in enumerate(plan.bands)]
         if dense_accounts_from is not None:
@@ -125,12 +124,10 @@ def _history_part(
                 if exclude_source and _overlaps(interval, batch_span)
             ]
             others = [band for band in enumerate(plan.bands) if band not in own]
-            accounts = plan_account_bands(conn, candidates, others, reach, dense_accounts_from)
+            accounts = plan_account_bands(conn, chunk, others, reach, dense_accounts_from)
             rollup_rows += accounts.rollup_rows
-            chunk, sums = accounts.accounts, accounts.sums
+            sums = accounts.sums
             from_rows = [*accounts.from_rows, *((chunk, index, band) for index, band in own)]
-        if not chunk:
-            continue
         for interval in plan.rows:
             query = (
                 sa.select(s.c.transaction_id, key, date, value, sa.literal(1.0))
@@ -179,7 +176,7 @@ def load_batch_history(
     Near the windows' edges stored transactions come as rows, elsewhere as one aggregate row
     per key and band (see `features.history_plan`), so the history of a batch stays about as
     large as the batch however much is stored. The aggregates of accounts with more than
-    `dense_accounts_from` stored transactions in reach are summed from their rollups
+    `dense_accounts_from` stored transactions on busy days in reach are summed from their rollups
     (`storage.rollups`), so they cost about the same however busy the accounts are.
     `exclude_source` = (topic, partition, first, last) leaves out the batch's own messages,
     which a rerun finds stored already.

@@ -330,12 +330,10 @@ def add_to_account_rollups(
 class AccountBands:
     """How the accounts' band sums are read (`plan_account_bands`): `sums` taken from the
     rollups per (account, band index) as [count, amount sum]; `from_rows` (accounts, band index,
-    interval) left to sum from the stored transactions; `accounts` holding anything in reach;
-    `rollup_rows` read."""
+    interval) left to sum from the stored transactions; `rollup_rows` read."""
 
     sums: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     from_rows: list[tuple[list[str], int, tuple[int, int]]] = field(default_factory=list)
-    accounts: list[str] = field(default_factory=list)
     rollup_rows: int = 0
 
     def add(self, account: str, band: int, count: float, total: float) -> None:
@@ -373,7 +371,7 @@ def plan_account_bands(
     transactions.
     """
     r = account_rollups
-    plan = AccountBands(accounts=list(accounts))
+    plan = AccountBands()
     busy_days: dict[str, dict[int, tuple[int, float]]] = {}
     query = sa.select(r.c.account_id, r.c.bucket, r.c.tx_count, r.c.amount_sum).where(
         r.c.account_id.in_(accounts),

@@ -86,10 +86,10 @@ def store(engine: sa.Engine, frame: pd.DataFrame, busy_from: int = FINE_FROM_DAY
 # (about a third), and dense from 0 sends every account that has any through the rollups: its
 # bands mix busy days (rollups) and quiet ones (transactions). "index": the defaults, no day is
 # busy and every band is summed from the transactions' index.
-ROLLUPS_EVERYWHERE = (2, 0)
+ROLLUPS_AND_ROWS = (2, 0)
 BOTH_ACCOUNT_PATHS = pytest.mark.parametrize(
     ("busy_from", "dense_from"),
-    [ROLLUPS_EVERYWHERE, (FINE_FROM_DAY_COUNT, DENSE_ACCOUNT_TRANSACTIONS)],
+    [ROLLUPS_AND_ROWS, (FINE_FROM_DAY_COUNT, DENSE_ACCOUNT_TRANSACTIONS)],
     ids=["rollups", "index"],
 )
 
@@ -238,7 +238,7 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
     frame = transactions(4000, seed=7)
     engine = create_engine(f"sqlite:///{tmp_path / 'plans.db'}")
     ensure_schema(engine)
-    store(engine, frame.iloc[:-60], busy_from=ROLLUPS_EVERYWHERE[0])
+    store(engine, frame.iloc[:-60], busy_from=ROLLUPS_AND_ROWS[0])
     statements: list[tuple[str, tuple]] = []
 
     @sa.event.listens_for(engine, "before_cursor_execute")
@@ -247,7 +247,7 @@ def test_history_reads_seek_the_index_by_key_and_date(tmp_path: Path) -> None:
 
     with engine.connect() as conn:
         # As a run calls it: its own offsets excluded (a rerun finds them stored).
-        for dense_from in (ROLLUPS_EVERYWHERE[1], DENSE_ACCOUNT_TRANSACTIONS):  # both ways
+        for dense_from in (ROLLUPS_AND_ROWS[1], DENSE_ACCOUNT_TRANSACTIONS):  # both ways
             load_batch_history(
                 conn,
                 frame.iloc[-60:],
