@@ -42,6 +42,15 @@ def datetime_at(second: int) -> datetime:
     return _EPOCH + timedelta(seconds=second)
 
 
+def within_seconds(
+    column: sa.ColumnElement[Any], interval: tuple[int, int]
+) -> sa.ColumnElement[bool]:
+    """`column` (a DateTime) falls in the closed interval of whole epoch seconds [first, last]:
+    a plain range, which the (key, date) indexes can seek by."""
+    first, last = interval
+    return sa.and_(column >= datetime_at(first), column < datetime_at(last + 1))
+
+
 def create_engine(url: str) -> Engine:
     """An engine for `url`, with the settings each backend needs for concurrent batch runs."""
     if url.startswith("sqlite"):

@@ -25,7 +25,7 @@ from fraud_dagster.features import (
     history_plan,
 )
 from fraud_dagster.messages import Rejection
-from fraud_dagster.storage.database import datetime_at, frame_from_rows, in_chunks
+from fraud_dagster.storage.database import datetime_at, frame_from_rows, in_chunks, within_seconds
 from fraud_dagster.storage.rollups import plan_account_bands
 from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 
@@ -33,12 +33,6 @@ from fraud_dagster.storage.schema import fraud_labels, scored_transactions
 # sums read from the rollups; fewer are cheaper to sum from the transactions' index (a rollup
 # band costs about as much as summing a few hundred index entries, docs/benchmarks.md).
 DENSE_ACCOUNT_TRANSACTIONS = 1_000
-
-
-def _within(column: sa.Column, interval: tuple[int, int]) -> sa.ColumnElement[bool]:
-    """`column` falls in the closed interval of whole epoch seconds [first, last]."""
-    first, last = interval
-    return sa.and_(column >= datetime_at(first), column < datetime_at(last + 1))
 
 
 def _not_from(source: tuple[str, int, int, int] | None) -> sa.ColumnElement[bool]:
@@ -94,7 +88,7 @@ def _history_part(
         # so only an interval overlapping `batch_span` needs them excluded; the others can
         # then be summed from an index alone.
         exclude = exclude_source if _overlaps(interval, batch_span) else None
-        return sa.and_(key.in_(chunk), _within(date, interval), _not_from(exclude))
+        return sa.and_(key.in_(chunk), within_seconds(date, interval), _not_from(exclude))
 
     def add_sums(
         sums: dict[tuple[str, int], list[float]],

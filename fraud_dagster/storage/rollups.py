@@ -35,11 +35,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
 from fraud_dagster.storage.database import (
-    datetime_at,
     frame_from_rows,
     in_chunks,
     insert_adding_on_conflict,
     utcnow,
+    within_seconds,
 )
 from fraud_dagster.storage.schema import account_rollups, schema_upgrades, scored_transactions
 
@@ -216,8 +216,7 @@ def _of_accounts_on(accounts: Sequence[str], day: int) -> sa.ColumnElement[bool]
     s = scored_transactions
     return sa.and_(
         s.c.account_id.in_(accounts),
-        s.c.transaction_date >= datetime_at(day * DAY),
-        s.c.transaction_date < datetime_at((day + 1) * DAY),
+        within_seconds(s.c.transaction_date, (day * DAY, (day + 1) * DAY - 1)),
     )
 
 
