@@ -3,7 +3,6 @@ concurrent runs included), and filled once from the rows an earlier version stor
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pandas as pd
@@ -13,34 +12,9 @@ from fraud_dagster.messages import RawBatch, ValidationLimits
 from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
 from fraud_dagster.storage.rollups import DAY, rollup_rows_of
 from fraud_dagster.storage.schema import account_rollups, schema_upgrades, scored_transactions
-from fraud_dagster_tests.unit.stored_batches import run
+from fraud_dagster_tests.unit.stored_batches import one_day_batch, run
 
-A_DAY = int(pd.Timestamp("2026-11-01").timestamp()) // DAY  # the day of every raw_batch
-
-
-def raw_batch(
-    partition: int, first: int, count: int, *, accounts: int = 5, ids_of: int | None = None
-) -> RawBatch:
-    """Offsets first.. of topic "t", spread over `accounts` accounts, all on one day (`A_DAY`);
-    transaction ids "p<partition>-<offset>", or those of partition
-    `ids_of` (duplicates)."""
-    id_prefix = f"p{partition if ids_of is None else ids_of}-"
-    values = [
-        json.dumps(
-            {
-                "transaction_id": f"{id_prefix}{offset}",
-                "account_id": f"A{offset % accounts}",
-                "merchant": "M1",
-                "transaction_amount": 1.0 + offset % 7,
-                "transaction_date": f"2026-11-01T10:{offset // 60 % 60:02d}:{offset % 60:02d}Z",
-            }
-        ).encode()
-        for offset in range(first, first + count)
-    ]
-    offsets = list(range(first, first + count))
-    return RawBatch(
-        "t", partition, first, offsets[-1], offsets, [1_700_000_000_000] * count, values
-    )
+A_DAY = int(pd.Timestamp("2026-11-01").timestamp()) // DAY  # the day of every one_day_batch
 
 
 def rollups(engine: sa.Engine) -> list[tuple]:
@@ -78,11 +52,11 @@ def test_quiet_days_write_nothing_and_reruns_add_nothing(database_url: str) -> N
     ensure_schema(engine)
     # 150 a day for A0 and A1: quiet, no rollup row. The second batch makes both days busy
     # (started from their stored rows), the third adds to them; A2's day stays quiet.
-    run(raw_batch(0, 0, 300, accounts=2), engine, ValidationLimits())
+    run(one_day_batch(0, 0, 300, accounts=2), engine, ValidationLimits())
     assert rollups(engine) == []
-    run(raw_batch(0, 300, 200, accounts=2), engine, ValidationLimits())
+    run(one_day_batch(0, 300, 200, accounts=2), engine, ValidationLimits())
     assert day_counts(rollups(engine)) == {"A0": 250, "A1": 250}
-    third = raw_batch(0, 500, 100, accounts=3)
+    third = one_day_batch(0, 500, 100, accounts=3)
     run(third, engine, ValidationLimits())
     stored = rollups(engine)
     assert day_counts(stored) == {"A0": 250 + 33, "A1": 250 + 33}  # A2: 34
@@ -91,8 +65,8 @@ def test_quiet_days_write_nothing_and_reruns_add_nothing(database_url: str) -> N
     assert stored == rollups_of_stored_rows(engine)
 
     rerun = run(third, engine, ValidationLimits())
-    duplicates = run(raw_batch(1, 0, 10, ids_of=0), engine, ValidationLimits())
-    rejected = run(raw_batch(2, 0, 10), engine, ValidationLimits(max_amount=0.5))
+    duplicates = run(one_day_batch(1, 0, 10, ids_of=0), engine, ValidationLimits())
+    rejected = run(one_day_batch(2, 0, 10), engine, ValidationLimits(max_amount=0.5))
     assert (rerun.inserted, rerun.already_stored) == (0, 100)
     assert (duplicates.inserted, duplicates.rejected_inserted) == (0, 10)
     assert (rejected.inserted, rejected.rejected_inserted) == (0, 10)
@@ -113,7 +87,7 @@ def test_concurrent_batches_of_the_same_accounts_add_up(database_url: str) -> No
         try:
             start.wait()
             for first in range(0, 400, 50):  # 2 accounts: their day gets busy meanwhile
-                run(raw_batch(partition, first, 50, accounts=2), engine, ValidationLimits())
+                run(one_day_batch(partition, first, 50, accounts=2), engine, ValidationLimits())
         except BaseException as exc:  # reported below, with the other thread's result
             errors.append(exc)
 
@@ -137,7 +111,7 @@ def test_a_day_made_busy_while_another_write_of_it_is_uncommitted(database_url: 
     rollups would miss the other write's 30 rows for good."""
     engine = create_engine(database_url)
     ensure_schema(engine)
-    run(raw_batch(0, 0, 150, accounts=1), engine, ValidationLimits())  # A0's day: 150, quiet
+    run(one_day_batch(0, 0, 150, accounts=1), engine, ValidationLimits())  # A0's day: 150, quiet
     inserted, release = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
@@ -156,11 +130,11 @@ def test_a_day_made_busy_while_another_write_of_it_is_uncommitted(database_url: 
             errors.append(exc)
 
     # 150 + 30 stays quiet: "slow" starts nothing and holds its rows uncommitted ...
-    slow = threading.Thread(target=write, args=(raw_batch(1, 0, 30, accounts=1),), name="slow")
+    slow = threading.Thread(target=write, args=(one_day_batch(1, 0, 30, accounts=1),), name="slow")
     slow.start()
     assert inserted.wait(30)
     # ... while "fast" makes the day busy (150 + 60 committed or its own).
-    fast = threading.Thread(target=write, args=(raw_batch(2, 0, 60, accounts=1),), name="fast")
+    fast = threading.Thread(target=write, args=(one_day_batch(2, 0, 60, accounts=1),), name="fast")
     fast.start()
     fast.join(2.0)
     fast_waited = fast.is_alive()
@@ -177,8 +151,8 @@ def test_a_day_made_busy_while_another_write_of_it_is_uncommitted(database_url: 
 def test_a_database_gets_its_rollups_filled_once(database_url: str) -> None:
     engine = create_engine(database_url)
     ensure_schema(engine)
-    run(raw_batch(0, 0, 250, accounts=1), engine, ValidationLimits())
-    run(raw_batch(0, 250, 30, accounts=3), engine, ValidationLimits())
+    run(one_day_batch(0, 0, 250, accounts=1), engine, ValidationLimits())
+    run(one_day_batch(0, 250, 30, accounts=3), engine, ValidationLimits())
     expected = rollups(engine)
     assert {row[0] for row in expected} == {"A0"}  # busy; A1 and A2 are not
     # As a version before the rollups left it: the stored rows, no rollups, no mark.

@@ -53,6 +53,31 @@ def batch(amounts: list[float], id_prefix: str = "T") -> RawBatch:
     return RawBatch("t", 0, 0, n - 1, list(range(n)), [1_700_000_000_000] * n, values)
 
 
+def one_day_batch(
+    partition: int, first: int, count: int, *, accounts: int = 5, ids_of: int | None = None
+) -> RawBatch:
+    """Offsets first.. of topic "t", spread over `accounts` accounts, all on 2026-11-01;
+    transaction ids "p<partition>-<offset>", or those of partition
+    `ids_of` (duplicates)."""
+    id_prefix = f"p{partition if ids_of is None else ids_of}-"
+    values = [
+        json.dumps(
+            {
+                "transaction_id": f"{id_prefix}{offset}",
+                "account_id": f"A{offset % accounts}",
+                "merchant": "M1",
+                "transaction_amount": 1.0 + offset % 7,
+                "transaction_date": f"2026-11-01T10:{offset // 60 % 60:02d}:{offset % 60:02d}Z",
+            }
+        ).encode()
+        for offset in range(first, first + count)
+    ]
+    offsets = list(range(first, first + count))
+    return RawBatch(
+        "t", partition, first, offsets[-1], offsets, [1_700_000_000_000] * count, values
+    )
+
+
 def run(raw: RawBatch, engine: sa.Engine, limits: ValidationLimits) -> pipeline.PersistResult:
     prepared = pipeline.prepare_batch(raw, engine, limits)
     return pipeline.store_batch(pipeline.score_batch(prepared, MODEL), engine, "run")
