@@ -10,12 +10,14 @@ no-op ops, same code location and launcher) requested by a sensor: that request 
 the floor Dagster puts under every batch run.
 
 Reproduce: python -m fraud_dagster.benchmarks.latency --rates 200 1000 --seconds 60
-(`--cards 1000000` spreads the simulator's 500 customers over a million card numbers.)
+(`--cards 1000000` spreads the simulator's 500 customers over a million card numbers;
+`--storage postgresql` puts the application database on a throw-away PostgreSQL server.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import email
 import email.policy
 import json
@@ -46,9 +48,11 @@ from fraud_dagster.benchmarks.harness import (
 from fraud_dagster.benchmarks.latency_location import FLOOR_TAG
 from fraud_dagster.kafka_io import ensure_topic
 from fraud_dagster.local_services.dagster_processes import running_daemon
+from fraud_dagster.local_services.postgres import LocalPostgres, temporary_postgres
 from fraud_dagster.settings import PROJECT_ROOT
 from fraud_dagster.simulator import to_messages
-from fraud_dagster.storage.schema import scored_transactions
+from fraud_dagster.storage.rollups import DAY
+from fraud_dagster.storage.schema import account_rollups, scored_transactions
 
 logger = logging.getLogger(__name__)
 COMMAND = "python -m fraud_dagster.benchmarks.latency"
@@ -240,10 +244,19 @@ def email_latencies(mail_dir: Path, produced_ms: dict[str, float]) -> list[tuple
 
 
 def run_phase(
-    services: Services, home: Path, phase: Phase, args: argparse.Namespace, floor_runs: int
+    services: Services,
+    home: Path,
+    phase: Phase,
+    args: argparse.Namespace,
+    floor_runs: int,
+    postgres: LocalPostgres | None = None,
 ) -> dict:
     topic = f"latency-{phase.rate}"
-    database_url = services.sqlite_url(f"latency-{phase.rate}")
+    database_url = (
+        postgres.create_database(f"latency_{phase.rate}")
+        if postgres
+        else services.sqlite_url(f"latency-{phase.rate}")
+    )
     ensure_topic(services.kafka_options(), topic, args.partitions)
     env = services.env(
         topic,
@@ -277,6 +290,11 @@ def run_phase(
                 scored_transactions.c.scored_at,
             )
         ).all()
+        # Account-days whose rollups a write started: on PostgreSQL, at most this many writes
+        # took the table lock that starting them needs (`storage.rollups.may_start_rollups`).
+        rollup_days = conn.execute(
+            sa.select(sa.func.count()).where(account_rollups.c.level == DAY)
+        ).scalar_one()
     engine.dispose()
     produced_ms = {
         row.transaction_id: row.kafka_timestamp.replace(tzinfo=UTC).timestamp() * 1000
@@ -307,6 +325,7 @@ def run_phase(
             [r["request_to_end_seconds"] for r in runs]
         ),
         "failed_runs": sum(1 for r in runs if r["status"] != "SUCCESS"),
+        "rollup_days_started": rollup_days,
         "batch_run_mean_seconds_by_phase": steps,
         "batch_runs_by_minute": per_minute(phases, phase.started_at),
         "sensor_tick_spacing_seconds": ticks,
@@ -316,7 +335,8 @@ def run_phase(
     if args.plot_dir:
         # One file per rate and duration: a 180-s run must not replace the 60-s plot.
         cards = f"-{phase.cards}cards" if phase.cards else ""
-        name = f"latency-{phase.rate}-{phase.seconds}s{cards}.png"
+        storage = "-postgresql" if postgres else ""
+        name = f"latency-{phase.rate}-{phase.seconds}s{cards}{storage}.png"
         _plot(args.plot_dir / name, phase, rows, emails)
     return result
 
@@ -394,19 +414,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=1)
     add_cards_option(parser)
+    parser.add_argument("--storage", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--floor-runs", type=int, default=20)
     parser.add_argument("--plot-dir", type=Path, default=PROJECT_ROOT / "docs")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = []
-    with local_services() as services:
+    with local_services() as services, contextlib.ExitStack() as stack:
+        postgres = (
+            stack.enter_context(temporary_postgres(prefix="fraud-latency-pg-"))
+            if args.storage == "postgresql"
+            else None
+        )
         home = services.work_dir / "dagster_home"
         home.mkdir()
         shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
         for i, rate in enumerate(args.rates):
             phase = Phase(rate=rate, seconds=args.seconds, cards=args.cards)
-            results.append(run_phase(services, home, phase, args, args.floor_runs if i == 0 else 0))
+            floor_runs = args.floor_runs if i == 0 else 0
+            results.append(run_phase(services, home, phase, args, floor_runs, postgres))
     floor = results[0]["floor"] if results else []
     floor_stats = percentiles([r["request_to_end_seconds"] for r in floor])
     _print(args, results, floor_stats)
@@ -431,7 +458,7 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
         f"machine: {machine_description()}",
         f"sensor interval {args.sensor_interval} s, max batch {args.max_batch_size}, "
         f"{args.partitions} partition(s), {args.seconds} s per rate, "
-        f"{args.cards or 'the simulated'} accounts",
+        f"{args.cards or 'the simulated'} accounts, {args.storage} application database",
         f"floor (trivial run, request -> success): p50 {_fmt(floor['p50'])} s, "
         f"p95 {_fmt(floor['p95'])} s",
         " | ".join(
@@ -469,6 +496,10 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
                 f"{r['rate']} tx/s: lag trend {trend['per_minute']:+.1f} messages a minute, "
                 f"mean {trend['mean']:.0f} (least squares, minute 1 to the producer's end)"
             )
+        lines.append(
+            f"{r['rate']} tx/s: {r['failed_runs']} runs failed; rollups started for "
+            f"{r['rollup_days_started']} account-days"
+        )
     for r in results:
         if len(r["batch_runs_by_minute"]) > 2:
             lines.append(f"{r['rate']} tx/s by minute of request (mean s per phase):")
@@ -486,7 +517,9 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
     lines.append(
         f"reproduce: {COMMAND} --rates {rates} --seconds {args.seconds} "
         f"--sensor-interval {args.sensor_interval} --max-batch-size {args.max_batch_size}"
+        + (f" --partitions {args.partitions}" if args.partitions != 1 else "")
         + (f" --cards {args.cards}" if args.cards else "")
+        + (f" --storage {args.storage}" if args.storage != "sqlite" else "")
     )
     sys.stdout.write("\n".join(lines) + "\n")
 
