@@ -335,8 +335,9 @@ def run_phase(
     if args.plot_dir:
         # One file per rate and duration: a 180-s run must not replace the 60-s plot.
         cards = f"-{phase.cards}cards" if phase.cards else ""
+        partitions = f"-{args.partitions}partitions" if args.partitions != 1 else ""
         storage = "-postgresql" if postgres else ""
-        name = f"latency-{phase.rate}-{phase.seconds}s{cards}{storage}.png"
+        name = f"latency-{phase.rate}-{phase.seconds}s{cards}{partitions}{storage}.png"
         _plot(args.plot_dir / name, phase, rows, emails)
     return result
 
