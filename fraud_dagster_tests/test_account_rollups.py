@@ -12,9 +12,9 @@ from fraud_dagster.messages import RawBatch, ValidationLimits
 from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
 from fraud_dagster.storage.rollups import DAY, rollup_rows_of
 from fraud_dagster.storage.schema import account_rollups, schema_upgrades, scored_transactions
-from fraud_dagster_tests.unit.stored_batches import one_day_batch, run
+from fraud_dagster_tests.unit.stored_batches import ONE_DAY, one_day_batch, run
 
-A_DAY = int(pd.Timestamp("2026-11-01").timestamp()) // DAY  # the day of every one_day_batch
+A_DAY = int(pd.Timestamp(ONE_DAY).timestamp()) // DAY  # the day bucket of every one_day_batch
 
 
 def rollups(engine: sa.Engine) -> list[tuple]:

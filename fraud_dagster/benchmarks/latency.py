@@ -422,12 +422,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = []
-    with local_services() as services, contextlib.ExitStack() as stack:
-        postgres = (
-            stack.enter_context(temporary_postgres(prefix="fraud-latency-pg-"))
-            if args.storage == "postgresql"
-            else None
-        )
+    application_server = (
+        temporary_postgres(prefix="fraud-latency-pg-")
+        if args.storage == "postgresql"
+        else contextlib.nullcontext()
+    )
+    with local_services() as services, application_server as postgres:
         home = services.work_dir / "dagster_home"
         home.mkdir()
         shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")

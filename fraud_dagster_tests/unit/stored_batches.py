@@ -53,10 +53,13 @@ def batch(amounts: list[float], id_prefix: str = "T") -> RawBatch:
     return RawBatch("t", 0, 0, n - 1, list(range(n)), [1_700_000_000_000] * n, values)
 
 
+ONE_DAY = "2026-11-01"  # the date of every one_day_batch transaction
+
+
 def one_day_batch(
     partition: int, first: int, count: int, *, accounts: int = 5, ids_of: int | None = None
 ) -> RawBatch:
-    """Offsets first.. of topic "t", spread over `accounts` accounts, all on 2026-11-01;
+    """Offsets first.. of topic "t", spread over `accounts` accounts, all on `ONE_DAY`;
     transaction ids "p<partition>-<offset>", or those of partition
     `ids_of` (duplicates)."""
     id_prefix = f"p{partition if ids_of is None else ids_of}-"
@@ -67,7 +70,7 @@ def one_day_batch(
                 "account_id": f"A{offset % accounts}",
                 "merchant": "M1",
                 "transaction_amount": 1.0 + offset % 7,
-                "transaction_date": f"2026-11-01T10:{offset // 60 % 60:02d}:{offset % 60:02d}Z",
+                "transaction_date": f"{ONE_DAY}T10:{offset // 60 % 60:02d}:{offset % 60:02d}Z",
             }
         ).encode()
         for offset in range(first, first + count)
