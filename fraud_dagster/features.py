@@ -55,12 +55,13 @@ ACCOUNT_EDGES_DAYS = (0, *WINDOWS_DAYS)
 MERCHANT_EDGES_DAYS = (DELAY_DAYS, *(DELAY_DAYS + days for days in WINDOWS_DAYS))
 WEIGHT = "weight"  # optional column: how many transactions a (history) row stands for
 
-_SECONDS_PER_DAY = 86_400
+SECONDS_PER_DAY = 86_400
 # Group codes are spread this many seconds apart so that one sorted int64 key holds both.
 _GROUP_STRIDE = 10**10
 
 
-def _epoch_seconds(dates: pd.Series) -> np.ndarray:
+def epoch_seconds(dates: pd.Series) -> np.ndarray:
+    """Whole seconds since 1970 of naive UTC dates: the one time axis of windows and buckets."""
     return pd.to_datetime(dates).astype("datetime64[s]").to_numpy().astype(np.int64)
 
 
@@ -111,10 +112,10 @@ def _weights(frame: pd.DataFrame) -> np.ndarray:
 
 def _account_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     """Per account, over (t - w, t]: number of transactions and mean amount."""
-    windows = [(days * _SECONDS_PER_DAY, 0) for days in WINDOWS_DAYS]
+    windows = [(days * SECONDS_PER_DAY, 0) for days in WINDOWS_DAYS]
     stats = _windowed(
         frame["account_id"],
-        _epoch_seconds(frame["transaction_date"]),
+        epoch_seconds(frame["transaction_date"]),
         frame["transaction_id"].astype(str),
         _weights(frame),
         {"amount": frame["transaction_amount"].to_numpy(dtype=np.float64)},
@@ -131,8 +132,8 @@ def _account_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
 
 def _merchant_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     """Per merchant, over (t - 7 - w, t - 7]: number of transactions and confirmed-fraud share."""
-    delay = DELAY_DAYS * _SECONDS_PER_DAY
-    windows = [((days + DELAY_DAYS) * _SECONDS_PER_DAY, delay) for days in WINDOWS_DAYS]
+    delay = DELAY_DAYS * SECONDS_PER_DAY
+    windows = [((days + DELAY_DAYS) * SECONDS_PER_DAY, delay) for days in WINDOWS_DAYS]
     is_fraud = (
         frame["is_fraud"].fillna(0).to_numpy(dtype=np.float64)
         if "is_fraud" in frame
@@ -140,7 +141,7 @@ def _merchant_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     )
     stats = _windowed(
         frame["merchant"],
-        _epoch_seconds(frame["transaction_date"]),
+        epoch_seconds(frame["transaction_date"]),
         frame["transaction_id"].astype(str),
         _weights(frame),
         {"fraud": is_fraud},
@@ -234,7 +235,7 @@ def history_plan(first_second: int, last_second: int, edges_days: tuple[int, ...
     Those intervals are fetched as rows; every other stretch of the reachable range (a band) is
     in all the batch's windows of a size or in none, so it is fetched as one sum per key.
     """
-    edges = sorted(days * _SECONDS_PER_DAY for days in edges_days)
+    edges = sorted(days * SECONDS_PER_DAY for days in edges_days)
     low, high = first_second - edges[-1] + 1, last_second - edges[0]
     partial = sorted(
         (max(first_second - edge, low), min(last_second - edge, high)) for edge in edges
@@ -267,10 +268,10 @@ def labels_reach_batch(batch: pd.DataFrame) -> np.ndarray:
     seconds and no row does, so its labels need not be read at all; a replay of a long stretch
     needs them.
     """
-    seconds = _epoch_seconds(batch["transaction_date"])
+    seconds = epoch_seconds(batch["transaction_date"])
     if not len(seconds):
         return np.zeros(0, dtype=bool)
-    return seconds <= seconds.max() - DELAY_DAYS * _SECONDS_PER_DAY
+    return seconds <= seconds.max() - DELAY_DAYS * SECONDS_PER_DAY
 
 
 def compute_batch_features(

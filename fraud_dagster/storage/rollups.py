@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
+from fraud_dagster.features import SECONDS_PER_DAY, epoch_seconds
 from fraud_dagster.storage.database import (
     frame_from_rows,
     in_chunks,
@@ -45,7 +46,7 @@ from fraud_dagster.storage.schema import account_rollups, schema_upgrades, score
 
 logger = logging.getLogger(__name__)
 
-DAY = 86_400
+DAY = SECONDS_PER_DAY
 # Finer bucket sizes in seconds, coarser first; each divides a day and the one before it, and
 # buckets are aligned to the epoch (days to UTC midnight).
 FINE_LEVELS_SECONDS = (3_600, 60)
@@ -95,16 +96,16 @@ def split_band(first: int, last: int, levels: Sequence[int] = ROLLUP_LEVELS_SECO
     )
 
 
-def _epoch_seconds(transactions: pd.DataFrame) -> np.ndarray:
-    dates = pd.to_datetime(transactions["transaction_date"])
-    return dates.astype("datetime64[s]").to_numpy().astype(np.int64)
+def _days_of(transactions: pd.DataFrame) -> np.ndarray:
+    """The epoch day (UTC) of each transaction."""
+    return epoch_seconds(transactions["transaction_date"]) // DAY
 
 
 def _increments_frame(
     transactions: pd.DataFrame, levels: Sequence[int] = ROLLUP_LEVELS_SECONDS
 ) -> pd.DataFrame:
     """Count and amount sum of `transactions` per account_id, level and bucket, sorted."""
-    seconds = _epoch_seconds(transactions)
+    seconds = epoch_seconds(transactions["transaction_date"])
     accounts = transactions["account_id"].to_numpy()
     amounts = transactions["transaction_amount"].to_numpy(dtype=np.float64)
     parts = pd.concat(
@@ -181,7 +182,7 @@ def rollup_rows_of(
 def _account_days(transactions: pd.DataFrame) -> pd.DataFrame:
     """The (account_id, bucket) days `transactions` fall on, with their count (tx_count)."""
     days = pd.DataFrame(
-        {"account_id": transactions["account_id"], "bucket": _epoch_seconds(transactions) // DAY}
+        {"account_id": transactions["account_id"], "bucket": _days_of(transactions)}
     )
     return days.groupby(["account_id", "bucket"], sort=True).size().rename("tx_count").reset_index()
 
@@ -302,7 +303,7 @@ def add_to_account_rollups(
         return 0
     days = _account_days(transactions)
     rolled = _pairs(days["account_id"], days["bucket"]).isin(_rolled_up_days(conn, days))
-    on_rolled = _pairs(transactions["account_id"], _epoch_seconds(transactions) // DAY).isin(
+    on_rolled = _pairs(transactions["account_id"], _days_of(transactions)).isin(
         _pairs(days.loc[rolled, "account_id"], days.loc[rolled, "bucket"])
     )
     increments = _increments_frame(transactions.loc[on_rolled])
