@@ -12,11 +12,19 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewPartitions, NewTopic
-from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaError,
+    OffsetOutOfRangeError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
+from kafka.protocol.consumer.offsets import OffsetSpec
 from kafka.structs import OffsetAndMetadata
 
 from fraud_dagster.errors import KafkaUnavailableError, OffsetRangeError
@@ -46,6 +54,12 @@ def _consumer(options: Mapping[str, Any], **extra: Any) -> KafkaConsumer:
         ) from exc
 
 
+def _admin(options: Mapping[str, Any]) -> closing[KafkaAdminClient]:
+    """An admin client from the shared client options (those it takes), closed after use."""
+    admin_options = {k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+    return closing(KafkaAdminClient(**admin_options))
+
+
 def partitions_of(consumer: KafkaConsumer, topic: str) -> list[int]:
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:
@@ -56,44 +70,65 @@ def partitions_of(consumer: KafkaConsumer, topic: str) -> list[int]:
     return sorted(partitions)
 
 
-def offset_bounds(options: Mapping[str, Any], topic: str) -> tuple[dict[int, int], dict[int, int]]:
-    """(beginning, end) offsets of every partition; end is the next offset to be written."""
-    with closing(_consumer(options, enable_auto_commit=False)) as consumer:
-        try:
-            tps = [TopicPartition(topic, p) for p in partitions_of(consumer, topic)]
-            begin = consumer.beginning_offsets(tps)
-            end = consumer.end_offsets(tps)
-        except KafkaError as exc:
-            raise KafkaUnavailableError(f"cannot read offsets of {topic!r}: {exc!r}") from exc
-    return (
-        {tp.partition: offset for tp, offset in begin.items()},
-        {tp.partition: offset for tp, offset in end.items()},
-    )
+@dataclass(frozen=True)
+class TopicOffsets:
+    """A topic's id and every partition's first and next offsets, read together."""
+
+    topic_id: str | None
+    beginning: dict[int, int]
+    end: dict[int, int]
 
 
 _NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"
 
 
-def topic_id(options: Mapping[str, Any], topic: str) -> str | None:
-    """The topic's id (KIP-516), which changes when the topic is deleted and created again; None
-    if the broker does not say (before Kafka 2.8) or the topic does not exist."""
-    admin_options = {k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+def topic_offsets(options: Mapping[str, Any], topic: str) -> TopicOffsets:
+    """The topic's id (KIP-516: it changes when the topic is deleted and created again; None
+    before Kafka 2.8), then the beginning and end (next offset to be written) of every partition.
+
+    One admin client asks for both: a fresh KafkaConsumer learns a topic's partitions only after
+    kafka-python's 100-ms metadata backoff that follows its bootstrap (115 ms a lookup against
+    12 ms here, docs/benchmarks.md "Stop 25"), and the sensor asks on every tick.
+    """
     try:
-        with closing(KafkaAdminClient(**admin_options)) as admin:
+        with _admin(options) as admin:
             (described,) = admin.describe_topics([topic])
+            error = described.get("error_code") or 0
+            if error == UnknownTopicOrPartitionError.errno or not described.get("partitions"):
+                raise KafkaUnavailableError(
+                    f"topic {topic!r} does not exist on the broker (or has no partitions yet); "
+                    "create it with `fraud-dagster topic create`"
+                )
+            if error:
+                raise for_code(error)(f"describing topic {topic!r}")
+            tps = sorted(
+                (TopicPartition(topic, p["partition_index"]) for p in described["partitions"]),
+                key=lambda tp: tp.partition,
+            )
+            first = admin.list_partition_offsets(dict.fromkeys(tps, OffsetSpec.EARLIEST))
+            after = admin.list_partition_offsets(dict.fromkeys(tps, OffsetSpec.LATEST))
     except KafkaError as exc:
-        raise KafkaUnavailableError(f"cannot describe topic {topic!r}: {exc!r}") from exc
+        raise KafkaUnavailableError(f"cannot read offsets of {topic!r}: {exc!r}") from exc
     found = described.get("topic_id")
-    return str(found) if found and str(found) != _NO_TOPIC_ID else None
+    return TopicOffsets(
+        topic_id=str(found) if found and str(found) != _NO_TOPIC_ID else None,
+        beginning={tp.partition: first[tp].offset for tp in tps},
+        end={tp.partition: after[tp].offset for tp in tps},
+    )
+
+
+def offset_bounds(options: Mapping[str, Any], topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """(beginning, end) offsets of every partition; end is the next offset to be written."""
+    offsets = topic_offsets(options, topic)
+    return offsets.beginning, offsets.end
 
 
 def retention_ms(options: Mapping[str, Any], topic: str) -> int | None:
     """The topic's `retention.ms` (its own, else the broker's default; -1: kept for ever), or
     None if the broker does not say."""
-    admin_options = {k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
     resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})
     try:
-        with closing(KafkaAdminClient(**admin_options)) as admin:
+        with _admin(options) as admin:
             described = admin.describe_configs([resource], config_filter="all")
     except KafkaError as exc:
         raise KafkaUnavailableError(f"cannot describe the configs of {topic!r}: {exc!r}") from exc
@@ -237,8 +272,7 @@ def _commit_forward(consumer: KafkaConsumer, tp: TopicPartition, target: int) ->
 
 def ensure_topic(options: Mapping[str, Any], topic: str, partitions: int) -> None:
     """Create `topic` with `partitions` partitions, or grow it to that many."""
-    admin_options = {k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
-    with closing(KafkaAdminClient(**admin_options)) as admin:
+    with _admin(options) as admin:
         try:
             admin.create_topics([NewTopic(topic, partitions, 1)])
             logger.info("created topic %s with %d partition(s)", topic, partitions)

@@ -75,6 +75,9 @@ class KafkaResource(dg.ConfigurableResource):
             options["ssl_cafile"] = self.ssl_cafile
         return options
 
+    def topic_offsets(self) -> kafka_io.TopicOffsets:
+        return kafka_io.topic_offsets(self.client_options(), self.topic)
+
     def offset_bounds(self) -> tuple[dict[int, int], dict[int, int]]:
         return kafka_io.offset_bounds(self.client_options(), self.topic)
 

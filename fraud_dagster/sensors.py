@@ -13,7 +13,6 @@ from email.message import Message
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
 
-from fraud_dagster import kafka_io
 from fraud_dagster.alerts import (
     RunFailureNotice,
     SmtpMailer,
@@ -169,8 +168,8 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
         try:
             # The id before the offsets: a topic recreated between the two reads is then seen
             # one tick late (its batches read again), never as the old id with the new offsets.
-            topic_id = kafka_io.topic_id(kafka.client_options(), kafka.topic)
-            beginning, end = kafka.offset_bounds()
+            offsets = kafka.topic_offsets()
+            beginning, end = offsets.beginning, offsets.end
             new_partitions = set(end) - set(cursor.next_offsets)
             committed = kafka.committed_offsets() if new_partitions else {}
         except FraudDagsterError as exc:
@@ -191,7 +190,7 @@ def build_kafka_transactions_sensor(settings: Settings) -> dg.SensorDefinition:
             max_batch_size=settings.max_batch_size,
             max_batches=settings.max_runs_per_tick,
             busy_partitions=_partitions_not_to_batch(context.instance, kafka.topic),
-            topic_id=topic_id,
+            topic_id=offsets.topic_id,
             now=now,
         )
         for note in plan.notes:

@@ -9,11 +9,15 @@ import pytest
 
 from fraud_dagster.batching import PlannedBatch, SensorCursor
 from fraud_dagster.definitions import build_definitions
+from fraud_dagster.errors import KafkaUnavailableError
 from fraud_dagster.jobs import batch_run_config
+from fraud_dagster.kafka_io import producer as kafka_producer
+from fraud_dagster.kafka_io import topic_offsets
 from fraud_dagster.producer import synthetic_transactions
+from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings
 from fraud_dagster.simulator import to_messages
-from fraud_dagster_tests.helpers import evaluate_sensor, produce
+from fraud_dagster_tests.helpers import admin_client, delete_before, evaluate_sensor, produce
 
 # The sensor reads the broker and the Dagster instance; the application database only to set
 # aside a recreated topic's stored ranges.
@@ -132,3 +136,46 @@ def test_a_recreated_topic_is_not_read_while_a_run_of_the_previous_one_is_unfini
     (request,) = resumed.run_requests
     assert request.run_key.startswith(f"{settings.kafka_topic}@")
     assert request.tags["fraud_dagster/offset_range"] == "0-4"
+
+
+@pytest.mark.partitions(2)
+def test_topic_offsets_are_the_topic_id_and_both_ends_of_every_partition(
+    settings: Settings,
+) -> None:
+    """What each tick plans from, read by one admin client (`kafka_io.topic_offsets`)."""
+    options = resolved_resources(settings)["kafka"].client_options()
+    client = kafka_producer(options)
+    for partition, count in ((0, 10), (1, 4)):
+        for _ in range(count):
+            client.send(settings.kafka_topic, value=b"{}", partition=partition)
+    client.flush()
+    client.close()
+    delete_before(settings, 3)  # partition 0's beginning moves, as retention moves it
+    admin = admin_client(settings)
+    try:
+        (described,) = admin.describe_topics([settings.kafka_topic])
+    finally:
+        admin.close()
+
+    offsets = topic_offsets(options, settings.kafka_topic)
+
+    assert offsets.beginning == {0: 3, 1: 0}
+    assert offsets.end == {0: 10, 1: 4}
+    assert offsets.topic_id == str(described["topic_id"]) and offsets.topic_id
+
+
+def test_a_topic_that_does_not_exist_skips_the_tick_with_how_to_create_it(
+    settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fraud_dagster.settings import load_settings
+
+    monkeypatch.setenv("FRAUD_KAFKA_TOPIC", f"{settings.kafka_topic}-never-created")
+    missing = load_settings()
+    options = resolved_resources(missing)["kafka"].client_options()
+    with pytest.raises(KafkaUnavailableError, match="does not exist on the broker"):
+        topic_offsets(options, missing.kafka_topic)
+
+    result = evaluate_sensor(build_definitions(missing), missing, instance, cursor=None)
+    assert result.run_requests == []
+    assert "Kafka unavailable" in result.skip_message
+    assert "fraud-dagster topic create" in result.skip_message

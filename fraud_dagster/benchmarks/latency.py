@@ -163,11 +163,16 @@ def per_minute(runs: list[dict[str, float]], since: float) -> list[dict[str, flo
     ]
 
 
-def sensor_tick_spacing(instance: dg.DagsterInstance, since: float) -> dict[str, float | None]:
-    """Seconds between the Kafka sensor's ticks after `since`: the interval actually in effect
-    (Dagster's sensor loop runs every 5 s and skips a sensor whose interval has not passed)."""
-    stamps = [tick.timestamp for tick in kafka_sensor_ticks(instance, after=since)]
-    return percentiles(np.diff(stamps).tolist())
+def sensor_tick_timing(
+    instance: dg.DagsterInstance, since: float
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Seconds between the Kafka sensor's ticks after `since` (the interval actually in effect:
+    Dagster's sensor loop runs every 5 s and skips a sensor whose interval has not passed), and
+    how long a tick took (topic id, offsets, runs queries, requests: part of every latency)."""
+    ticks = kafka_sensor_ticks(instance, after=since)
+    spacing = np.diff([tick.timestamp for tick in ticks]).tolist()
+    took = [t.end_timestamp - t.timestamp for t in ticks if t.end_timestamp is not None]
+    return percentiles(spacing), percentiles(took)
 
 
 def measure_floor(instance: dg.DagsterInstance, runs: int, timeout_seconds: float) -> list[dict]:
@@ -281,7 +286,7 @@ def run_phase(
         runs = run_durations(instance, {TAG_TOPIC: topic})
         phases = run_phases(instance, {TAG_TOPIC: topic})
         steps = step_profile(phases)
-        ticks = sensor_tick_spacing(instance, phase.started_at)
+        tick_spacing, tick_duration = sensor_tick_timing(instance, phase.started_at)
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(
@@ -328,7 +333,8 @@ def run_phase(
         "rollup_days_started": rollup_days,
         "batch_run_mean_seconds_by_phase": steps,
         "batch_runs_by_minute": per_minute(phases, phase.started_at),
-        "sensor_tick_spacing_seconds": ticks,
+        "sensor_tick_spacing_seconds": tick_spacing,
+        "sensor_tick_duration_seconds": tick_duration,
         "lag_samples": lag,
         "floor": floor,
     }
@@ -486,9 +492,11 @@ def _print(args: argparse.Namespace, results: list[dict], floor: dict) -> None:
         )
     for r in results:
         spacing = r["sensor_tick_spacing_seconds"]
+        took = r["sensor_tick_duration_seconds"]
         lines.append(
             f"{r['rate']} tx/s: sensor ticks every {_fmt(spacing['p50']).strip()} s (p50), "
-            f"mean {_fmt(spacing['mean']).strip()} s; batch run, mean s: "
+            f"mean {_fmt(spacing['mean']).strip()} s, each taking {_fmt(took['p50']).strip()} "
+            f"(p50) / {_fmt(took['p95']).strip()} s (p95); batch run, mean s: "
             + ", ".join(f"{k} {v:.2f}" for k, v in r["batch_run_mean_seconds_by_phase"].items())
         )
         trend = r["lag_trend"]
