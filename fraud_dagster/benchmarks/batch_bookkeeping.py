@@ -5,6 +5,8 @@
   ranges, from the database), each with a fresh consumer as in a batch run;
 * `store.contiguous_end` with many stored ranges in the table;
 * a batch's read, without and with the consumer group's committed offset (`history_start`);
+* the Kafka sensor's lookup each tick: the topic's id from an admin client and the partitions'
+  ends from a fresh consumer (before), against `kafka_io.topic_offsets` (one admin client);
 * the alert step's outbox claim for a batch without suspicious transactions, with many sent
   alerts in the table.
 
@@ -58,6 +60,16 @@ def plain_commit(options: dict, topic: str, group: str, offset: int) -> None:
             c.commit({tp: OffsetAndMetadata(offset, "", -1)})
 
 
+def consumer_offset_lookup(options: dict, topic: str) -> tuple[object, dict, dict]:
+    """What the sensor did each tick before: the id from an admin client, the partitions and
+    their ends from a fresh consumer (which waits out kafka-python's metadata backoff)."""
+    with kafka_io._admin(options) as admin:
+        (described,) = admin.describe_topics([topic])
+    with closing(kafka_io._consumer(options, enable_auto_commit=False)) as consumer:
+        tps = [TopicPartition(topic, p) for p in kafka_io.partitions_of(consumer, topic)]
+        return described.get("topic_id"), consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ranges", type=int, default=10_000, help="stored ranges in the table")
@@ -109,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         read_group_ms = median_ms(
             lambda: kafka_io.read_range(options, topic, 0, 0, 99, group_id="new-0"), args.repeat
         )
+        lookup_before_ms = median_ms(lambda: consumer_offset_lookup(options, topic), args.repeat)
+        lookup_ms = median_ms(lambda: kafka_io.topic_offsets(options, topic), args.repeat)
 
         with engine.connect() as conn:  # sent alerts only; their suspicious rows do not matter
             conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
@@ -142,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     print_line(f"contiguous_end, {args.ranges} ranges stored:   {range_ms:8.2f} ms")
     print_line(f"read 100 messages:                        {read_ms:8.1f} ms")
     print_line(f"read 100 messages + group's commit:       {read_group_ms:8.1f} ms")
+    print_line(f"sensor lookup, admin + consumer (before): {lookup_before_ms:8.1f} ms")
+    print_line(f"sensor lookup, one admin client:          {lookup_ms:8.1f} ms")
     print_line(f"alert claim, batch without alerts:        {claim_ms:8.2f} ms")
     print_line(f"alert claim, retry run, nothing due:      {retry_claim_ms:8.2f} ms")
 
