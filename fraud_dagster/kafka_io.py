@@ -45,19 +45,27 @@ _BATCH_CONSUMER_OPTIONS = {
 }
 
 
+def _unreachable(options: Mapping[str, Any], exc: KafkaError) -> KafkaUnavailableError:
+    """The one message for a client that could not bootstrap, whichever kind of client."""
+    return KafkaUnavailableError(
+        f"cannot reach Kafka at {options.get('bootstrap_servers')}: {exc!r}"
+    )
+
+
 def _consumer(options: Mapping[str, Any], **extra: Any) -> KafkaConsumer:
     try:
         return KafkaConsumer(**{**options, **extra})
     except KafkaError as exc:
-        raise KafkaUnavailableError(
-            f"cannot reach Kafka at {options.get('bootstrap_servers')}: {exc!r}"
-        ) from exc
+        raise _unreachable(options, exc) from exc
 
 
 def _admin(options: Mapping[str, Any]) -> closing[KafkaAdminClient]:
     """An admin client from the shared client options (those it takes), closed after use."""
     admin_options = {k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
-    return closing(KafkaAdminClient(**admin_options))
+    try:
+        return closing(KafkaAdminClient(**admin_options))
+    except KafkaError as exc:
+        raise _unreachable(options, exc) from exc
 
 
 def partitions_of(consumer: KafkaConsumer, topic: str) -> list[int]:

@@ -127,6 +127,7 @@ def test_broker_down_sensor_skips_then_catches_up_without_gap_or_duplicate(
         assert "KafkaUnavailableError" in failure.step_failure_data.error.cause.cls_name
         assert skipped.run_requests == []
         assert "Kafka unavailable, cursor unchanged" in skipped.skip_message
+        assert f"cannot reach Kafka at {[broker.bootstrap_servers]}" in skipped.skip_message
         assert skipped.cursor is None or skipped.cursor == before.cursor
         assert sum(accounting(database_url, topic).values()) == 0
 
