@@ -68,13 +68,18 @@ def _admin(options: Mapping[str, Any]) -> closing[KafkaAdminClient]:
         raise _unreachable(options, exc) from exc
 
 
+def _no_such_topic(topic: str) -> KafkaUnavailableError:
+    """The one message for a topic the broker does not have, with how to create it."""
+    return KafkaUnavailableError(
+        f"topic {topic!r} does not exist on the broker (or has no partitions yet); "
+        "create it with `fraud-dagster topic create`"
+    )
+
+
 def partitions_of(consumer: KafkaConsumer, topic: str) -> list[int]:
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:
-        raise KafkaUnavailableError(
-            f"topic {topic!r} does not exist on the broker (or has no partitions yet); "
-            "create it with `fraud-dagster topic create`"
-        )
+        raise _no_such_topic(topic)
     return sorted(partitions)
 
 
@@ -103,10 +108,7 @@ def topic_offsets(options: Mapping[str, Any], topic: str) -> TopicOffsets:
             (described,) = admin.describe_topics([topic])
             error = described.get("error_code") or 0
             if error == UnknownTopicOrPartitionError.errno or not described.get("partitions"):
-                raise KafkaUnavailableError(
-                    f"topic {topic!r} does not exist on the broker (or has no partitions yet); "
-                    "create it with `fraud-dagster topic create`"
-                )
+                raise _no_such_topic(topic)
             if error:
                 raise for_code(error)(f"describing topic {topic!r}")
             tps = sorted(

@@ -13,9 +13,10 @@ from fraud_dagster.errors import KafkaUnavailableError
 from fraud_dagster.jobs import batch_run_config
 from fraud_dagster.kafka_io import producer as kafka_producer
 from fraud_dagster.kafka_io import topic_offsets
+from fraud_dagster.local_services.process import free_port
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
-from fraud_dagster.settings import Settings
+from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster_tests.helpers import admin_client, delete_before, evaluate_sensor, produce
 
@@ -77,9 +78,6 @@ def test_a_partition_with_a_batch_waiting_in_the_queue_gets_no_other_until_it_st
 def test_broker_down_skips_with_the_reason_and_keeps_the_cursor(
     settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fraud_dagster.local_services.process import free_port
-    from fraud_dagster.settings import load_settings
-
     monkeypatch.setenv("FRAUD_KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{free_port()}")
     monkeypatch.setenv("FRAUD_KAFKA_CONNECT_TIMEOUT_SECONDS", "2")
     unreachable = load_settings()
@@ -96,7 +94,6 @@ def test_a_recreated_topic_with_the_database_down_skips_and_keeps_the_cursor(
 ) -> None:
     """No batch of the new topic before the previous one's stored ranges are set aside: they
     would let the consumer group be committed past the new batches."""
-    from fraud_dagster.local_services.process import free_port
     from fraud_dagster.settings import load_settings
 
     produce(settings, to_messages(synthetic_transactions(5, seed=7)))
@@ -167,8 +164,6 @@ def test_topic_offsets_are_the_topic_id_and_both_ends_of_every_partition(
 def test_a_topic_that_does_not_exist_skips_the_tick_with_how_to_create_it(
     settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fraud_dagster.settings import load_settings
-
     monkeypatch.setenv("FRAUD_KAFKA_TOPIC", f"{settings.kafka_topic}-never-created")
     missing = load_settings()
     options = resolved_resources(missing)["kafka"].client_options()
