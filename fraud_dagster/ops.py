@@ -8,7 +8,6 @@ its `check_batch` step evaluates their asset checks (rejected share, score drift
 """
 
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import dagster as dg
 
 from fraud_dagster import pipeline
+from fraud_dagster.alert_claims import abandoned_claims, claim_token
 from fraud_dagster.assets import GROUP
 from fraud_dagster.batch_checks import (
     CheckOutcome,
@@ -329,11 +329,13 @@ def alert(
     down. The alerts stay in the outbox with their error and are sent by the `retry_alerts`
     sensor once SMTP is back; this run shows a warning and `pending_retry`/`last_error` metadata.
     """
+    engine = database.get_engine()
     report = pipeline.deliver_alerts(
-        database.get_engine(),
+        engine,
         smtp.alert_delivery(),
-        token=f"{context.run_id}:{uuid.uuid4().hex[:8]}",
+        token=claim_token(context.run_id),
         batch=batch,
+        abandoned=abandoned_claims(context.instance, engine),
     )
     if report.error:
         context.log.warning(
@@ -550,9 +552,10 @@ def send_due_alerts(
     report = pipeline.deliver_alerts(
         engine,
         smtp.alert_delivery(),
-        token=f"{context.run_id}:{uuid.uuid4().hex[:8]}",
+        token=claim_token(context.run_id),
         limit=config.max_alerts,
         pending_grace=timedelta(seconds=config.pending_grace_seconds),
+        abandoned=abandoned_claims(context.instance, engine),
     )
     status = outbox_status(engine)
     metadata = {

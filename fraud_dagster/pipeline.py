@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -327,6 +327,7 @@ def deliver_alerts(
     batch: BatchRef | None = None,
     limit: int | None = None,
     pending_grace: timedelta | None = None,
+    abandoned: Collection[str] = (),
     send_within: timedelta = SEND_WITHIN_CLAIM,
     clock: Callable[[], float] = time.monotonic,
 ) -> DeliveryReport:
@@ -345,18 +346,26 @@ def deliver_alerts(
     (seconds). The alerts not tried by then are released (`release_alerts`): due again at once,
     the attempt not counted, for the next sender.
 
+    Claims left by senders that ended (tokens in `abandoned`, see `claim_alerts`) are taken over
+    at once; other senders' claims only once they expire.
+
     Guarantee: an alert is marked sent only after the server accepted it, and two senders never
     hold it at once, so it is sent once. The one gap is a sender dying (or the database failing)
     between the server's acceptance and the UPDATE (milliseconds: the marks follow the sends):
-    the claim then expires and the alert is sent again, with the same Message-ID, which mail
-    clients use to drop the copy.
+    the next sender takes the claim over and sends the alert again, with the same Message-ID,
+    which mail clients use to drop the copy.
     """
     source = (
         (batch.topic, batch.partition, batch.first_offset, batch.last_offset) if batch else None
     )
     deadline = clock() + send_within.total_seconds()  # read before the claim's time is set
     claimed = claim_alerts(
-        engine, token, source_range=source, limit=limit, pending_grace=pending_grace
+        engine,
+        token,
+        source_range=source,
+        limit=limit,
+        pending_grace=pending_grace,
+        abandoned=abandoned,
     )
     report = DeliveryReport(claimed=len(claimed))
     if not claimed:

@@ -13,6 +13,7 @@ from email.message import Message
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
 
+from fraud_dagster.alert_claims import abandoned_claims
 from fraud_dagster.alerts import (
     RunFailureNotice,
     SmtpMailer,
@@ -248,8 +249,9 @@ def build_retry_alerts_sensor(settings: Settings) -> dg.SensorDefinition:
     """Launch a `send_pending_alerts` run whenever outbox alerts are due.
 
     Due: failed alerts whose backoff has passed, pending alerts older than the grace period (a
-    batch run died before its alert step), claims abandoned by a dead sender. One retry run at
-    a time; claims keep it from sending what a batch run is sending.
+    batch run died before its alert step), claims left by a run that has ended (at once) or by
+    another sender (once expired). One retry run at a time; claims keep it from sending what a
+    batch run is sending.
     """
     grace = settings.alert_pending_grace_seconds
 
@@ -273,7 +275,12 @@ def build_retry_alerts_sensor(settings: Settings) -> dg.SensorDefinition:
         if running:
             return dg.SkipReason(f"run {running[0].run_id} is already sending alerts")
         try:
-            status = outbox_status(database.get_engine(), pending_grace=timedelta(seconds=grace))
+            engine = database.get_engine()
+            status = outbox_status(
+                engine,
+                pending_grace=timedelta(seconds=grace),
+                abandoned=abandoned_claims(context.instance, engine),
+            )
         except (SQLAlchemyError, FraudDagsterError) as exc:
             return dg.SkipReason(f"database unavailable, alerts not checked: {exc}")
         if not status.due:

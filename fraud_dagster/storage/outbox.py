@@ -2,12 +2,14 @@
 
 A sender claims due alerts with one UPDATE (two senders never hold the same alert), marks the
 ones the SMTP server accepted as sent, and the failed ones for a later retry with backoff.
+A claim names its sender (a token); a sender known to have ended (`abandoned`) gives its claims
+up at once, any other's claim is taken over only once it is STALE_CLAIM_AFTER old.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,18 +49,36 @@ SEND_WITHIN_CLAIM = STALE_CLAIM_AFTER / 2
 
 
 def _due_condition(
-    now: datetime, stale_after: timedelta, pending_grace: timedelta | None
+    now: datetime,
+    stale_after: timedelta,
+    pending_grace: timedelta | None,
+    abandoned: Collection[str] = (),
 ) -> sa.ColumnElement[bool]:
     """Alerts a sender may take now (see `claim_alerts`)."""
     a = fraud_alerts
     pending = a.c.status == "pending"
     if pending_grace is not None:
         pending = sa.and_(pending, a.c.created_at <= now - pending_grace)
+    held_by_the_dead = a.c.claimed_at < now - stale_after
+    if abandoned:
+        held_by_the_dead = sa.or_(held_by_the_dead, a.c.claimed_by.in_(sorted(abandoned)))
     return sa.or_(
         pending,
         sa.and_(a.c.status == "failed", a.c.next_attempt_at <= now),
-        sa.and_(a.c.status == "sending", a.c.claimed_at < now - stale_after),
+        sa.and_(a.c.status == "sending", held_by_the_dead),
     )
+
+
+def claim_holders(engine: Engine) -> set[str]:
+    """The tokens of the senders holding claims now (alerts `sending`): the ones to check for
+    senders that ended without finishing (see `claim_alerts`'s `abandoned`)."""
+    a = fraud_alerts
+    with engine.connect() as conn:
+        return set(
+            conn.execute(
+                sa.select(a.c.claimed_by).where(a.c.status == "sending").distinct()
+            ).scalars()
+        )
 
 
 def claim_alerts(
@@ -69,18 +89,20 @@ def claim_alerts(
     stale_after: timedelta = STALE_CLAIM_AFTER,
     pending_grace: timedelta | None = None,
     limit: int | None = None,
+    abandoned: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Mark due alerts as being sent by `token` and return them with what the email shows.
 
     Due: pending, or failed with its next attempt time reached, or left `sending` by a sender
-    that died more than `stale_after` ago. `source_range` = (topic, partition, first, last)
+    that claimed it more than `stale_after` ago, or by a sender whose token is in `abandoned`
+    (known to have ended: it sends nothing more). `source_range` = (topic, partition, first, last)
     restricts the claim to one batch's messages. `pending_grace` leaves pending alerts younger
     than that to the batch run that wrote them (the retry sender uses it). The claim is a
     single UPDATE, so two senders never hold the same alert.
     """
     now = utcnow()
     a, s = fraud_alerts, scored_transactions
-    condition = _due_condition(now, stale_after, pending_grace)
+    condition = _due_condition(now, stale_after, pending_grace, abandoned)
     if source_range is not None:
         topic, partition, first, last = source_range
         in_batch = sa.select(s.c.transaction_id).where(
@@ -210,8 +232,10 @@ def outbox_status(
     *,
     stale_after: timedelta = STALE_CLAIM_AFTER,
     pending_grace: timedelta | None = None,
+    abandoned: Collection[str] = (),
 ) -> OutboxStatus:
-    """Counts per status, how many are due now, and when the next failed one is due."""
+    """Counts per status, how many are due now (`claim_alerts` says which), and when the next
+    failed one is due."""
     now = utcnow()
     a = fraud_alerts
     unsent = a.c.status != "sent"
@@ -220,7 +244,9 @@ def outbox_status(
             conn.execute(sa.select(a.c.status, sa.func.count()).group_by(a.c.status)).all()
         )
         due = conn.execute(
-            sa.select(sa.func.count()).where(_due_condition(now, stale_after, pending_grace))
+            sa.select(sa.func.count()).where(
+                _due_condition(now, stale_after, pending_grace, abandoned)
+            )
         ).scalar_one()
         next_attempt_at, oldest = conn.execute(
             sa.select(
