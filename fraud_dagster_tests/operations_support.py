@@ -194,13 +194,21 @@ def emails_by_transaction(messages: list) -> Counter[str]:
     return Counter(message["X-Fraud-Transaction-Id"] for message in messages)
 
 
-def wait_for(check: Callable[[], bool], timeout_seconds: float, what: str) -> None:
+def wait_for(
+    check: Callable[[], bool],
+    timeout_seconds: float,
+    what: str,
+    state: Callable[[], str] | None = None,
+) -> None:
+    """Poll `check` until it holds; on timeout fail saying `what` did not happen, and what
+    `state` reports then (what a failure in CI needs to be understood)."""
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {timeout_seconds:.0f}s")
+    found = f"; found: {state()}" if state is not None else ""
+    raise AssertionError(f"{what} did not happen within {timeout_seconds:.0f}s{found}")
 
 
 def step_events(
@@ -285,9 +293,12 @@ def execute_sql(url: str, statement: str) -> None:
         engine.dispose()
 
 
-def refuse_inserts(url: str, table: str, message: str, condition: str | None = None) -> None:
-    """Fault injection: a trigger that makes the database refuse inserts into `table` (those
-    whose NEW row meets `condition`, if given) with `message`, in the database's own dialect."""
+def refuse_writes(
+    url: str, table: str, message: str, condition: str | None = None, statement: str = "INSERT"
+) -> None:
+    """Fault injection: a trigger that makes the database refuse `statement` (INSERT or UPDATE)
+    on `table` (for rows whose NEW row meets `condition`, if given) with `message`, in the
+    database's own dialect."""
     if sa.make_url(url).get_backend_name() == "postgresql":
         test = condition or "TRUE"
         execute_sql(
@@ -297,20 +308,20 @@ def refuse_inserts(url: str, table: str, message: str, condition: str | None = N
         )
         execute_sql(
             url,
-            f"CREATE TRIGGER inject_fault BEFORE INSERT ON {table} "
+            f"CREATE TRIGGER inject_fault BEFORE {statement} ON {table} "
             "FOR EACH ROW EXECUTE FUNCTION inject_fault()",
         )
     else:
         when = f"WHEN {condition} " if condition else ""
         execute_sql(
             url,
-            f"CREATE TRIGGER inject_fault BEFORE INSERT ON {table} {when}"
+            f"CREATE TRIGGER inject_fault BEFORE {statement} ON {table} {when}"
             f"BEGIN SELECT RAISE(ABORT, '{message}'); END",
         )
 
 
-def accept_inserts(url: str, table: str) -> None:
-    """Remove the fault `refuse_inserts` injected."""
+def accept_writes(url: str, table: str) -> None:
+    """Remove the fault `refuse_writes` injected."""
     if sa.make_url(url).get_backend_name() == "postgresql":
         execute_sql(url, f"DROP TRIGGER inject_fault ON {table}")
         execute_sql(url, "DROP FUNCTION inject_fault()")
@@ -319,9 +330,9 @@ def accept_inserts(url: str, table: str) -> None:
 
 
 def stall_a_batch(settings: Settings, database_url: str, seed: int = 91) -> int:
-    """Produce one batch of 60 whose rows the database refuses until `accept_inserts`."""
+    """Produce one batch of 60 whose rows the database refuses until `accept_writes`."""
     ensure_schema(create_engine(database_url))
-    refuse_inserts(database_url, "scored_transactions", "injected fault: database stalls")
+    refuse_writes(database_url, "scored_transactions", "injected fault: database stalls")
     return produce(settings, to_messages(synthetic_transactions(60, seed=seed)))
 
 

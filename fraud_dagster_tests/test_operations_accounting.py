@@ -269,12 +269,20 @@ def test_every_message_is_accounted_for_once_and_every_alert_sent_once_across_fa
             }
             assert suspicious, "the stream must produce alerts"
             assert unsent, "SMTP was down: some alerts had to wait in the outbox"
+
+            def unsent_alerts() -> list[dict]:
+                shown = ("transaction_id", "status", "claimed_by", "claimed_at", "last_error")
+                return [
+                    {column: r[column] for column in shown}
+                    for r in table_rows(database_url, schema.fraud_alerts)
+                    if r["status"] != "sent"
+                ]
+
             wait_for(
-                lambda: (
-                    {r["status"] for r in table_rows(database_url, schema.fraud_alerts)} == {"sent"}
-                ),
+                lambda: not unsent_alerts(),
                 120,
                 "every alert sent once SMTP is back",
+                lambda: f"unsent alerts {unsent_alerts()}, runs {run_statuses(batch_runs())}",
             )
             alerts = [m for m in mailbox.messages() if m["X-Fraud-Transaction-Id"]]
             assert emails_by_transaction(alerts) == dict.fromkeys(suspicious, 1)
@@ -299,6 +307,10 @@ def test_every_message_is_accounted_for_once_and_every_alert_sent_once_across_fa
             kill_group(daemon)
         smtp.stop()
         broker.stop()
+
+
+def run_statuses(runs: list[dg.DagsterRun]) -> dict[str, str]:
+    return {run.run_id: run.status.value for run in runs}
 
 
 def rerun_unfinished_ranges(

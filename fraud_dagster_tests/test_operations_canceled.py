@@ -26,7 +26,7 @@ from fraud_dagster.sensors import CANCELED_BATCH_EMAIL_SENSOR, RUN_FAILURE_EMAIL
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster_tests.helpers import MailBox
 from fraud_dagster_tests.operations_support import (
-    accept_inserts,
+    accept_writes,
     accounting,
     batch_records,
     reexecute,
@@ -90,7 +90,7 @@ def test_a_terminated_batch_run_is_mailed_once_and_its_rerun_stores_the_batch(
     assert accounting(database_url, topic) == {}
 
     # What the email asks for, once the database is back: the batch is stored once.
-    accept_inserts(database_url, "scored_transactions")
+    accept_writes(database_url, "scored_transactions")
     assert reexecute(instance, run_id, from_failure=True).success
     assert accounting(database_url, topic) == {(0, offset): 1 for offset in range(sent)}
     assert resolved_resources(settings)["kafka"].committed_offsets() == {0: sent}

@@ -25,7 +25,7 @@ from fraud_dagster.run_health import RunWorker, process_is_alive, run_worker
 from fraud_dagster.settings import Settings
 from fraud_dagster_tests.helpers import MailBox, suspicious_ids
 from fraud_dagster_tests.operations_support import (
-    accept_inserts,
+    accept_writes,
     accounting,
     emails_by_transaction,
     stall_a_batch,
@@ -117,7 +117,7 @@ def test_a_worker_that_died_with_its_server_and_daemon_is_failed_and_retried_aft
     # Nothing of Dagster's is left to notice: the run stays STARTED.
     assert instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.STARTED
 
-    accept_inserts(database_url, "scored_transactions")
+    accept_writes(database_url, "scored_transactions")
     with running_daemon(dagster_home, daemon_env, log):
         assert_retried_once_and_nothing_lost(
             instance, settings, database_url, mailbox, dead, sent, log
@@ -144,7 +144,7 @@ def test_a_worker_killed_alone_is_failed_once_by_its_server_and_retried(
         dead = run_worker(instance, wait_for_the_batch_at_persist(instance, settings.kafka_topic))
         os.kill(dead.pid, signal.SIGKILL)
         wait_until_worker_gone(dead)
-        accept_inserts(database_url, "scored_transactions")
+        accept_writes(database_url, "scored_transactions")
         assert_retried_once_and_nothing_lost(
             instance, settings, database_url, mailbox, dead, sent, log
         )

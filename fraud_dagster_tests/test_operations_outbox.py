@@ -19,13 +19,14 @@ import pytest
 import sqlalchemy as sa
 
 from fraud_dagster import pipeline
+from fraud_dagster.alert_claims import abandoned_claims, claim_token, claiming_run_id
 from fraud_dagster.alerts import SmtpMailer, render_alert
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.local_services.smtp import LocalSmtpServer, MaildirHandler
 from fraud_dagster.resources import SmtpResource, resolved_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.storage import schema
-from fraud_dagster.storage.database import create_engine, utcnow
+from fraud_dagster.storage.database import create_engine, ensure_schema, utcnow
 from fraud_dagster.storage.outbox import STALE_CLAIM_AFTER, claim_alerts, outbox_status
 from fraud_dagster_tests.helpers import (
     MailBox,
@@ -37,9 +38,13 @@ from fraud_dagster_tests.helpers import (
     table_rows,
 )
 from fraud_dagster_tests.operations_support import (
+    accept_writes,
     emails_by_transaction,
     materializations,
+    reexecute,
+    refuse_writes,
     retry_alerts_tick,
+    run_request,
     run_retry_job,
     wait_for,
 )
@@ -297,6 +302,122 @@ def test_a_dead_senders_claim_expires_and_the_resend_keeps_the_message_id(
     rows = outbox(database_url)
     assert {m["Message-ID"] for m in copies} == {rows[accepted["transaction_id"]]["message_id"]}
     assert {(row["status"], row["claimed_by"]) for row in rows.values()} == {("sent", "successor")}
+
+
+@dg.op
+def hold_claims() -> None:
+    """Stands for a run that is still sending (its run record is all the test needs)."""
+
+
+@dg.job
+def run_in_flight() -> None:
+    hold_claims()
+
+
+def test_a_claim_left_by_a_run_that_ended_is_sent_at_once_and_a_live_runs_claim_waits(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+) -> None:
+    """A run that ended while holding claims (its worker died with the daemon, the database
+    failed under it) sends nothing more: `retry_alerts` asks Dagster and sends those alerts at
+    once instead of after STALE_CLAIM_AFTER. A claim of a run still under way is left alone."""
+    settings = fast_retries
+    defs = build_definitions(settings)
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
+    assert len(suspicious) >= 2
+    (ended,) = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]))
+    live = instance.create_run_for_job(run_in_flight, status=dg.DagsterRunStatus.STARTED)
+    engine = create_engine(database_url)
+    try:
+        left = claim_alerts(
+            engine,
+            claim_token(ended.run_id),
+            pending_grace=timedelta(0),
+            limit=len(suspicious) // 2,
+        )
+        held = claim_alerts(engine, claim_token(live.run_id), pending_grace=timedelta(0))
+        left_ids = {alert["transaction_id"] for alert in left}
+        held_ids = {alert["transaction_id"] for alert in held}
+        assert left_ids and held_ids and left_ids | held_ids == suspicious
+        # The outbox alone cannot tell the dead from the living: nothing due for 10 minutes.
+        assert outbox_status(engine, pending_grace=timedelta(0)).due == 0
+        tokens = {row["transaction_id"]: row["claimed_by"] for row in outbox(database_url).values()}
+        assert abandoned_claims(instance, engine) == {tokens[tid] for tid in left_ids}
+
+        request = retry_alerts_tick(defs, settings, instance)
+        assert isinstance(request, dg.RunRequest), request
+        first = run_retry_job(defs, instance, request)
+        assert first.success
+        (observed,) = materializations(instance, first.run_id, "fraud_alerts")
+        assert observed["alerted"] == len(left_ids)
+        assert emails_by_transaction(mailbox.wait_for(len(left_ids))) == dict.fromkeys(left_ids, 1)
+        rows = outbox(database_url)
+        assert {rows[tid]["status"] for tid in left_ids} == {"sent"}
+        assert {(rows[tid]["status"], rows[tid]["claimed_by"]) for tid in held_ids} == {
+            ("sending", tokens[tid]) for tid in held_ids
+        }
+        assert "no alert due" in retry_alerts_tick(defs, settings, instance).skip_message
+
+        instance.report_run_failed(live)  # ...until that run ends without sending them
+        second = run_retry_job(defs, instance, retry_alerts_tick(defs, settings, instance))
+        assert second.success
+    finally:
+        engine.dispose()
+    emails = mailbox.wait_for(len(suspicious))
+    assert emails_by_transaction(emails) == dict.fromkeys(suspicious, 1)
+    assert {row["status"] for row in outbox(database_url).values()} == {"sent"}
+
+
+def test_a_batch_run_failed_in_its_alert_step_leaves_claims_its_rerun_sends_at_once(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+) -> None:
+    """The alert step claims the batch's alerts, SMTP is down, and the database refuses to
+    record the failure: the run fails with its alerts still `sending` under its claim. The
+    operator's "Re-execute from failure" (or Dagster's run retry) takes that claim over at once,
+    since the failed run sends nothing more, instead of sending nothing for 10 minutes."""
+    settings = fast_retries
+    defs = build_definitions(settings)
+    produce(settings, known_transactions()[0])
+    (request,) = evaluate_sensor(defs, settings, instance, None).run_requests
+    smtp_server.stop()
+    ensure_schema(create_engine(database_url))
+    refuse_writes(
+        database_url,
+        "fraud_alerts",
+        "injected fault: outbox update refused",
+        condition="NEW.status = 'failed'",
+        statement="UPDATE",
+    )
+    failed = run_request(request, instance)
+
+    assert not failed.success
+    (failure,) = failed.get_step_failure_events()
+    assert failure.step_key == "transaction_batch.alert"
+    suspicious = suspicious_ids(database_url)
+    assert suspicious
+    rows = outbox(database_url)
+    assert set(rows) == suspicious
+    assert {row["status"] for row in rows.values()} == {"sending"}
+    assert {claiming_run_id(row["claimed_by"]) for row in rows.values()} == {failed.run_id}
+
+    accept_writes(database_url, "fraud_alerts")
+    smtp_server.start()
+    rerun = reexecute(instance, failed.run_id, from_failure=True)
+
+    assert rerun.success
+    (observed,) = materializations(instance, rerun.run_id, "fraud_alerts")
+    assert observed["alerted"] == len(suspicious)
+    assert emails_by_transaction(mailbox.wait_for(len(suspicious))) == dict.fromkeys(suspicious, 1)
+    rows = outbox(database_url)
+    assert {row["status"] for row in rows.values()} == {"sent"}
+    assert {claiming_run_id(row["claimed_by"]) for row in rows.values()} == {rerun.run_id}
 
 
 @pytest.fixture

@@ -32,13 +32,13 @@ from fraud_dagster_tests.helpers import (
     table_rows,
 )
 from fraud_dagster_tests.operations_support import (
-    accept_inserts,
+    accept_writes,
     accounting,
     emails_by_transaction,
     executed_steps,
     materializations,
     reexecute,
-    refuse_inserts,
+    refuse_writes,
     run_request,
 )
 from fraud_dagster_tests.test_end_to_end import known_transactions
@@ -59,7 +59,7 @@ def test_failed_batch_reexecuted_from_failure_then_all_steps_processes_the_same_
     assert request.tags["fraud_dagster/offset_range"] == f"0-{total - 1}"
 
     ensure_schema(create_engine(database_url))
-    refuse_inserts(database_url, "fraud_alerts", "injected fault: outbox insert refused")
+    refuse_writes(database_url, "fraud_alerts", "injected fault: outbox insert refused")
     failed = run_request(request, instance)
 
     assert not failed.success
@@ -79,7 +79,7 @@ def test_failed_batch_reexecuted_from_failure_then_all_steps_processes_the_same_
     assert resources["kafka"].committed_offsets() == {}  # offset not committed for a failed batch
     assert mailbox.messages() == []
 
-    accept_inserts(database_url, "fraud_alerts")
+    accept_writes(database_url, "fraud_alerts")
     from_failure = reexecute(instance, failed.run_id, from_failure=True)
 
     assert from_failure.success
@@ -132,7 +132,7 @@ def test_consumer_group_is_never_committed_past_a_batch_that_failed(
     produce(settings, to_messages(synthetic_transactions(30, seed=61)))
     first, second, third = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
     ensure_schema(create_engine(database_url))
-    refuse_inserts(
+    refuse_writes(
         database_url, "scored_transactions", "injected fault", condition="NEW.source_offset < 10"
     )
     kafka = resolved_resources(settings)["kafka"]
@@ -150,7 +150,7 @@ def test_consumer_group_is_never_committed_past_a_batch_that_failed(
         warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level >= 30]
         assert any("an earlier batch" in message for message in warnings)
 
-    accept_inserts(database_url, "scored_transactions")
+    accept_writes(database_url, "scored_transactions")
     rerun = reexecute(instance, failed.run_id, from_failure=True)
 
     assert rerun.success

@@ -33,10 +33,10 @@ from fraud_dagster.storage import schema
 from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster_tests.helpers import produce, table_rows
 from fraud_dagster_tests.operations_support import (
-    accept_inserts,
+    accept_writes,
     accounting,
     batch_records,
-    refuse_inserts,
+    refuse_writes,
     step_events,
     wait_for,
     wait_until_settled,
@@ -187,7 +187,7 @@ def test_the_next_batch_of_a_partition_starts_beside_the_running_one_and_waits_f
     second batch must wait for them, not compute its features and store its rows first."""
     env = {**env, "FRAUD_MAX_BATCH_SIZE": "40"}
     ensure_schema(create_engine(database_url))
-    refuse_inserts(
+    refuse_writes(
         database_url,
         "scored_transactions",
         "injected fault: first batch refused",
@@ -223,7 +223,7 @@ def test_the_next_batch_of_a_partition_starts_beside_the_running_one_and_waits_f
         assert step_in_progress(instance, second, "wait_for_earlier_batches"), (
             "the second batch went on while the first one's rows were refused"
         )
-        accept_inserts(database_url, "scored_transactions")
+        accept_writes(database_url, "scored_transactions")
         records = wait_until_settled(instance, database_url, settings.kafka_topic, sent, log)
 
     assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(sent)}
