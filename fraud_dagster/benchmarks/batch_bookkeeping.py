@@ -8,7 +8,8 @@
 * the Kafka sensor's lookup each tick: the topic's id from an admin client and the partitions'
   ends from a fresh consumer (before), against `kafka_io.topic_offsets` (one admin client);
 * the alert step's outbox claim for a batch without suspicious transactions, with many sent
-  alerts in the table.
+  alerts in the table, and its look-up of claims left by runs that ended (`abandoned_claims`,
+  with a Dagster instance on SQLite): with no claim held, and with three runs holding one.
 
 Each figure is the median of `--repeat` tries (first try discarded), on a real local broker
 and a fresh SQLite database.
@@ -20,16 +21,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import closing
 from datetime import timedelta
 
+import dagster as dg
 import sqlalchemy as sa
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from fraud_dagster import kafka_io
+from fraud_dagster.alert_claims import abandoned_claims, claim_token
 from fraud_dagster.benchmarks.harness import fill_topic, local_services, machine_description
 from fraud_dagster.cli import print_line
 from fraud_dagster.storage.batches import contiguous_end
@@ -39,6 +43,7 @@ from fraud_dagster.storage.schema import fraud_alerts, stored_ranges
 
 COMMAND = "python -m fraud_dagster.benchmarks.batch_bookkeeping"
 BATCH = 100
+HOLDERS = 3  # runs at once (dagster.yaml's max_concurrent_runs)
 
 
 def median_ms(action: Callable[[], object], repeat: int) -> float:
@@ -68,6 +73,18 @@ def consumer_offset_lookup(options: dict, topic: str) -> tuple[object, dict, dic
     with closing(kafka_io._consumer(options, enable_auto_commit=False)) as consumer:
         tps = [TopicPartition(topic, p) for p in kafka_io.partitions_of(consumer, topic)]
         return described.get("topic_id"), consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+
+
+def hold_claims(engine: sa.Engine, instance: dg.DagsterInstance, runs: int) -> None:
+    """`runs` runs under way, each holding the claim of one alert (batch runs side by side)."""
+    with engine.begin() as conn:
+        for i in range(runs):
+            run = instance.add_run(dg.DagsterRun("bench", status=dg.DagsterRunStatus.STARTED))
+            conn.execute(
+                sa.update(fraud_alerts)
+                .where(fraud_alerts.c.transaction_id == f"t{i}")
+                .values(status="sending", claimed_by=claim_token(run.run_id), claimed_at=utcnow())
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
             lambda: claim_alerts(engine, "bench", limit=500, pending_grace=timedelta(0)),
             args.repeat,
         )
+        with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.local_temp(home) as instance:
+            no_holder_ms = median_ms(lambda: abandoned_claims(instance, engine), args.repeat)
+            hold_claims(engine, instance, HOLDERS)
+            holders_ms = median_ms(lambda: abandoned_claims(instance, engine), args.repeat)
         engine.dispose()
     print_line(f"machine: {machine_description()}")
     print_line(f"command: {COMMAND} --ranges {args.ranges} --repeat {args.repeat}")
@@ -160,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     print_line(f"sensor lookup, one admin client:          {lookup_ms:8.1f} ms")
     print_line(f"alert claim, batch without alerts:        {claim_ms:8.2f} ms")
     print_line(f"alert claim, retry run, nothing due:      {retry_claim_ms:8.2f} ms")
+    print_line(f"claims of ended runs, no claim held:      {no_holder_ms:8.2f} ms")
+    print_line(f"claims of ended runs, {HOLDERS} runs hold claims: {holders_ms:8.2f} ms")
 
 
 if __name__ == "__main__":
