@@ -19,7 +19,7 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from fraud_dagster.alerts import (
     AlertDelivery,
@@ -52,6 +52,12 @@ from fraud_dagster.storage.outbox import (
 logger = logging.getLogger(__name__)
 
 SCORE_HISTOGRAM_BINS = 10
+# Alerts the SMTP server accepted are marked sent right away; if the database is unreachable
+# then (a restart, a failover), the marks are retried for this long before the delivery gives
+# up. Unmarked, those alerts would be sent again by the next sender. No new email is started
+# meanwhile.
+MARK_SENT_PATIENCE = timedelta(seconds=30)
+MARK_SENT_RETRY_DELAY_SECONDS = (0.5, 5.0)  # first delay, doubling up to the second
 
 
 @dataclass(frozen=True)
@@ -285,8 +291,8 @@ def _send_share(
     A message the server refuses while the session stays usable is noted against its alert
     only, and the session goes on; a broken session ends it, the rest left unsent. Before each
     message `time_is_up()` is asked: once it says so, the rest is left untried (the delivery
-    releases it). Stops early when `stop` is set (the marking thread failed): what was not sent
-    then stays claimed, and the claim's expiry returns it to the outbox."""
+    releases it). Stops early when `stop` is set (the marking thread cannot record what was
+    sent): the rest is left untried too."""
     outcome = _SessionOutcome()
     tried = 0
     try:
@@ -295,9 +301,7 @@ def _send_share(
             return outcome
         with SmtpMailer(delivery.smtp) as mailer:
             for alert in share:
-                if stop.is_set():
-                    break
-                if time_is_up():
+                if stop.is_set() or time_is_up():
                     outcome.untried = share[tried:]
                     break
                 message = render_alert(alert, delivery.sender, delivery.recipients)
@@ -319,6 +323,35 @@ def _send_share(
     return outcome
 
 
+def _mark_sent_through_outage(
+    engine: Engine,
+    group: list[AcceptedAlert],
+    token: str,
+    stop: threading.Event,
+    patience: timedelta,
+) -> list[str]:
+    """`mark_alerts_sent`, retried with backoff while the database is unreachable (at most
+    `patience`); on the first failure `stop` is set, so that the sessions start no new email."""
+    deadline = time.monotonic() + patience.total_seconds()
+    delay, longest = MARK_SENT_RETRY_DELAY_SECONDS
+    while True:
+        try:
+            return mark_alerts_sent(engine, group, token)
+        except OperationalError as exc:
+            stop.set()
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "cannot mark %d accepted alert(s) sent, the database is unreachable; trying "
+                "again in %.1f s: %s",
+                len(group),
+                delay,
+                str(exc.orig).strip(),
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, longest)
+
+
 def deliver_alerts(
     engine: Engine,
     delivery: AlertDelivery,
@@ -329,6 +362,7 @@ def deliver_alerts(
     pending_grace: timedelta | None = None,
     abandoned: Collection[str] = (),
     send_within: timedelta = SEND_WITHIN_CLAIM,
+    mark_patience: timedelta = MARK_SENT_PATIENCE,
     clock: Callable[[], float] = time.monotonic,
 ) -> DeliveryReport:
     """Send the due alerts of `batch` (or every due alert) over up to `delivery.max_sessions`
@@ -349,11 +383,15 @@ def deliver_alerts(
     Claims left by senders that ended (tokens in `abandoned`, see `claim_alerts`) are taken over
     at once; other senders' claims only once they expire.
 
+    If the database cannot be reached to mark accepted alerts sent, no new email is started and
+    the marks are retried for up to `mark_patience`; the alerts not tried are released as above.
+
     Guarantee: an alert is marked sent only after the server accepted it, and two senders never
-    hold it at once, so it is sent once. The one gap is a sender dying (or the database failing)
-    between the server's acceptance and the UPDATE (milliseconds: the marks follow the sends):
-    the next sender takes the claim over and sends the alert again, with the same Message-ID,
-    which mail clients use to drop the copy.
+    hold it at once, so it is sent once. The one gap is a sender dying between the server's
+    acceptance and the UPDATE (milliseconds: the marks follow the sends), or the database
+    staying unreachable for longer than `mark_patience`: the next sender takes the claim over
+    and sends the alert again, with the same Message-ID, which mail clients use to drop the
+    copy.
     """
     source = (
         (batch.topic, batch.partition, batch.first_offset, batch.last_offset) if batch else None
@@ -393,7 +431,8 @@ def deliver_alerts(
                 while not accepted.empty():
                     group.append(accepted.get_nowait())
                 running -= group.count(None)
-                _record_sent([x for x in group if x is not None], engine, token, accounts, report)
+                sent = [x for x in group if x is not None]
+                _record_sent(sent, engine, token, accounts, report, stop, mark_patience)
         except BaseException:
             stop.set()
             raise
@@ -461,10 +500,12 @@ def _record_sent(
     token: str,
     accounts: dict[str, str],
     report: DeliveryReport,
+    stop: threading.Event,
+    patience: timedelta,
 ) -> None:
     if not group:
         return
-    for transaction_id in mark_alerts_sent(engine, group, token):
+    for transaction_id in _mark_sent_through_outage(engine, group, token, stop, patience):
         logger.warning("alert %s was sent, but its claim had expired", transaction_id)
     for alert in group:
         report.sent += 1

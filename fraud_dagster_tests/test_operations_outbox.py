@@ -7,8 +7,10 @@ and AUTH while the pipeline holds a wrong password. The `retry_alerts` sensor an
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +42,7 @@ from fraud_dagster_tests.helpers import (
 from fraud_dagster_tests.operations_support import (
     accept_writes,
     emails_by_transaction,
+    local_postgres,
     materializations,
     reexecute,
     refuse_writes,
@@ -418,6 +421,75 @@ def test_a_batch_run_failed_in_its_alert_step_leaves_claims_its_rerun_sends_at_o
     rows = outbox(database_url)
     assert {row["status"] for row in rows.values()} == {"sent"}
     assert {claiming_run_id(row["claimed_by"]) for row in rows.values()} == {rerun.run_id}
+
+
+class OutageHandler(MaildirHandler):
+    """Stores messages like the local server; after storing the first one, and before telling
+    the client it was accepted, runs `outage` (which stops the database)."""
+
+    def __init__(self, mail_dir: Path, outage: Callable[[], None]) -> None:
+        super().__init__(mail_dir)
+        self.outage = outage
+        self.accepted = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        self.accepted += 1
+        if self.accepted == 1:
+            await asyncio.to_thread(self.outage)
+        return reply
+
+
+@pytest.mark.postgres
+@pytest.mark.backends()  # its own PostgreSQL server, which it stops
+def test_the_database_down_after_the_server_accepted_an_alert_sends_it_once(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The SMTP server accepts an alert, and the database is gone before the sender can mark
+    it sent (a restart, a failover): the sender starts no new email, retries the mark until
+    the database is back (3 s later), and releases what it did not try. Without the retry the
+    delivery would fail and the next sender send the accepted alert a second time."""
+    with local_postgres() as postgres:
+        monkeypatch.setenv("FRAUD_DATABASE_URL", postgres.url())
+        settings = load_settings()
+        url = postgres.url()
+        suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, url)
+        assert len(suspicious) >= 2, "some alerts must be left after the outage"
+        smtp_server.stop()
+        back = threading.Timer(3.0, postgres.start)
+
+        def outage() -> None:
+            postgres.stop()
+            back.start()
+
+        handler = OutageHandler(smtp_server.mail_dir, outage)
+        try:
+            with serving(handler, smtp_server.port):
+                report = send_every_due_alert(settings, url, "first")
+
+                # The first accepted alert (and any the session sent before the failed mark
+                # stopped it) is marked sent once the database is back; the rest is released.
+                assert (report.claimed, report.failed, report.error) == (len(suspicious), 0, None)
+                assert report.sent >= 1 and report.sent + report.released == report.claimed
+                assert any("the database is unreachable" in r.message for r in caplog.records)
+                rows = outbox(url)
+                accepted = set(report.sent_ids)
+                assert {rows[tid]["status"] for tid in accepted} == {"sent"}
+                assert {rows[tid]["status"] for tid in suspicious - accepted} <= {"pending"}
+
+                successor = send_every_due_alert(settings, url, "successor")
+        finally:
+            back.join()
+
+        assert successor.claimed == successor.sent == len(suspicious - accepted)
+        emails = mailbox.wait_for(len(suspicious))
+        assert emails_by_transaction(emails) == dict.fromkeys(suspicious, 1)
+        assert {row["status"] for row in outbox(url).values()} == {"sent"}
 
 
 @pytest.fixture
