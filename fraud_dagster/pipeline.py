@@ -328,11 +328,11 @@ def _mark_sent_through_outage(
     group: list[AcceptedAlert],
     token: str,
     stop: threading.Event,
-    patience: timedelta,
 ) -> list[str]:
     """`mark_alerts_sent`, retried with backoff while the database is unreachable (at most
-    `patience`); on the first failure `stop` is set, so that the sessions start no new email."""
-    deadline = time.monotonic() + patience.total_seconds()
+    MARK_SENT_PATIENCE); on the first failure `stop` is set, so that the sessions start no new
+    email."""
+    deadline = time.monotonic() + MARK_SENT_PATIENCE.total_seconds()
     delay, longest = MARK_SENT_RETRY_DELAY_SECONDS
     while True:
         try:
@@ -362,7 +362,6 @@ def deliver_alerts(
     pending_grace: timedelta | None = None,
     abandoned: Collection[str] = (),
     send_within: timedelta = SEND_WITHIN_CLAIM,
-    mark_patience: timedelta = MARK_SENT_PATIENCE,
     clock: Callable[[], float] = time.monotonic,
 ) -> DeliveryReport:
     """Send the due alerts of `batch` (or every due alert) over up to `delivery.max_sessions`
@@ -384,12 +383,12 @@ def deliver_alerts(
     at once; other senders' claims only once they expire.
 
     If the database cannot be reached to mark accepted alerts sent, no new email is started and
-    the marks are retried for up to `mark_patience`; the alerts not tried are released as above.
+    the marks are retried for up to MARK_SENT_PATIENCE; the alerts not tried are released as above.
 
     Guarantee: an alert is marked sent only after the server accepted it, and two senders never
     hold it at once, so it is sent once. The one gap is a sender dying between the server's
     acceptance and the UPDATE (milliseconds: the marks follow the sends), or the database
-    staying unreachable for longer than `mark_patience`: the next sender takes the claim over
+    staying unreachable for longer than MARK_SENT_PATIENCE: the next sender takes the claim over
     and sends the alert again, with the same Message-ID, which mail clients use to drop the
     copy.
     """
@@ -432,7 +431,7 @@ def deliver_alerts(
                     group.append(accepted.get_nowait())
                 running -= group.count(None)
                 sent = [x for x in group if x is not None]
-                _record_sent(sent, engine, token, accounts, report, stop, mark_patience)
+                _record_sent(sent, engine, token, accounts, report, stop)
         except BaseException:
             stop.set()
             raise
@@ -501,11 +500,10 @@ def _record_sent(
     accounts: dict[str, str],
     report: DeliveryReport,
     stop: threading.Event,
-    patience: timedelta,
 ) -> None:
     if not group:
         return
-    for transaction_id in _mark_sent_through_outage(engine, group, token, stop, patience):
+    for transaction_id in _mark_sent_through_outage(engine, group, token, stop):
         logger.warning("alert %s was sent, but its claim had expired", transaction_id)
     for alert in group:
         report.sent += 1
