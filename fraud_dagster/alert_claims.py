@@ -6,19 +6,26 @@ A run sends alerts on a claim named by a token that starts with its run id. A ru
 `STALE_CLAIM_AFTER` (10 minutes) old; with the Dagster instance to ask, a claim whose run has
 ended is given up at once, so the next sender (the run's retry, or `retry_alerts`) sends those
 alerts seconds later instead.
+
+Ended in the instance is not always ended on the machine: a run forced to CANCELED from the UI,
+or marked so by run monitoring after `cancel_timeout_seconds`, may still be finishing its current
+emails. Its claims are given up only once its worker process is gone too, so no alert goes out
+twice while the run's own sessions are still sending it.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import dagster as dg
 from sqlalchemy.engine import Engine
 
+from fraud_dagster.run_health import process_is_alive, run_worker
 from fraud_dagster.storage.outbox import claim_holders
 
 _SEPARATOR = ":"
-# A run in one of these has stopped executing: its process sends nothing more.
+# A run in one of these has stopped executing, as the instance sees it (see `abandoned_claims`).
 ENDED_STATUSES = (
     dg.DagsterRunStatus.SUCCESS,
     dg.DagsterRunStatus.FAILURE,
@@ -40,8 +47,12 @@ def claiming_run_id(token: str) -> str | None:
 def abandoned_claims(instance: dg.DagsterInstance, engine: Engine) -> frozenset[str]:
     """Tokens of the claims held now by runs that have ended: they will send nothing more.
 
-    Claims of senders that are not runs of this instance are not included (they expire).
-    One outbox query, and one runs query when any claim is held.
+    A run counts as ended when the instance says so and the worker process it reported (its
+    first engine event with a pid) no longer exists, or is this process: a run executed here
+    (in process, as tests and `execute_job` do) has returned, and a run that reported no worker
+    is taken at the instance's word. Claims of senders that are not runs of this instance are
+    not included (they expire). One outbox query; when any claim is held, one runs query and
+    one event query per ended run holding claims.
     """
     by_run: dict[str, list[str]] = {}
     for token in claim_holders(engine):
@@ -53,4 +64,18 @@ def abandoned_claims(instance: dg.DagsterInstance, engine: Engine) -> frozenset[
     ended = instance.get_runs(
         filters=dg.RunsFilter(run_ids=list(by_run), statuses=list(ENDED_STATUSES))
     )
-    return frozenset(token for run in ended for token in by_run[run.run_id])
+    return frozenset(
+        token
+        for run in ended
+        if not _still_executing_elsewhere(instance, run.run_id)
+        for token in by_run[run.run_id]
+    )
+
+
+def _still_executing_elsewhere(instance: dg.DagsterInstance, run_id: str) -> bool:
+    worker = run_worker(instance, run_id)
+    return (
+        worker is not None
+        and worker.pid != os.getpid()
+        and process_is_alive(worker.pid, worker.reported_at)
+    )

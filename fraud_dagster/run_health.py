@@ -42,8 +42,9 @@ class RunWorker:
 def run_worker(instance: dg.DagsterInstance, run_id: str) -> RunWorker | None:
     """The run's worker process: the first engine event of the run that carries a pid.
 
-    None for a run with no such event (a run executed inside another program, such as a test's
-    `execute_job`): nothing to check.
+    A run executed in process inside another program (a test's `execute_job`) reports that
+    program's pid. None for a run with no such event (a run record never executed): nothing to
+    check.
     """
     records = instance.get_records_for_run(
         run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=ENGINE_EVENTS_TO_READ
