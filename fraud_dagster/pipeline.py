@@ -385,6 +385,10 @@ def deliver_alerts(
     If the database cannot be reached to mark accepted alerts sent, no new email is started and
     the marks are retried for up to MARK_SENT_PATIENCE; the alerts not tried are released as above.
 
+    An interrupt (the operator's Terminate) starts no new email either: each session ends the
+    one it is sending, what the server accepted is marked sent, the rest is recorded as above,
+    and the interrupt is raised again.
+
     Guarantee: an alert is marked sent only after the server accepted it, and two senders never
     hold it at once, so it is sent once. The one gap is a sender dying between the server's
     acceptance and the UPDATE (milliseconds: the marks follow the sends), or the database
@@ -411,6 +415,8 @@ def deliver_alerts(
     accepted: queue.Queue[AcceptedAlert | None] = queue.Queue()
     accounts = {alert["transaction_id"]: alert["account_id"] for alert in claimed}
     stop = threading.Event()
+    interrupted: BaseException | None = None
+    unrecorded: list[AcceptedAlert] = []  # accepted, and not known to be marked sent
     with ThreadPoolExecutor(sessions, thread_name_prefix="smtp-session") as pool:
         outcomes = [
             pool.submit(
@@ -430,11 +436,17 @@ def deliver_alerts(
                 while not accepted.empty():
                     group.append(accepted.get_nowait())
                 running -= group.count(None)
-                sent = [x for x in group if x is not None]
-                _record_sent(sent, engine, token, accounts, report, stop)
-        except BaseException:
+                unrecorded = [x for x in group if x is not None]
+                _record_sent(unrecorded, engine, token, accounts, report, stop)
+                unrecorded = []
+        except BaseException as exc:  # the run terminated (interrupt), the database gone
             stop.set()
-            raise
+            interrupted = exc
+    # Leaving the pool waited for every session to end the email it had started.
+    if isinstance(interrupted, OperationalError):
+        raise interrupted  # the database is gone: nothing more can be recorded
+    if interrupted is not None:
+        _record_after_interrupt(interrupted, unrecorded, accepted, engine, token, accounts, report)
     ended = [outcome.result() for outcome in outcomes]
     refused = [pair for outcome in ended for pair in outcome.refused]
     untried = [alert for outcome in ended for alert in outcome.untried]
@@ -458,10 +470,9 @@ def deliver_alerts(
             engine, [alert["transaction_id"] for alert in untried], token
         )
         logger.warning(
-            "alert delivery: %d alert(s) not tried within %s of the claim, released for the "
-            "next sender",
+            "alert delivery: %d alert(s) not tried %s, released for the next sender",
             len(untried),
-            send_within,
+            "before the interrupt" if interrupted else f"within {send_within} of the claim",
         )
     if errors:
         report.error = errors[0]
@@ -471,7 +482,35 @@ def deliver_alerts(
             report.failed,
             errors[0],
         )
+    if interrupted is not None:
+        raise interrupted
     return report
+
+
+def _record_after_interrupt(
+    interrupted: BaseException,
+    unrecorded: list[AcceptedAlert],
+    accepted: queue.Queue[AcceptedAlert | None],
+    engine: Engine,
+    token: str,
+    accounts: dict[str, str],
+    report: DeliveryReport,
+) -> None:
+    """Mark sent what the server accepted after the interrupt (the emails the sessions had in
+    flight) or before it without the mark being known to have committed (marking twice is
+    harmless: same claim). Without this, the run ends holding claims on emails already
+    delivered, and the next sender sends them again."""
+    while not accepted.empty():
+        item = accepted.get_nowait()
+        if item is not None:
+            unrecorded.append(item)
+    logger.warning(
+        "alert delivery interrupted (%s): recording the %d email(s) accepted meanwhile, then "
+        "releasing the untried",
+        type(interrupted).__name__,
+        len(unrecorded),
+    )
+    _record_sent(unrecorded, engine, token, accounts, report, threading.Event())
 
 
 def _record_failed(
