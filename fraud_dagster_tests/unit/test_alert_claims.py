@@ -24,6 +24,7 @@ from fraud_dagster.messages import ValidationLimits
 from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster.storage.outbox import claim_alerts
 from fraud_dagster_tests.unit.stored_batches import batch, run
+from fraud_dagster_tests.unit.test_run_health import exited_pid
 
 RUN_ID = "0f9c2a52-4d1e-4a7b-9a51-3c1f7e2b8d10"
 
@@ -91,12 +92,6 @@ def run_holding_a_claim(
     (claimed,) = claim_alerts(engine, token, limit=1, pending_grace=timedelta(0))
     assert claimed
     return token
-
-
-def exited_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def test_only_runs_that_ended_and_whose_worker_is_gone_or_was_this_process_abandon_claims(
