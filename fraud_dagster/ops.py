@@ -1,10 +1,11 @@
 """The ops of a batch run and the graph-backed assets they write (no postponed annotations here:
 Dagster reads the config and resource types of op signatures at import time).
 
-Each op is a few lines around a function of `pipeline.py`. The graph `transaction_batch` is
-turned into the assets scored_transactions, suspicious_transactions and fraud_alerts, so every
-batch run materializes them with the batch's metadata (offsets, counts, model version), and
-its `check_batch` step evaluates their asset checks (rejected share, score drift, model file).
+Each op is a few lines around a function of `pipeline.py` (or `alert_delivery.py`). The graph
+`transaction_batch` is turned into the assets scored_transactions, suspicious_transactions and
+fraud_alerts, so every batch run materializes them with the batch's metadata (offsets, counts,
+model version), and its `check_batch` step evaluates their asset checks (rejected share, score
+drift, model file).
 """
 
 import time
@@ -16,6 +17,7 @@ import dagster as dg
 
 from fraud_dagster import pipeline
 from fraud_dagster.alert_claims import abandoned_claims, claim_token
+from fraud_dagster.alert_delivery import deliver_alerts
 from fraud_dagster.assets import GROUP
 from fraud_dagster.batch_checks import (
     CheckOutcome,
@@ -330,7 +332,7 @@ def alert(
     sensor once SMTP is back; this run shows a warning and `pending_retry`/`last_error` metadata.
     """
     engine = database.get_engine()
-    report = pipeline.deliver_alerts(
+    report = deliver_alerts(
         engine,
         smtp.alert_delivery(),
         token=claim_token(context.run_id),
@@ -549,7 +551,7 @@ def send_due_alerts(
     operator sees it; the alerts stay in the outbox with a longer backoff.
     """
     engine = database.get_engine()
-    report = pipeline.deliver_alerts(
+    report = deliver_alerts(
         engine,
         smtp.alert_delivery(),
         token=claim_token(context.run_id),

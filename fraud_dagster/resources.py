@@ -189,7 +189,7 @@ class SmtpResource(dg.ConfigurableResource):
         )
 
     def alert_delivery(self) -> AlertDelivery:
-        """How the analysts' alert emails go out (see `pipeline.deliver_alerts`)."""
+        """How the analysts' alert emails go out (see `alert_delivery.deliver_alerts`)."""
         return AlertDelivery(
             smtp=self.smtp_settings(),
             sender=self.sender,

@@ -20,7 +20,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from fraud_dagster import pipeline
+from fraud_dagster import alert_delivery
 from fraud_dagster.alert_claims import abandoned_claims, claim_token, claiming_run_id
 from fraud_dagster.alerts import SmtpMailer, render_alert
 from fraud_dagster.definitions import build_definitions
@@ -99,8 +99,8 @@ def alerts_failed_while_smtp_was_down(
 
 def send_due_alerts(
     engine: sa.Engine, smtp: SmtpResource, token: str, **options: Any
-) -> pipeline.DeliveryReport:
-    return pipeline.deliver_alerts(engine, smtp.alert_delivery(), token=token, **options)
+) -> alert_delivery.DeliveryReport:
+    return alert_delivery.deliver_alerts(engine, smtp.alert_delivery(), token=token, **options)
 
 
 def test_smtp_down_keeps_alerts_in_the_outbox_and_retry_alerts_sends_each_once_when_back(
@@ -240,7 +240,7 @@ def test_concurrent_senders_never_send_an_alert_twice(
     senders = 6
     start = threading.Barrier(senders)
 
-    def sender(name: str) -> pipeline.DeliveryReport:
+    def sender(name: str) -> alert_delivery.DeliveryReport:
         start.wait()
         return send_due_alerts(engine, smtp, name, limit=1, pending_grace=timedelta(0))
 
@@ -283,7 +283,7 @@ def test_a_dead_senders_claim_expires_and_the_resend_keeps_the_message_id(
         mailer.send(render_alert(accepted, smtp.sender, smtp.recipients))
     # ... and the sender dies here, holding every claim.
 
-    def send(token: str) -> pipeline.DeliveryReport:
+    def send(token: str) -> alert_delivery.DeliveryReport:
         return send_due_alerts(engine, smtp, token, pending_grace=timedelta(0))
 
     assert send("too-early").claimed == 0  # a fresh claim is never taken over
@@ -499,21 +499,21 @@ def several_sessions(
     """Up to 3 SMTP sessions per delivery, one per alert (the test has only a few alerts);
     the list records how many alerts each opened session was given."""
     monkeypatch.setenv("FRAUD_SMTP_MAX_SESSIONS", "3")
-    monkeypatch.setattr(pipeline, "ALERTS_PER_EXTRA_SESSION", 1)
+    monkeypatch.setattr(alert_delivery, "ALERTS_PER_EXTRA_SESSION", 1)
     shares: list[int] = []
-    send_share = pipeline._send_share
+    send_share = alert_delivery._send_share
 
     def counting_send_share(share: list[dict], *args: Any) -> Any:
         shares.append(len(share))
         return send_share(share, *args)
 
-    monkeypatch.setattr(pipeline, "_send_share", counting_send_share)
+    monkeypatch.setattr(alert_delivery, "_send_share", counting_send_share)
     return load_settings(), shares
 
 
 def send_every_due_alert(
     settings: Settings, database_url: str, token: str
-) -> pipeline.DeliveryReport:
+) -> alert_delivery.DeliveryReport:
     engine = create_engine(database_url)
     try:
         smtp = resolved_resources(settings)["smtp"]

@@ -45,6 +45,7 @@ COMMAND = "python -m fraud_dagster.benchmarks.batch_throughput"
 
 def measure_stages(services: Services, topic: str, size: int, attempt: int) -> dict:
     from fraud_dagster import kafka_io, pipeline
+    from fraud_dagster.alert_delivery import deliver_alerts
     from fraud_dagster.resources import resolved_resources
 
     database_url = services.sqlite_url(f"stages-{topic}-{attempt}")
@@ -63,7 +64,7 @@ def measure_stages(services: Services, topic: str, size: int, attempt: int) -> d
     with watch.time("persist"):
         pipeline.store_batch(scored, engine, run_id="benchmark")
     with watch.time("alert"):
-        report = pipeline.deliver_alerts(
+        report = deliver_alerts(
             engine, resources["smtp"].alert_delivery(), token="bench", batch=scored.ref
         )
     total = sum(watch.timings.values())

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
 
 from fraud_dagster import kafka_io, pipeline
+from fraud_dagster.alert_delivery import deliver_alerts
 from fraud_dagster.alerts import render_alert
 from fraud_dagster.benchmarks.harness import (
     emit_json,
@@ -112,7 +113,7 @@ def batch_design(resources: dict, topic: str, count: int) -> dict:
     raw = kafka_io.read_range(resources["kafka"].client_options(), topic, 0, 0, count - 1)
     scored = pipeline.score_batch(pipeline.prepare_batch(raw, engine), model)
     pipeline.store_batch(scored, engine, run_id="benchmark")
-    report = pipeline.deliver_alerts(engine, delivery, token="bench", batch=scored.ref)
+    report = deliver_alerts(engine, delivery, token="bench", batch=scored.ref)
     seconds = time.perf_counter() - started
     return {
         "processed": len(raw),

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import pytest
 
+from fraud_dagster.alert_delivery import smtp_session_count
 from fraud_dagster.alerts import (
     AlertDelivery,
     MessageRefusedError,
@@ -21,7 +22,6 @@ from fraud_dagster.alerts import (
     render_alert,
 )
 from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
-from fraud_dagster.pipeline import smtp_session_count
 
 ALERT = {
     "transaction_id": "tx-1",

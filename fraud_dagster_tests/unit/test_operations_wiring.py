@@ -9,9 +9,9 @@ from datetime import timedelta
 import dagster as dg
 import yaml
 
+from fraud_dagster.alert_delivery import retry_delay
 from fraud_dagster.alerts import RunFailureNotice, render_run_failure, run_failure_message_id
 from fraud_dagster.definitions import defs
-from fraud_dagster.pipeline import retry_delay
 from fraud_dagster.sensors import run_failure_notice
 from fraud_dagster.settings import PROJECT_ROOT
 
