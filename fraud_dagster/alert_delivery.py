@@ -59,7 +59,7 @@ class DeliveryReport:
     failed: int = 0
     error: str | None = None
     sent_ids: list[str] = field(default_factory=list)
-    released: int = 0  # claimed, not tried before the claim's time was up, due again
+    released: int = 0  # claimed, not tried (the claim's time was up, or interrupted): due again
 
 
 def retry_delay(
