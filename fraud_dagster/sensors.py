@@ -1,6 +1,6 @@
 """Sensors: the Kafka poller that launches batch runs, the alert retrier, the operators' mailers
-(failed runs, canceled batch runs, an unreadable topic, offsets left unstored) and the watch for
-runs whose worker died with its server."""
+(failed runs, canceled batch runs, an unreadable topic, offsets left unstored) and the watches
+for runs whose worker died with its server and for failed runs whose automatic retry was lost."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ from fraud_dagster.jobs import (
     send_pending_alerts_job,
 )
 from fraud_dagster.kafka_watch import KafkaWatch, observe
+from fraud_dagster.lost_retries import (
+    is_lost_retry_report,
+    lost_retry_message,
+    runs_missing_their_retry,
+)
 from fraud_dagster.ops import RUNNING_STATUSES, batch_runs
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
@@ -407,6 +412,8 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
         job_names=job_names,
         what="failed run",
         notice=_failed_run_notice,
+        # A failure re-reported so that Dagster launches a lost retry was mailed when it happened.
+        mailable=lambda entry: not is_lost_retry_report(entry),
         description=(
             "Emails FRAUD_OPERATOR_RECIPIENTS the run id, offset range and error of every "
             "failed run; failures while SMTP is down are mailed when it is back."
@@ -445,9 +452,11 @@ def _run_status_email_sensor(
     what: str,
     notice: Callable[[dg.DagsterInstance, dg.DagsterRun, dg.EventLogEntry, str], RunFailureNotice],
     description: str,
+    mailable: Callable[[dg.EventLogEntry], bool] = lambda entry: True,
 ) -> dg.SensorDefinition:
-    """A sensor that emails the operators once about every `event_type` of a run of `job_names`;
-    its cursor is the storage id of the last such event the SMTP server accepted an email for."""
+    """A sensor that emails the operators once about every `event_type` of a run of `job_names`
+    (the events `mailable` accepts); its cursor is the storage id of the last such event the SMTP
+    server accepted an email for."""
     jobs = frozenset(job_names)  # filtered here: the SQL storages cannot filter by job name
 
     def changes(after_storage_id: int | None = None) -> dg.RunStatusChangeRecordsFilter:
@@ -480,7 +489,11 @@ def _run_status_email_sensor(
             with SmtpMailer(smtp.smtp_settings()) as mailer:
                 for record in records:
                     run = instance.get_run_by_id(record.run_id)
-                    if run is not None and run.job_name in jobs:
+                    if (
+                        run is not None
+                        and run.job_name in jobs
+                        and mailable(record.event_log_entry)
+                    ):
                         message = notice(
                             instance, run, record.event_log_entry, settings.dagster_ui_url
                         )
@@ -674,3 +687,57 @@ def build_dead_worker_sensor(settings: Settings, job_names: Collection[str]) -> 
         return dg.SkipReason("no started run has lost its worker")
 
     return fail_runs_whose_worker_died
+
+
+# A run whose failure was re-reported is not reported again before this (the daemon was down?).
+REPORT_AGAIN_AFTER_SECONDS = 600.0
+
+
+def build_lost_retry_sensor(settings: Settings, job_names: Collection[str]) -> dg.SensorDefinition:
+    """Report again the failure of runs whose automatic retry Dagster decided on but never
+    launched, so that its daemon launches it (see `lost_retries`).
+
+    The cursor holds {run id: when its failure was re-reported}: a run is re-reported at most
+    once per REPORT_AGAIN_AFTER_SECONDS, should the daemon be down meanwhile.
+    """
+
+    @dg.sensor(
+        name="recover_lost_automatic_retries",
+        minimum_interval_seconds=dagster_minimum_interval(settings.run_health_interval_seconds),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Reports again the failure of runs tagged dagster/will_retry=true whose retry "
+            f"Dagster has not launched {settings.lost_retry_after_seconds:g} s after they "
+            "ended (its daemon read the failure too early), so that the daemon launches it."
+        ),
+    )
+    def recover_lost_automatic_retries(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+        instance = context.instance
+        now = time.time()
+        reported: dict[str, float] = {
+            run_id: at
+            for run_id, at in json.loads(context.cursor or "{}").items()
+            if now - at < REPORT_AGAIN_AFTER_SECONDS
+        }
+        recovered = []
+        for lost in runs_missing_their_retry(
+            instance, job_names, now, settings.lost_retry_after_seconds
+        ):
+            if lost.run_id in reported:
+                continue
+            run = instance.get_run_by_id(lost.run_id)
+            if run is None:
+                continue
+            instance.report_run_failed(run, lost_retry_message(lost, now - lost.ended_at))
+            context.log.warning(
+                f"run {lost.run_id}: its automatic retry was never launched; failure reported "
+                "again so that Dagster launches it"
+            )
+            reported[lost.run_id] = now
+            recovered.append(lost.run_id)
+        context.update_cursor(json.dumps(reported))
+        if recovered:
+            return dg.SkipReason(f"failure reported again, retry lost: {', '.join(recovered)}")
+        return dg.SkipReason("every failed run tagged to be retried has its retry")
+
+    return recover_lost_automatic_retries

@@ -73,6 +73,7 @@ class Settings:
     check_max_score_psi: float = 0.25
     check_drift_min_scores: int = 200
     run_health_interval_seconds: int = 15
+    lost_retry_after_seconds: float = 60.0
     kafka_down_alert_seconds: float = 300.0
     unstored_alert_seconds: float = 3600.0
     dagster_ui_url: str = "http://127.0.0.1:3000"
@@ -142,6 +143,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         check_max_score_psi=float(get("FRAUD_CHECK_MAX_SCORE_PSI", "0.25")),
         check_drift_min_scores=int(get("FRAUD_CHECK_DRIFT_MIN_SCORES", "200")),
         run_health_interval_seconds=int(get("FRAUD_RUN_HEALTH_INTERVAL_SECONDS", "15")),
+        lost_retry_after_seconds=float(get("FRAUD_LOST_RETRY_AFTER_SECONDS", "60")),
         kafka_down_alert_seconds=float(get("FRAUD_KAFKA_DOWN_ALERT_SECONDS", "300")),
         unstored_alert_seconds=float(get("FRAUD_UNSTORED_ALERT_SECONDS", "3600")),
         dagster_ui_url=get("FRAUD_DAGSTER_UI_URL", "http://127.0.0.1:3000").rstrip("/"),

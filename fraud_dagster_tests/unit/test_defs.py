@@ -74,6 +74,7 @@ def test_everything_an_operator_sees_has_a_description() -> None:
         "email_operators_when_kafka_is_unreachable",
         "fail_runs_whose_worker_died",
         "email_operators_about_unstored_offsets",
+        "recover_lost_automatic_retries",
     }
     for sensor in repository.sensor_defs:
         assert sensor.description, sensor.name

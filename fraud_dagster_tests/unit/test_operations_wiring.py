@@ -23,6 +23,7 @@ def test_retry_and_failure_sensors_are_on_by_default() -> None:
         "email_operators_on_canceled_batch",
         "email_operators_when_kafka_is_unreachable",
         "email_operators_about_unstored_offsets",
+        "recover_lost_automatic_retries",
     ):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
     assert defs.resolve_sensor_def("retry_alerts").job_name == "send_pending_alerts"
