@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -199,7 +199,8 @@ def deliver_alerts(
 
     An interrupt (the operator's Terminate) starts no new email either: each session ends the
     one it is sending, what the server accepted is marked sent, the rest is recorded as above,
-    and the interrupt is raised again.
+    and the interrupt is raised again: also when that recording fails (logged, and the
+    interrupt's cause), so that the run still ends canceled, as asked, and is not retried.
 
     Guarantee: an alert is marked sent only after the server accepted it, and two senders never
     hold it at once, so it is sent once. The one gap is a sender dying between the server's
@@ -257,8 +258,43 @@ def deliver_alerts(
     # Leaving the pool waited for every session to end the email it had started.
     if isinstance(interrupted, OperationalError):
         raise interrupted  # the database is gone: nothing more can be recorded
+    try:
+        if interrupted is not None:
+            _record_after_interrupt(
+                interrupted, unrecorded, accepted, engine, token, accounts, report
+            )
+        untried_when = (
+            "before the interrupt" if interrupted else f"within {send_within} of the claim"
+        )
+        _record_outcomes(outcomes, engine, token, accounts, report, delivery, untried_when)
+    except Exception as exc:
+        if interrupted is None:
+            raise
+        logger.error(
+            "alert delivery interrupted, and recording its outcome failed (%s: %s): the emails "
+            "accepted since the last mark stay claimed and not marked sent; the next sender "
+            "takes the claims over once this run has ended and may send them again (same "
+            "Message-ID)",
+            type(exc).__name__,
+            str(exc),
+        )
+        raise interrupted from exc
     if interrupted is not None:
-        _record_after_interrupt(interrupted, unrecorded, accepted, engine, token, accounts, report)
+        raise interrupted
+    return report
+
+
+def _record_outcomes(
+    outcomes: list[Future[_SessionOutcome]],
+    engine: Engine,
+    token: str,
+    accounts: dict[str, str],
+    report: DeliveryReport,
+    delivery: AlertDelivery,
+    untried_when: str,
+) -> None:
+    """Once every session has ended: mark failed the refused and the unsent (with their
+    backoff), release the untried (not tried `untried_when`), and say so in `report`."""
     ended = [outcome.result() for outcome in outcomes]
     refused = [pair for outcome in ended for pair in outcome.refused]
     untried = [alert for outcome in ended for alert in outcome.untried]
@@ -284,7 +320,7 @@ def deliver_alerts(
         logger.warning(
             "alert delivery: %d alert(s) not tried %s, released for the next sender",
             len(untried),
-            "before the interrupt" if interrupted else f"within {send_within} of the claim",
+            untried_when,
         )
     if errors:
         report.error = errors[0]
@@ -294,9 +330,6 @@ def deliver_alerts(
             report.failed,
             errors[0],
         )
-    if interrupted is not None:
-        raise interrupted
-    return report
 
 
 def _record_after_interrupt(

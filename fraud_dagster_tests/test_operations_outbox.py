@@ -8,6 +8,7 @@ and AUTH while the pipeline holds a wrong password. The `retry_alerts` sensor an
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -497,6 +498,52 @@ def test_the_database_down_after_the_server_accepted_an_alert_sends_it_once(
         emails = mailbox.wait_for(len(suspicious))
         assert emails_by_transaction(emails) == dict.fromkeys(suspicious, 1)
         assert {row["status"] for row in outbox(url).values()} == {"sent"}
+
+
+class Interrupt(BaseException):
+    """Stands in for Dagster's DagsterExecutionInterruptedError (the operator's Terminate)."""
+
+
+def test_an_interrupt_stays_an_interrupt_when_recording_the_delivery_then_fails(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The run is interrupted while marking its first accepted alert sent, and the database
+    refuses the marks made after the interrupt too. The delivery must still end with the
+    interrupt (Dagster then ends the run CANCELED, as the operator asked, and does not retry
+    it), the database's error as its cause and in the log."""
+    settings = fast_retries
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
+    engine = create_engine(database_url)
+    marks: list[str] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def interrupt_then_refuse_marks(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE") and "sent_at" in statement:
+            marks.append(statement)
+            if len(marks) == 1:
+                raise Interrupt()
+            raise RuntimeError("injected: the database refuses the mark")
+
+    smtp = resolved_resources(settings)["smtp"]
+    with pytest.raises(Interrupt) as raised:
+        send_due_alerts(engine, smtp, "interrupted", pending_grace=timedelta(0))
+    cause = repr(raised.value.__cause__)
+    del raised  # its tracebacks hold, in reference cycles, the connections it interrupted:
+    gc.collect()  # returned to the pool now, before dispose closes the database under them
+    engine.dispose()
+
+    assert len(marks) == 2, "the accepted alerts were marked again after the interrupt"
+    assert cause == "RuntimeError('injected: the database refuses the mark')"
+    assert any(
+        record.levelname == "ERROR" and "recording its outcome failed" in record.message
+        for record in caplog.records
+    )
+    rows = outbox(database_url)
+    assert {rows[tid]["status"] for tid in suspicious} == {"sending"}, "claims kept, none marked"
 
 
 @pytest.fixture
