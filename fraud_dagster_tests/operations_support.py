@@ -31,7 +31,7 @@ from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
 from fraud_dagster.storage.database import create_engine, ensure_schema
-from fraud_dagster_tests.helpers import produce, table_rows
+from fraud_dagster_tests.helpers import MailBox, produce, table_rows
 
 
 def running_under_ci() -> bool:
@@ -192,6 +192,16 @@ def accounting(database_url: str, topic: str) -> Counter[tuple[int, int]]:
 
 def emails_by_transaction(messages: list) -> Counter[str]:
     return Counter(message["X-Fraud-Transaction-Id"] for message in messages)
+
+
+def analyst_alerts(mailbox: MailBox) -> list:
+    """The fraud alerts the analysts received (the operators' emails carry a run id instead)."""
+    return [m for m in mailbox.messages() if not m["X-Fraud-Run-Id"]]
+
+
+def operator_emails(mailbox: MailBox) -> list:
+    """The emails the operators received about runs (failed, canceled)."""
+    return [m for m in mailbox.messages() if m["X-Fraud-Run-Id"]]
 
 
 def wait_for(

@@ -38,6 +38,7 @@ from fraud_dagster_tests.operations_support import (
     accounting,
     batch_records,
     emails_by_transaction,
+    operator_emails,
     reexecute,
     sensor_tick,
     stall_a_batch,
@@ -65,9 +66,6 @@ def test_a_terminated_batch_run_is_mailed_once_and_its_rerun_stores_the_batch(
     topic = settings.kafka_topic
     sent = stall_a_batch(settings, database_url, seed=93)
 
-    def operator_emails() -> list:
-        return [m for m in mailbox.messages() if m["X-Fraud-Run-Id"]]
-
     daemon_env = {**env, "FRAUD_OPERATOR_RECIPIENTS": OPERATORS}
     with running_daemon(dagster_home, daemon_env, tmp_path / "daemon.log"):
         run_id = wait_for_the_batch_at_persist(instance, topic)
@@ -78,7 +76,7 @@ def test_a_terminated_batch_run_is_mailed_once_and_its_rerun_stores_the_batch(
             60,
             "the run canceled",
         )
-        wait_for(lambda: bool(operator_emails()), 60, "the operators' email")
+        wait_for(lambda: bool(operator_emails(mailbox)), 60, "the operators' email")
         # Two more ticks of each mailer: no copy, no failure email; and no automatic retry.
         mailed_at = time.time()
         for sensor in (CANCELED_BATCH_EMAIL_SENSOR, RUN_FAILURE_EMAIL_SENSOR):
@@ -87,7 +85,7 @@ def test_a_terminated_batch_run_is_mailed_once_and_its_rerun_stores_the_batch(
                 60,
                 f"two more ticks of {sensor}",
             )
-        (email,) = operator_emails()
+        (email,) = operator_emails(mailbox)
         assert not [r for r in batch_records(instance, topic) if r.dagster_run.parent_run_id]
 
     assert email["To"] == OPERATORS and email["X-Fraud-Run-Id"] == run_id

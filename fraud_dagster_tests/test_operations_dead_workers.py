@@ -27,7 +27,9 @@ from fraud_dagster_tests.helpers import MailBox, suspicious_ids
 from fraud_dagster_tests.operations_support import (
     accept_writes,
     accounting,
+    analyst_alerts,
     emails_by_transaction,
+    operator_emails,
     stall_a_batch,
     wait_for,
     wait_for_the_batch_at_persist,
@@ -80,14 +82,12 @@ def assert_retried_once_and_nothing_lost(
     assert suspicious, "the batch should hold suspicious transactions"
 
     def all_mail_in() -> bool:
-        analysts = [m for m in mailbox.messages() if not m["X-Fraud-Run-Id"]]
-        told = {m["X-Fraud-Run-Id"] for m in mailbox.messages() if m["X-Fraud-Run-Id"]}
-        return len(analysts) >= len(suspicious) and dead.run_id in told
+        told = {m["X-Fraud-Run-Id"] for m in operator_emails(mailbox)}
+        return len(analyst_alerts(mailbox)) >= len(suspicious) and dead.run_id in told
 
     wait_for(all_mail_in, 60, "the analysts' alerts and the operators' email")
-    analysts = [m for m in mailbox.messages() if not m["X-Fraud-Run-Id"]]
-    assert emails_by_transaction(analysts) == {tx: 1 for tx in suspicious}
-    (told,) = [m for m in mailbox.messages() if m["X-Fraud-Run-Id"] == dead.run_id]
+    assert emails_by_transaction(analyst_alerts(mailbox)) == {tx: 1 for tx in suspicious}
+    (told,) = [m for m in operator_emails(mailbox) if m["X-Fraud-Run-Id"] == dead.run_id]
     assert told["To"] == OPERATORS
     assert "Dagster retries it" in told.get_content()
 

@@ -24,7 +24,9 @@ from fraud_dagster_tests.helpers import MailBox, suspicious_ids
 from fraud_dagster_tests.operations_support import (
     accept_writes,
     accounting,
+    analyst_alerts,
     emails_by_transaction,
+    operator_emails,
     stall_a_batch,
     wait_for,
     wait_for_the_batch_at_persist,
@@ -92,7 +94,7 @@ def test_a_failed_batch_whose_retry_dagster_lost_is_retried_stored_once_and_mail
 
         records = wait_until_settled(instance, database_url, topic, sent, log)
         wait_for(
-            lambda: any(m["X-Fraud-Run-Id"] == run_id for m in mailbox.messages()),
+            lambda: any(m["X-Fraud-Run-Id"] == run_id for m in operator_emails(mailbox)),
             60,
             "the operators' email about the failed run",
         )
@@ -113,12 +115,7 @@ def test_a_failed_batch_whose_retry_dagster_lost_is_retried_stored_once_and_mail
     assert accounting(database_url, topic) == {(0, offset): 1 for offset in range(sent)}
     suspicious = suspicious_ids(database_url)
     assert suspicious, "the batch should hold suspicious transactions"
-    wait_for(
-        lambda: len([m for m in mailbox.messages() if not m["X-Fraud-Run-Id"]]) >= len(suspicious),
-        60,
-        "the analysts' alerts",
-    )
-    analysts = [m for m in mailbox.messages() if not m["X-Fraud-Run-Id"]]
-    assert emails_by_transaction(analysts) == {tx: 1 for tx in suspicious}
-    told = [m for m in mailbox.messages() if m["X-Fraud-Run-Id"]]
-    assert [m["X-Fraud-Run-Id"] for m in told] == [run_id], "one email, for the real failure"
+    wait_for(lambda: len(analyst_alerts(mailbox)) >= len(suspicious), 60, "the analysts' alerts")
+    assert emails_by_transaction(analyst_alerts(mailbox)) == {tx: 1 for tx in suspicious}
+    told = [m["X-Fraud-Run-Id"] for m in operator_emails(mailbox)]
+    assert told == [run_id], "one email, for the real failure"
