@@ -173,6 +173,14 @@ def _gap_line(gap: Gap, partition: int, retention_ms: int | None) -> str:
     return line
 
 
+def _last_failure(outbox: OutboxStatus) -> str:
+    """The newest failure of an unsent alert: when (if recorded) and the server's words."""
+    if not outbox.last_error:
+        return ""
+    when = f" at {outbox.last_failed_at:%Y-%m-%d %H:%M:%S} UTC" if outbox.last_failed_at else ""
+    return f"; last error{when}: {outbox.last_error}"
+
+
 def render_status(status: StreamStatus) -> list[str]:
     """The status as lines of text, the things to act on spelled out."""
     lines = [f"topic {status.topic}, consumer group {status.group}"]
@@ -201,6 +209,6 @@ def render_status(status: StreamStatus) -> list[str]:
     if outbox.unsent:
         lines.append(
             f"  oldest unsent alert written {outbox.oldest_unsent_at:%Y-%m-%d %H:%M:%S} UTC"
-            + (f"; last error: {outbox.last_error}" if outbox.last_error else "")
+            + _last_failure(outbox)
         )
     return lines

@@ -84,13 +84,14 @@ def _driver_options(url: str) -> dict[str, Any]:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create missing tables and indexes, drop superseded indexes, fill what a new table derives
-    from stored rows (the account rollups, once); no column is changed."""
+    """Create missing tables, columns and indexes, drop superseded indexes, fill what a new table
+    derives from stored rows (the account rollups, once); no existing column is changed."""
     # Imported here: storage.rollups builds on this module's helpers.
     from fraud_dagster.storage.rollups import backfill_account_rollups
 
     try:
         metadata.create_all(engine)
+        _add_new_columns(engine)
         _update_indexes(engine)
         backfill_account_rollups(engine)
     except SQLAlchemyError as exc:
@@ -98,6 +99,41 @@ def ensure_schema(engine: Engine) -> None:
             f"cannot create the schema on {engine.url!r} (is the database running and "
             f"reachable?); batches fail until it is, rerun them afterwards: {exc}"
         ) from exc
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Add the columns the schema gained since a database was created (`create_all` only builds
+    whole tables). One catalog query on PostgreSQL; a new column must be nullable, so that rows
+    already stored stay valid, and a column added meanwhile by another process counts as added."""
+    existing = sa.inspect(engine).get_multi_columns(filter_names=list(metadata.tables))
+    ddl = engine.dialect.ddl_compiler(engine.dialect, None)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in existing.get((None, table.name), [])}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise StorageError(
+                    f"table {table.name} lacks column {column.name}, which cannot be added to "
+                    "stored rows (NOT NULL): migrate the database by hand"
+                )
+            logger.info("adding column %s to %s (once)", column.name, table.name)
+            add = f"ALTER TABLE {ddl.preparer.format_table(table)} ADD COLUMN " + (
+                ddl.get_column_specification(column)
+            )
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(add))
+                    if column.comment and engine.dialect.supports_comments:
+                        conn.execute(sa.schema.SetColumnComment(column))
+            except SQLAlchemyError:
+                if column.name not in _column_names(engine, table.name):
+                    raise
+
+
+def _column_names(engine: Engine, table_name: str) -> set[str]:
+    """The table's columns as the catalog has them now (after another process may have added)."""
+    return {column["name"] for column in sa.inspect(engine).get_columns(table_name)}
 
 
 def _update_indexes(engine: Engine) -> None:

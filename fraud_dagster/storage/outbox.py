@@ -191,14 +191,20 @@ def mark_alerts_failed(
             conn.execute(
                 sa.update(fraud_alerts)
                 .where(fraud_alerts.c.transaction_id.in_(ids), fraud_alerts.c.claimed_by == token)
-                .values(status="failed", last_error=error[:2000], next_attempt_at=now + retry_in)
+                .values(
+                    status="failed",
+                    last_error=error[:2000],
+                    last_failed_at=now,
+                    next_attempt_at=now + retry_in,
+                )
             )
 
 
 def release_alerts(engine: Engine, transaction_ids: Sequence[str], token: str) -> int:
     """Give back alerts `token` claimed and never tried to send: `pending` again (due at once),
-    the claim's attempt not counted, `last_error` and `next_attempt_at` of the last real attempt
-    kept. Alerts no longer held by `token` are left alone. Returns how many were released."""
+    the claim's attempt not counted, `last_error`, `last_failed_at` and `next_attempt_at` of the
+    last real attempt kept. Alerts no longer held by `token` are left alone. Returns how many
+    were released."""
     a = fraud_alerts
     released = 0
     with engine.begin() as conn:
@@ -221,6 +227,7 @@ class OutboxStatus:
     next_attempt_at: datetime | None
     oldest_unsent_at: datetime | None
     last_error: str | None
+    last_failed_at: datetime | None
 
     @property
     def unsent(self) -> int:
@@ -254,18 +261,19 @@ def outbox_status(
                 sa.func.min(a.c.created_at),
             ).where(unsent)
         ).one()
-        last_error = conn.execute(
-            sa.select(a.c.last_error)
+        last_failure = conn.execute(
+            sa.select(a.c.last_error, a.c.last_failed_at)
             .where(unsent, a.c.last_error.is_not(None))
-            .order_by(a.c.claimed_at.desc())
+            .order_by(a.c.last_failed_at.desc().nulls_last(), a.c.claimed_at.desc())
             .limit(1)
-        ).scalar_one_or_none()
+        ).one_or_none()
     return OutboxStatus(
         counts={str(k): int(v) for k, v in counts.items()},
         due=int(due),
         next_attempt_at=next_attempt_at,
         oldest_unsent_at=oldest,
-        last_error=last_error,
+        last_error=last_failure[0] if last_failure else None,
+        last_failed_at=last_failure[1] if last_failure else None,
     )
 
 

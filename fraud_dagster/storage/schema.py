@@ -117,8 +117,8 @@ suspicious_transactions = Table(
 # What the model saw for a suspicious transaction: its input features (JSON, so that a model
 # with other features needs no new columns) and whether the partition's earlier offsets were all
 # stored when they were computed. Written with the suspicious row; the alert email shows them.
-# A table of its own, not columns of suspicious_transactions: `ensure_schema` creates missing
-# tables on an existing database, it does not add columns.
+# A table of its own, not columns of suspicious_transactions: when it came, `ensure_schema`
+# created missing tables on an existing database but added no columns.
 suspicious_features = Table(
     "suspicious_features",
     metadata,
@@ -142,6 +142,7 @@ fraud_alerts = Table(
     Column("last_error", Text, nullable=True),
     Column("created_at", DateTime, nullable=False),
     Column("next_attempt_at", DateTime, nullable=True),
+    Column("last_failed_at", DateTime, nullable=True, comment="when the last attempt failed"),
     Column("claimed_by", String(64), nullable=True, comment="token of the sender holding it"),
     Column("claimed_at", DateTime, nullable=True),
     Column("sent_at", DateTime, nullable=True),

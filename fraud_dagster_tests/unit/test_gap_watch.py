@@ -27,7 +27,9 @@ def gap(first: int, produced_ago: timedelta | None, deleted: int = 0) -> Gap:
 
 def status(*gaps: Gap) -> StreamStatus:
     partition = PartitionStatus(0, 0, 1000, 0, 0, 1000, gaps=list(gaps))
-    return StreamStatus("tx", "g", [partition], OutboxStatus({}, 0, None, None, None), 604800000)
+    return StreamStatus(
+        "tx", "g", [partition], OutboxStatus({}, 0, None, None, None, None), 604800000
+    )
 
 
 def kinds(notices: list) -> list[tuple[int, str]]:

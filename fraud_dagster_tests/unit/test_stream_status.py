@@ -9,9 +9,11 @@ from fraud_dagster.storage.outbox import OutboxStatus
 from fraud_dagster.stream_status import Gap, PartitionStatus, StreamStatus, render_status
 
 
-def outbox(**counts: int) -> OutboxStatus:
+def outbox(failed_at: datetime | None = None, **counts: int) -> OutboxStatus:
     unsent_at = datetime(2026, 11, 30, 1, 2, 3) if set(counts) - {"sent"} else None
-    return OutboxStatus(counts, counts.get("failed", 0), None, unsent_at, "421 try later")
+    return OutboxStatus(
+        counts, counts.get("failed", 0), None, unsent_at, "421 try later", failed_at
+    )
 
 
 def test_a_partition_nothing_was_committed_on_counts_its_lag_from_the_log_start() -> None:
@@ -29,19 +31,26 @@ def test_a_partition_nothing_was_committed_on_counts_its_lag_from_the_log_start(
     assert not status.needs_attention
 
 
-def test_unsent_alerts_show_the_oldest_and_the_last_error() -> None:
+def test_unsent_alerts_show_the_oldest_and_the_last_error_with_its_time() -> None:
     partition = PartitionStatus(1, 0, 50, 50, 50, 50, lost=[(0, 4), (10, 11)])
-    status = StreamStatus("tx", "g", [partition], outbox(sent=7, failed=2, pending=1))
+    failed_at = datetime(2026, 11, 30, 1, 5, 9)
+    status = StreamStatus("tx", "g", [partition], outbox(failed_at, sent=7, failed=2, pending=1))
 
     lines = render_status(status)
 
     assert "LOST: offsets 0-4, 10-11 (7)" in lines[2]
     assert lines[3] == "alerts: 2 failed, 1 pending, 7 sent; 2 due now"
-    assert (
-        lines[4]
-        == "  oldest unsent alert written 2026-11-30 01:02:03 UTC; last error: 421 try later"
+    assert lines[4] == (
+        "  oldest unsent alert written 2026-11-30 01:02:03 UTC; "
+        "last error at 2026-11-30 01:05:09 UTC: 421 try later"
     )
     assert not status.needs_attention  # lost offsets are reported, not a rerun to do
+
+
+def test_a_failure_stored_before_its_time_was_recorded_shows_the_error_alone() -> None:
+    status = StreamStatus("tx", "g", [], outbox(None, failed=1))
+
+    assert render_status(status)[-1].endswith("UTC; last error: 421 try later")
 
 
 def test_a_gap_says_when_retention_may_delete_it_or_that_it_already_did() -> None:
