@@ -26,8 +26,9 @@ from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
 from fraud_dagster.features import DELAY_DAYS, WINDOWS_DAYS
 from fraud_dagster.kafka_watch import KafkaNotice
 
-if TYPE_CHECKING:  # rendering needs only its fields; the watch module reads Kafka and the database
+if TYPE_CHECKING:  # rendering needs only their fields; those modules read Kafka and the database
     from fraud_dagster.gap_watch import GapNotice
+    from fraud_dagster.stream_status import Gap
 
 logger = logging.getLogger(__name__)
 
@@ -314,15 +315,50 @@ _GAP_NOTICE_SAYS = {
 }
 
 
+def find_runs_hint(partition: int, first_offset: int) -> str:
+    """Where the Dagster UI lists the runs of the batch starting at `first_offset`."""
+    return f"Runs -> filter tags {TAG_PARTITION}={partition}, {TAG_FIRST_OFFSET}={first_offset}"
+
+
+# A batch whose newest run is in one of these is on its way: nothing to rerun (yet).
+_UNDER_WAY = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
+_ENDED_UNSTORED = {"FAILURE", "CANCELED"}
+
+
+def batch_run_lines(gap: Gap, partition: int, ui_url: str | None) -> list[str]:
+    """Per batch of `gap` found in Dagster (`range_runs`): its newest run, how it stands and
+    what to do; then where to look for the rest of the range, if the batches found stop short."""
+    lines = []
+    for batch in gap.batches:
+        todo = (
+            "under way"
+            if batch.status in _UNDER_WAY
+            else "re-execute it from failure"
+            if batch.status in _ENDED_UNSTORED
+            else "look at it"
+        )
+        link = batch.run_url(ui_url)
+        lines.append(
+            f"batch {batch.first}-{batch.last}: run {batch.run_id} {batch.status} "
+            f"({batch.runs} run(s) of it in all): {todo}" + (f", {link}" if link else "")
+        )
+    rest = gap.batches[-1].last + 1 if gap.batches else gap.last + 1
+    if rest <= gap.last:
+        lines.append(f"offsets {rest}-{gap.last}: their runs: {find_runs_hint(partition, rest)}")
+    return lines
+
+
 def render_unstored_notice(
     notices: Sequence[GapNotice],
     topic: str,
     retention_ms: int | None,
     sender: str,
     recipients: Sequence[str],
+    ui_url: str | None = None,
 ) -> Message:
     """The operators' email about offset ranges no batch has stored for a while (`gap_watch`):
-    one email per sensor tick, every range it is due for."""
+    one email per sensor tick, every range it is due for, with each range's batch runs where
+    Dagster had them (`range_runs`), linked to the UI at `ui_url`."""
     lines = [
         f"Offsets of {topic} that no batch has stored. Retention deletes them unread (lost for",
         "good: never scored, never alerted) unless their batch run is re-executed before.",
@@ -340,10 +376,10 @@ def render_unstored_notice(
             lines.append(f"  retention may delete it from {gap.deletable_from:%Y-%m-%d %H:%M} UTC")
         if gap.deleted:
             lines.append(f"  {gap.deleted} offset(s) already deleted by retention")
-        lines.append(
-            f"  its run: Dagster UI, Runs, filter tags {TAG_PARTITION}={notice.partition}, "
-            f"{TAG_FIRST_OFFSET}={gap.first}"
-        )
+        if gap.batches:
+            lines += [f"  {line}" for line in batch_run_lines(gap, notice.partition, ui_url)]
+        else:
+            lines.append(f"  its run: Dagster UI, {find_runs_hint(notice.partition, gap.first)}")
     if retention_ms is not None:
         lines += ["", f"The topic's retention.ms is {retention_ms}."]
     lines += [

@@ -12,10 +12,14 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fraud_dagster.errors import FraudDagsterError
 from fraud_dagster.logging_setup import LOG_FILE, configure_logging
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
+
+if TYPE_CHECKING:
+    from fraud_dagster.stream_status import StreamStatus
 
 logger = logging.getLogger("fraud_dagster.cli")
 
@@ -241,9 +245,38 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         settings.kafka_consumer_group,
         resources["database"].get_engine(),
     )
-    for line in render_status(status):
+    if any(p.gaps for p in status.partitions):
+        status = _with_runs_if_readable(status, settings)
+    for line in render_status(status, settings.dagster_ui_url):
         print_line(line)
     return 2 if args.check and status.needs_attention else 0
+
+
+def _with_runs_if_readable(status: StreamStatus, settings: Settings) -> StreamStatus:
+    """`status` with the runs of its unstored ranges, read from the Dagster instance at
+    $DAGSTER_HOME (else the demo's); unchanged, with a warning, if there is none or it cannot be
+    read: the status must answer while Dagster is down."""
+    import dagster as dg
+
+    from fraud_dagster.jobs import score_transactions_job
+    from fraud_dagster.range_runs import with_batch_runs
+
+    home = os.environ.get("DAGSTER_HOME") or str(settings.var_dir / "dagster")
+    if not (Path(home) / "dagster.yaml").is_file():
+        logger.warning("no Dagster instance at %s: the unstored ranges' runs are not shown", home)
+        return status
+    try:
+        with dg.DagsterInstance.from_config(home) as instance:
+            return with_batch_runs(status, instance, score_transactions_job.name)
+    except Exception as exc:  # any failure to read Dagster: the status still answers
+        logger.warning(
+            "cannot read the Dagster instance at %s (%s: %s): the unstored ranges' runs are "
+            "not shown",
+            home,
+            type(exc).__name__,
+            exc,
+        )
+        return status
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ from fraud_dagster.lost_retries import (
     runs_missing_their_retry,
 )
 from fraud_dagster.ops import RUNNING_STATUSES, batch_runs
+from fraud_dagster.range_runs import with_batch_runs
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
@@ -613,6 +614,7 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
             )
         except (SQLAlchemyError, FraudDagsterError) as exc:
             return dg.SkipReason(f"cannot read the stream's status, cursor unchanged: {exc}")
+        status = with_batch_runs(status, context.instance, score_transactions_job.name)
         in_flight = batch_runs(
             context.instance, score_transactions_job.name, kafka.topic, IN_FLIGHT_STATUSES
         )
@@ -625,7 +627,12 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
         )
         if notices:
             message = render_unstored_notice(
-                notices, kafka.topic, status.retention_ms, smtp.sender, smtp.operator_recipients
+                notices,
+                kafka.topic,
+                status.retention_ms,
+                smtp.sender,
+                smtp.operator_recipients,
+                settings.dagster_ui_url,
             )
             return _mail_operators(context, smtp, message, watch.serialize())
         unstored = sum(len(p.gaps) for p in status.partitions)

@@ -3,7 +3,8 @@
 Per partition: how far Kafka's log reaches, how far the consumer group is committed, which
 offsets below the highest stored one no batch has stored (a failed batch to rerun, or one still
 under way), what retention deleted unread; then the alert outbox. It reads the broker and the
-application database only, so it answers when Dagster is down too, and it changes nothing.
+application database only, so it answers when Dagster is down too, and it changes nothing;
+`range_runs` adds, where the Dagster instance can be read, the runs behind each unstored range.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
 from fraud_dagster import kafka_io
-from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_PARTITION
+from fraud_dagster.alerts import batch_run_lines, find_runs_hint
 from fraud_dagster.storage.batches import lost_in, not_stored, stored_end, stored_without_gap
 from fraud_dagster.storage.outbox import OutboxStatus, outbox_status
+
+if TYPE_CHECKING:
+    from fraud_dagster.range_runs import BatchRuns
 
 Span = tuple[int, int]  # first and last offset, inclusive
 
@@ -33,6 +37,7 @@ class Gap:
     deleted: int = 0  # how many of its first offsets retention already deleted
     produced_at: datetime | None = None  # Kafka timestamp of its oldest message still there
     deletable_from: datetime | None = None  # produced_at + retention.ms (None: kept for ever)
+    batches: tuple[BatchRuns, ...] = ()  # its batches and their runs, if Dagster was read
 
     @property
     def size(self) -> int:
@@ -72,6 +77,7 @@ class StreamStatus:
     partitions: list[PartitionStatus]
     outbox: OutboxStatus
     retention_ms: int | None = None  # the topic's retention.ms (-1: for ever; None: unknown)
+    topic_id: str | None = None  # the topic's Kafka id (it changes when the topic is recreated)
 
     @property
     def needs_attention(self) -> bool:
@@ -84,7 +90,8 @@ def stream_status(
     kafka_options: Mapping[str, Any], topic: str, group: str, engine: Engine
 ) -> StreamStatus:
     """Read the topic's offsets, the group's commits, the stored and lost ranges and the outbox."""
-    beginning, end = kafka_io.offset_bounds(kafka_options, topic)
+    offsets = kafka_io.topic_offsets(kafka_options, topic)
+    beginning, end = offsets.beginning, offsets.end
     committed = kafka_io.committed_offsets(kafka_options, topic, group)
     retention = kafka_io.retention_ms(kafka_options, topic)
     partitions = []
@@ -108,7 +115,9 @@ def stream_status(
                     lost=lost_in(engine, topic, partition, 0, end[partition]),
                 )
             )
-    return StreamStatus(topic, group, partitions, outbox_status(engine), retention)
+    return StreamStatus(
+        topic, group, partitions, outbox_status(engine), retention, offsets.topic_id
+    )
 
 
 def _gap(
@@ -148,9 +157,7 @@ def _when(moment: datetime) -> str:
 
 def _gap_line(gap: Gap, partition: int, retention_ms: int | None) -> str:
     where = f"offsets {gap.first}-{gap.last} ({gap.size})"
-    find = (
-        f"its run: Runs -> filter tags {TAG_PARTITION}={partition}, {TAG_FIRST_OFFSET}={gap.first}"
-    )
+    find = "its runs below" if gap.batches else f"its run: {find_runs_hint(partition, gap.first)}"
     if gap.deleted == gap.size:
         return (
             f"  NOT STORED, and deleted by retention since: {where}; re-execute its batch so "
@@ -181,8 +188,9 @@ def _last_failure(outbox: OutboxStatus) -> str:
     return f"; last error{when}: {outbox.last_error}"
 
 
-def render_status(status: StreamStatus) -> list[str]:
-    """The status as lines of text, the things to act on spelled out."""
+def render_status(status: StreamStatus, ui_url: str | None = None) -> list[str]:
+    """The status as lines of text, the things to act on spelled out; runs linked to the Dagster
+    UI at `ui_url`, if given."""
     lines = [f"topic {status.topic}, consumer group {status.group}"]
     for p in status.partitions:
         committed = "nothing committed" if p.committed is None else f"committed {p.committed}"
@@ -192,6 +200,7 @@ def render_status(status: StreamStatus) -> list[str]:
         )
         for gap in p.gaps:
             lines.append(_gap_line(gap, p.partition, status.retention_ms))
+            lines += [f"    {line}" for line in batch_run_lines(gap, p.partition, ui_url)]
         if p.lost:
             count = sum(b - a + 1 for a, b in p.lost)
             lines.append(

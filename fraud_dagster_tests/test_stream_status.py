@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -23,24 +24,43 @@ from fraud_dagster.simulator import to_messages
 from fraud_dagster.stream_status import render_status, stream_status
 from fraud_dagster_tests.helpers import MailBox, delete_before, produce
 from fraud_dagster_tests.operations_support import sensor_tick
+from fraud_dagster_tests.unit.test_run_health import job_named
 
 pytestmark = pytest.mark.services
 
 
-def status_command(*arguments: str) -> subprocess.CompletedProcess:
-    """The installed CLI, with this test's FRAUD_* environment."""
+def status_command(
+    *arguments: str, dagster_home: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The installed CLI, with this test's FRAUD_* environment (and DAGSTER_HOME, if given)."""
+    env = os.environ.copy()
+    env.pop("DAGSTER_HOME", None)
+    if dagster_home is not None:
+        env["DAGSTER_HOME"] = str(dagster_home)
     return subprocess.run(
         [sys.executable, "-m", "fraud_dagster.cli", "status", *arguments],
         capture_output=True,
         text=True,
-        env=os.environ.copy(),
+        env=env,
         timeout=120,
         check=False,
     )
 
 
+def failed_batch_run(
+    instance: dg.DagsterInstance, settings: Settings, first: int, last: int
+) -> str:
+    """A batch run recorded started, then failed, with the tags the sensor gives it."""
+    tags = PlannedBatch(settings.kafka_topic, 0, first, last).tags()
+    run = instance.create_run_for_job(
+        job_named("score_transactions"), status=dg.DagsterRunStatus.STARTED, tags=tags
+    )
+    instance.report_run_failed(run, "injected: the batch failed")
+    return run.run_id
+
+
 def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
-    instance: dg.DagsterInstance, database_url: str, settings: Settings
+    instance: dg.DagsterInstance, dagster_home: Path, database_url: str, settings: Settings
 ) -> None:
     defs = build_definitions(settings)
     resources = resolved_resources(settings)
@@ -76,13 +96,25 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     retention = retention_ms(resources["kafka"].client_options(), settings.kafka_topic)
     assert retention is not None and retention > 0 and first.retention_ms == retention
     assert gap.deletable_from == gap.produced_at + timedelta(milliseconds=retention)
-    shown = status_command("--check")
+    shown = status_command("--check")  # no Dagster instance (the demo's is not there)
     assert shown.returncode == 2, shown.stderr
     assert "NOT STORED: offsets 10-19 (10)" in shown.stdout
     assert "fraud_dagster/first_offset=10" in shown.stdout
     assert f"may delete it from {gap.deletable_from:%Y-%m-%d %H:%M} UTC on" in shown.stdout
     assert "LOST: offsets 0-4 (5)" in shown.stdout
     assert "10 offset(s) after the last stored one" in shown.stdout
+    assert "no Dagster instance at" in shown.stderr
+
+    # The batch's run failed twice (Dagster's retry too), as the instance records it.
+    failed = [failed_batch_run(instance, settings, 10, 19) for _ in range(2)]
+    shown = status_command("--check", dagster_home=dagster_home)
+    assert shown.returncode == 2, shown.stderr
+    assert "NOT STORED: offsets 10-19 (10)" in shown.stdout and "its runs below" in shown.stdout
+    assert (
+        f"    batch 10-19: run {failed[-1]} FAILURE (2 run(s) of it in all): re-execute it from "
+        f"failure, {settings.dagster_ui_url}/runs/{failed[-1]}"
+    ) in shown.stdout.splitlines()
+    assert "first_offset=10" not in shown.stdout
 
     delete_before(settings, 20)  # the failed batch was left until retention reached it
     (gap,) = status().partitions[0].gaps
@@ -143,6 +175,10 @@ def test_the_operators_are_mailed_once_about_a_range_left_unstored(
     body = notice.get_content()
     assert "Partition 0, offsets 10-19 (10): not stored" in body
     assert "retention may delete it from" in body
+    assert (
+        f"  batch 10-19: run {rerun.run_id} CANCELED (1 run(s) of it in all): re-execute it "
+        f"from failure, {settings.dagster_ui_url}/runs/{rerun.run_id}"
+    ) in body.splitlines()
 
     second = watch(first.cursor)
     assert len(notices()) == 1, "one email per range, not one per tick"
