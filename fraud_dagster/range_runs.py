@@ -22,7 +22,7 @@ from fraud_dagster.batching import (
 )
 from fraud_dagster.stream_status import Gap, StreamStatus
 
-# Batches named per unstored range; a longer range says how many more offsets it has.
+# Batches named per unstored range; the rest of a longer one is given by its offsets and run tags.
 MAX_BATCHES_NAMED = 5
 
 
