@@ -18,6 +18,9 @@ import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+# The job a batch runs in; here, not in `jobs`, so that reading its runs imports no pipeline.
+SCORE_TRANSACTIONS_JOB = "score_transactions"
+
 TAG_PREFIX = "fraud_dagster"
 TAG_TOPIC = f"{TAG_PREFIX}/topic"
 TAG_PARTITION = f"{TAG_PREFIX}/partition"

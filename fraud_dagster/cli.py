@@ -258,7 +258,7 @@ def _with_runs_if_readable(status: StreamStatus, settings: Settings) -> StreamSt
     read: the status must answer while Dagster is down."""
     import dagster as dg
 
-    from fraud_dagster.jobs import score_transactions_job
+    from fraud_dagster.batching import SCORE_TRANSACTIONS_JOB
     from fraud_dagster.range_runs import with_batch_runs
 
     home = os.environ.get("DAGSTER_HOME") or str(settings.var_dir / "dagster")
@@ -267,7 +267,7 @@ def _with_runs_if_readable(status: StreamStatus, settings: Settings) -> StreamSt
         return status
     try:
         with dg.DagsterInstance.from_config(home) as instance:
-            return with_batch_runs(status, instance, score_transactions_job.name)
+            return with_batch_runs(status, instance, SCORE_TRANSACTIONS_JOB)
     except Exception as exc:  # any failure to read Dagster: the status still answers
         logger.warning(
             "cannot read the Dagster instance at %s (%s: %s): the unstored ranges' runs are "

@@ -6,10 +6,9 @@ from typing import Any
 
 import dagster as dg
 
-from fraud_dagster.batching import PlannedBatch
+from fraud_dagster.batching import SCORE_TRANSACTIONS_JOB, PlannedBatch
 from fraud_dagster.ops import send_due_alerts, transaction_batch_assets
 
-SCORE_TRANSACTIONS_JOB = "score_transactions"
 SEND_PENDING_ALERTS_JOB = "send_pending_alerts"
 # At most one alert-retry run at a time (dagster.yaml limits this tag to 1).
 TAG_ALERT_SENDER = "fraud_dagster/alert_sender"
