@@ -315,6 +315,11 @@ _GAP_NOTICE_SAYS = {
 }
 
 
+def run_page_url(ui_url: str | None, run_id: str) -> str | None:
+    """The run's page in the Dagster UI at `ui_url` (None: no UI address to link to)."""
+    return f"{ui_url.rstrip('/')}/runs/{run_id}" if ui_url else None
+
+
 def find_runs_hint(partition: int, first_offset: int) -> str:
     """Where the Dagster UI lists the runs of the batch starting at `first_offset`."""
     return f"Runs -> filter tags {TAG_PARTITION}={partition}, {TAG_FIRST_OFFSET}={first_offset}"
@@ -337,7 +342,7 @@ def batch_run_lines(gap: Gap, partition: int, ui_url: str | None) -> list[str]:
             if batch.status in _ENDED_UNSTORED
             else "look at it"
         )
-        link = batch.run_url(ui_url)
+        link = run_page_url(ui_url, batch.run_id)
         lines.append(
             f"batch {batch.first}-{batch.last}: run {batch.run_id} {batch.status} "
             f"({batch.runs} run(s) of it in all): {todo}" + (f", {link}" if link else "")

@@ -36,9 +36,6 @@ class BatchRuns:
     status: str  # that run's status (FAILURE, CANCELED, STARTED, QUEUED, ...)
     runs: int  # every run of the batch: the first, Dagster's retries, reruns
 
-    def run_url(self, ui_url: str | None) -> str | None:
-        return f"{ui_url.rstrip('/')}/runs/{self.run_id}" if ui_url else None
-
 
 def batches_of_range(
     instance: dg.DagsterInstance,

@@ -20,6 +20,7 @@ from fraud_dagster.alerts import (
     render_kafka_notice,
     render_run_failure,
     render_unstored_notice,
+    run_page_url,
 )
 from fraud_dagster.batching import (
     TAG_OFFSET_RANGE,
@@ -339,7 +340,12 @@ def run_failure_notice(
     else:
         retry_note = f"attempt {attempt + 1}; no automatic retry left, rerun it by hand"
     return RunFailureNotice(
-        run_id, job_name, _offset_range(tags), tuple(errors), retry_note, _run_url(ui_url, run_id)
+        run_id,
+        job_name,
+        _offset_range(tags),
+        tuple(errors),
+        retry_note,
+        run_page_url(ui_url, run_id),
     )
 
 
@@ -348,10 +354,6 @@ def _offset_range(tags: Mapping[str, str]) -> str | None:
     if TAG_OFFSET_RANGE not in tags:
         return None
     return f"{tags[TAG_TOPIC]}/{tags[TAG_PARTITION]} offsets {tags[TAG_OFFSET_RANGE]}"
-
-
-def _run_url(ui_url: str | None, run_id: str) -> str | None:
-    return f"{ui_url}/runs/{run_id}" if ui_url else None
 
 
 def _failed_run_notice(
@@ -391,7 +393,7 @@ def _canceled_run_notice(
         _offset_range(run.tags),
         (canceled.message or "the run was canceled",),
         "none: Dagster does not retry a canceled run",
-        _run_url(ui_url, run.run_id),
+        run_page_url(ui_url, run.run_id),
         outcome="canceled",
     )
 

@@ -24,7 +24,7 @@ from fraud_dagster.simulator import to_messages
 from fraud_dagster.stream_status import render_status, stream_status
 from fraud_dagster_tests.helpers import MailBox, delete_before, produce
 from fraud_dagster_tests.operations_support import sensor_tick
-from fraud_dagster_tests.unit.test_run_health import job_named
+from fraud_dagster_tests.unit.test_range_runs import batch_run
 
 pytestmark = pytest.mark.services
 
@@ -45,18 +45,6 @@ def status_command(
         timeout=120,
         check=False,
     )
-
-
-def failed_batch_run(
-    instance: dg.DagsterInstance, settings: Settings, first: int, last: int
-) -> str:
-    """A batch run recorded started, then failed, with the tags the sensor gives it."""
-    tags = PlannedBatch(settings.kafka_topic, 0, first, last).tags()
-    run = instance.create_run_for_job(
-        job_named("score_transactions"), status=dg.DagsterRunStatus.STARTED, tags=tags
-    )
-    instance.report_run_failed(run, "injected: the batch failed")
-    return run.run_id
 
 
 def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
@@ -106,7 +94,9 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     assert "no Dagster instance at" in shown.stderr
 
     # The batch's run failed twice (Dagster's retry too), as the instance records it.
-    failed = [failed_batch_run(instance, settings, 10, 19) for _ in range(2)]
+    failed = [
+        batch_run(instance, 10, 19, topic=settings.kafka_topic, topic_id=None) for _ in range(2)
+    ]
     shown = status_command("--check", dagster_home=dagster_home)
     assert shown.returncode == 2, shown.stderr
     assert "NOT STORED: offsets 10-19 (10)" in shown.stdout and "its runs below" in shown.stdout

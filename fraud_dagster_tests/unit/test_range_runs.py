@@ -39,8 +39,10 @@ def batch_run(
     partition: int = 0,
     topic_id: str | None = TOPIC_ID,
     job: str = JOB,
+    topic: str = "tx",
 ) -> str:
-    tags = PlannedBatch("tx", partition, first, last, topic_id=topic_id).tags()
+    """A run of the batch first..last, recorded in `status` with the tags the sensor gives it."""
+    tags = PlannedBatch(topic, partition, first, last, topic_id=topic_id).tags()
     run = instance.create_run_for_job(job_named(job), status=status, tags=tags)
     return run.run_id
 
