@@ -20,6 +20,7 @@ from fraud_dagster.batching import (
     TAG_TOPIC,
     TAG_TOPIC_ID,
 )
+from fraud_dagster.gap_watch import GapNotice
 from fraud_dagster.stream_status import Gap, StreamStatus
 
 # Batches named per unstored range; the rest of a longer one is given by its offsets and run tags.
@@ -68,6 +69,14 @@ def batches_of_range(
     return tuple(found)
 
 
+def gap_with_batch_runs(
+    gap: Gap, partition: int, status: StreamStatus, instance: dg.DagsterInstance, job_name: str
+) -> Gap:
+    """`gap` (of `partition` in `status`) with the batches and runs that tried it."""
+    batches = batches_of_range(instance, job_name, status.topic, partition, gap, status.topic_id)
+    return replace(gap, batches=batches)
+
+
 def with_batch_runs(
     status: StreamStatus, instance: dg.DagsterInstance, job_name: str
 ) -> StreamStatus:
@@ -76,15 +85,23 @@ def with_batch_runs(
         replace(
             partition,
             gaps=[
-                replace(
-                    gap,
-                    batches=batches_of_range(
-                        instance, job_name, status.topic, partition.partition, gap, status.topic_id
-                    ),
-                )
+                gap_with_batch_runs(gap, partition.partition, status, instance, job_name)
                 for gap in partition.gaps
             ],
         )
         for partition in status.partitions
     ]
     return replace(status, partitions=partitions)
+
+
+def notices_with_batch_runs(
+    notices: list[GapNotice], status: StreamStatus, instance: dg.DagsterInstance, job_name: str
+) -> list[GapNotice]:
+    """`notices` (of unstored ranges in `status`) with the batches and runs of their ranges."""
+    return [
+        replace(
+            notice,
+            gap=gap_with_batch_runs(notice.gap, notice.partition, status, instance, job_name),
+        )
+        for notice in notices
+    ]

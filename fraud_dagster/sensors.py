@@ -47,7 +47,7 @@ from fraud_dagster.lost_retries import (
     runs_missing_their_retry,
 )
 from fraud_dagster.ops import RUNNING_STATUSES, batch_runs
-from fraud_dagster.range_runs import with_batch_runs
+from fraud_dagster.range_runs import notices_with_batch_runs
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
 from fraud_dagster.settings import Settings
@@ -616,7 +616,6 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
             )
         except (SQLAlchemyError, FraudDagsterError) as exc:
             return dg.SkipReason(f"cannot read the stream's status, cursor unchanged: {exc}")
-        status = with_batch_runs(status, context.instance, score_transactions_job.name)
         in_flight = batch_runs(
             context.instance, score_transactions_job.name, kafka.topic, IN_FLIGHT_STATUSES
         )
@@ -628,6 +627,10 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
             in_flight,
         )
         if notices:
+            # Only the ranges mailed now name their runs: run queries per email, not per tick.
+            notices = notices_with_batch_runs(
+                notices, status, context.instance, score_transactions_job.name
+            )
             message = render_unstored_notice(
                 notices,
                 kafka.topic,

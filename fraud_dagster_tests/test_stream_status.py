@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from fraud_dagster import range_runs
 from fraud_dagster.batching import PlannedBatch
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.jobs import batch_run_config
@@ -21,7 +22,7 @@ from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
-from fraud_dagster.stream_status import render_status, stream_status
+from fraud_dagster.stream_status import Gap, render_status, stream_status
 from fraud_dagster_tests.helpers import MailBox, delete_before, produce
 from fraud_dagster_tests.operations_support import sensor_tick
 from fraud_dagster_tests.unit.test_range_runs import batch_run
@@ -139,7 +140,19 @@ def test_the_operators_are_mailed_once_about_a_range_left_unstored(
         batch = PlannedBatch(settings.kafka_topic, 0, first, last)
         assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
 
+    looked_up: list[tuple[int, int]] = []  # the ranges whose runs a tick read
+    find_batches = range_runs.batches_of_range
+
+    def counted(
+        instance: dg.DagsterInstance, job: str, topic: str, partition: int, gap: Gap, *rest: object
+    ) -> tuple[range_runs.BatchRuns, ...]:
+        looked_up.append((gap.first, gap.last))
+        return find_batches(instance, job, topic, partition, gap, *rest)
+
+    monkeypatch.setattr(range_runs, "batches_of_range", counted)
+
     def watch(cursor: str | None) -> dg.SensorResult:
+        looked_up.clear()
         return sensor_tick(
             "email_operators_about_unstored_offsets", defs, instance, settings, cursor
         )
@@ -156,6 +169,7 @@ def test_the_operators_are_mailed_once_about_a_range_left_unstored(
     )
     queued = watch(None)
     assert notices() == [] and queued.cursor == "[]"
+    assert looked_up == [], "no email, no run queries"
     instance.report_run_canceled(rerun)  # canceled after all: the range is left unstored
 
     first = watch(queued.cursor)
@@ -170,8 +184,11 @@ def test_the_operators_are_mailed_once_about_a_range_left_unstored(
         f"from failure, {settings.dagster_ui_url}/runs/{rerun.run_id}"
     ) in body.splitlines()
 
+    assert looked_up == [(10, 19)]
+
     second = watch(first.cursor)
     assert len(notices()) == 1, "one email per range, not one per tick"
+    assert looked_up == [], "a range already mailed is not looked up again"
 
     batch = PlannedBatch(settings.kafka_topic, 0, 10, 19)  # the rerun
     assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
