@@ -328,6 +328,14 @@ def find_runs_hint(partition: int, first_offset: int) -> str:
 # A batch whose newest run is in one of these is on its way: nothing to rerun (yet).
 _UNDER_WAY = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
 _ENDED_UNSTORED = {"FAILURE", "CANCELED"}
+# A run that succeeded stored its range in the database it wrote to; if the range is unstored
+# here, that is another database now (replaced, or restored from an older backup). Re-executing
+# every step reads the offsets again and stores them (and alerts them again: this database has
+# no record of their emails).
+_SUCCEEDED_ELSEWHERE = (
+    "it succeeded, yet this database has no record of its offsets (a replaced or restored "
+    "database?): re-execute it, all steps"
+)
 
 
 def batch_run_lines(gap: Gap, partition: int, ui_url: str | None) -> list[str]:
@@ -340,6 +348,8 @@ def batch_run_lines(gap: Gap, partition: int, ui_url: str | None) -> list[str]:
             if batch.status in _UNDER_WAY
             else "re-execute it from failure"
             if batch.status in _ENDED_UNSTORED
+            else _SUCCEEDED_ELSEWHERE
+            if batch.status == "SUCCESS"
             else "look at it"
         )
         link = run_page_url(ui_url, batch.run_id)

@@ -135,3 +135,21 @@ def test_the_operators_email_names_the_run_to_re_execute() -> None:
     ) in body
     assert "filter tags" not in body
     assert batch_run_lines(gap, 0, "http://ui") == []  # Dagster not read: the email's tag hint
+
+
+def test_a_batch_that_succeeded_into_another_database_is_to_be_re_executed_whole(
+    instance: dg.DagsterInstance,
+) -> None:
+    # Its run stored 10-19, but not in the database read now (replaced or restored since):
+    # re-executing it from failure would do nothing, every step must run again.
+    succeeded = batch_run(instance, 10, 19, dg.DagsterRunStatus.SUCCESS)
+    partition = PartitionStatus(0, 0, 60, 10, 10, 60, gaps=[Gap(10, 19)])
+    status = StreamStatus("tx", "g", [partition], outbox(), 604800000, TOPIC_ID)
+
+    lines = render_status(with_batch_runs(status, instance, JOB), None)
+
+    assert lines[3] == (
+        f"    batch 10-19: run {succeeded} SUCCESS (1 run(s) of it in all): it succeeded, yet "
+        "this database has no record of its offsets (a replaced or restored database?): "
+        "re-execute it, all steps"
+    )
