@@ -28,6 +28,7 @@ from fraud_dagster.kafka_watch import KafkaNotice
 
 if TYPE_CHECKING:  # rendering needs only their fields; those modules read Kafka and the database
     from fraud_dagster.gap_watch import GapNotice
+    from fraud_dagster.kafka_io import Retention
     from fraud_dagster.stream_status import Gap
 
 logger = logging.getLogger(__name__)
@@ -310,9 +311,40 @@ def render_kafka_notice(
 
 _GAP_NOTICE_SAYS = {
     "unstored": "not stored",
-    "last_call": "LAST CALL, retention may delete within a day",
+    "last_call": "LAST CALL, retention may delete it soon",
     "deleted": "deleted by retention unread",
 }
+
+
+def _bytes_words(count: int) -> str:
+    """A size on disk for people: 512 B, 40.2 KiB, 9.8 MiB, 1.5 GiB."""
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:,.1f} {unit}"
+
+
+def size_limit_words(retention: Retention, partition: int) -> str | None:
+    """What the topic's `retention.bytes` means for an unstored range of `partition`: retention
+    deletes the partition's oldest segments once it outgrows the limit, however young they
+    are (so possibly before the age deadline). None when the topic sets no size limit."""
+    if not retention.limits_size:
+        return None
+    size = retention.sizes.get(partition)
+    share = retention.share_of_size_limit(partition)
+    now = (
+        "its size unknown"
+        if size is None or share is None
+        else f"{_bytes_words(size)} now, {share:.0%} of it"
+    )
+    return (
+        f"retention.bytes limits the partition to {_bytes_words(retention.max_bytes or 0)} "
+        f"({now}): past that, retention deletes its oldest segments whatever their age"
+    )
 
 
 def run_page_url(ui_url: str | None, run_id: str) -> str | None:
@@ -366,7 +398,7 @@ def batch_run_lines(gap: Gap, partition: int, ui_url: str | None) -> list[str]:
 def render_unstored_notice(
     notices: Sequence[GapNotice],
     topic: str,
-    retention_ms: int | None,
+    retention: Retention,
     sender: str,
     recipients: Sequence[str],
     ui_url: str | None = None,
@@ -389,14 +421,22 @@ def render_unstored_notice(
             lines.append(f"  oldest message produced {gap.produced_at:%Y-%m-%d %H:%M} UTC")
         if gap.deletable_from is not None:
             lines.append(f"  retention may delete it from {gap.deletable_from:%Y-%m-%d %H:%M} UTC")
+        size_limit = size_limit_words(retention, notice.partition)
+        if size_limit and gap.deleted < gap.size:
+            lines.append(f"  {size_limit}")
         if gap.deleted:
             lines.append(f"  {gap.deleted} offset(s) already deleted by retention")
         if gap.batches:
             lines += [f"  {line}" for line in batch_run_lines(gap, notice.partition, ui_url)]
         else:
             lines.append(f"  its run: Dagster UI, {find_runs_hint(notice.partition, gap.first)}")
-    if retention_ms is not None:
-        lines += ["", f"The topic's retention.ms is {retention_ms}."]
+    settings = [
+        f"{key} is {value}"
+        for key, value in (("retention.ms", retention.ms), ("retention.bytes", retention.max_bytes))
+        if value is not None
+    ]
+    if settings:
+        lines += ["", f"The topic's {' and '.join(settings)}."]
     lines += [
         "",
         "What to do: re-execute the batch run from failure (the run's page > Re-execute > From",

@@ -5,8 +5,9 @@ nobody reruns it, its offsets stay unstored (the consumer group waits below them
 go on) until the topic's retention deletes them unread: the one way this pipeline loses
 messages. The watch turns the unstored ranges `stream_status` finds into at most three notices
 per range: once it has been unstored for the alert threshold, a last call when less than a day
-is left before retention may delete it, and once retention has deleted it (its batch must still
-be rerun, so that the offsets are recorded as lost and the group moves on).
+is left before retention may delete it by age or its partition nears a size limit, and once
+retention has deleted it (its batch must still be rerun, so that the offsets are recorded as
+lost and the group moves on).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from fraud_dagster.batch_order import RunningBatch
 from fraud_dagster.stream_status import Gap, StreamStatus
 
 NoticeKind = Literal["unstored", "last_call", "deleted"]
+# The last call: a day before the range's age deadline (retention.ms), or once its partition
+# has filled this share of a size limit (retention.bytes; past it Kafka deletes the oldest
+# segments at the next full one, whatever their age, and how soon that is depends on traffic).
 LAST_CALL_BEFORE = timedelta(days=1)
+LAST_CALL_SIZE_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,16 @@ class GapWatch:
             return cls()  # a cursor of another format: nothing known to be mailed
 
 
-def _kind(gap: Gap, now: datetime, alert_after: timedelta) -> NoticeKind | None:
+def _kind(
+    gap: Gap, now: datetime, alert_after: timedelta, size_share: float | None
+) -> NoticeKind | None:
     if gap.deleted == gap.size:
         return "deleted"
     if gap.produced_at is None or now - gap.produced_at < alert_after:
         return None  # young: its batch is likely still under way or being retried
     if gap.deletable_from is not None and gap.deletable_from - now <= LAST_CALL_BEFORE:
+        return "last_call"
+    if size_share is not None and size_share >= LAST_CALL_SIZE_SHARE:
         return "last_call"
     return "unstored"
 
@@ -88,7 +97,8 @@ def gaps_to_mail(
     waiting: set[str] = set()
     for partition in status.partitions:
         for gap in partition.gaps:
-            kind = _kind(gap, now, alert_after)
+            size_share = status.retention.share_of_size_limit(partition.partition)
+            kind = _kind(gap, now, alert_after, size_share)
             if kind is None:
                 continue
             if any(

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -133,17 +133,73 @@ def offset_bounds(options: Mapping[str, Any], topic: str) -> tuple[dict[int, int
     return offsets.beginning, offsets.end
 
 
-def retention_ms(options: Mapping[str, Any], topic: str) -> int | None:
-    """The topic's `retention.ms` (its own, else the broker's default; -1: kept for ever), or
-    None if the broker does not say."""
-    resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})
+@dataclass(frozen=True)
+class Retention:
+    """What the topic's retention deletes by (its own settings, else the broker's defaults):
+    age (`ms`) and, per partition, size on disk (`max_bytes`); -1: no limit, None: not said.
+    `sizes`: every partition's bytes on disk now, read only where a size limit applies."""
+
+    ms: int | None = None
+    max_bytes: int | None = None
+    sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def limits_size(self) -> bool:
+        return self.max_bytes is not None and self.max_bytes >= 0
+
+    def share_of_size_limit(self, partition: int) -> float | None:
+        """How full `partition` is against `max_bytes` (1.0: retention may delete its oldest
+        segments, whatever their age); None without a limit or a size."""
+        size = self.sizes.get(partition)
+        if not self.limits_size or size is None:
+            return None
+        return size / self.max_bytes if self.max_bytes else float("inf")
+
+
+def topic_retention(options: Mapping[str, Any], topic: str) -> Retention:
+    """The topic's `retention.ms` and `retention.bytes` and, where the bytes limit applies, its
+    partitions' sizes (a broker that will not say them leaves `sizes` empty, with a warning)."""
+    keys = {"retention.ms": None, "retention.bytes": None}
     try:
         with _admin(options) as admin:
-            described = admin.describe_configs([resource], config_filter="all")
+            described = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic, keys)], config_filter="all"
+            )
+            configs = described.get("topic", {}).get(topic, {})
+            ms, max_bytes = (configs.get(key, {}).get("value") for key in keys)
+            retention = Retention(
+                None if ms is None else int(ms), None if max_bytes is None else int(max_bytes)
+            )
+            if not retention.limits_size:
+                return retention
+            try:
+                sizes = _partition_sizes(admin.describe_log_dirs([topic]), topic)
+            except KafkaError as exc:
+                logger.warning("cannot read the sizes of %s's partitions: %r", topic, exc)
+                return retention
     except KafkaError as exc:
         raise KafkaUnavailableError(f"cannot describe the configs of {topic!r}: {exc!r}") from exc
-    value = described.get("topic", {}).get(topic, {}).get("retention.ms", {}).get("value")
-    return None if value is None else int(value)
+    return Retention(retention.ms, retention.max_bytes, sizes)
+
+
+def _partition_sizes(brokers: Iterable[Mapping[str, Any]], topic: str) -> dict[int, int]:
+    """Each partition's size on disk from `describe_log_dirs`, the largest of its replicas
+    (each broker applies retention.bytes to its own copy); replicas being moved between
+    directories (future ones) do not count."""
+    sizes: dict[int, int] = {}
+    for broker in brokers:
+        for log_dir in broker["log_dirs"]:
+            if log_dir.get("error_code"):
+                continue
+            for described in log_dir["topics"]:
+                if described["name"] != topic:
+                    continue
+                for partition in described["partitions"]:
+                    if partition.get("is_future_key"):
+                        continue
+                    index = partition["partition_index"]
+                    sizes[index] = max(sizes.get(index, 0), partition["partition_size"])
+    return sizes
 
 
 def committed_offsets(options: Mapping[str, Any], topic: str, group_id: str) -> dict[int, int]:

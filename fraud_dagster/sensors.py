@@ -601,7 +601,8 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
         description=(
             "Emails FRAUD_OPERATOR_RECIPIENTS about offset ranges below stored ones that no "
             f"batch has stored for {settings.unstored_alert_seconds:g} s (a failed batch nobody "
-            "reran), with when retention may delete them; again a day before, and once deleted."
+            "reran), with when retention may delete them; again a day before (or once the "
+            "partition nears retention.bytes), and once deleted."
         ),
     )
     def email_operators_about_unstored_offsets(
@@ -634,7 +635,7 @@ def build_unstored_offsets_sensor(settings: Settings) -> dg.SensorDefinition:
             message = render_unstored_notice(
                 notices,
                 kafka.topic,
-                status.retention_ms,
+                status.retention,
                 smtp.sender,
                 smtp.operator_recipients,
                 settings.dagster_ui_url,

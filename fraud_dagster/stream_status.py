@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from fraud_dagster import kafka_io
-from fraud_dagster.alerts import batch_run_lines, find_runs_hint
+from fraud_dagster.alerts import batch_run_lines, find_runs_hint, size_limit_words
 from fraud_dagster.storage.batches import lost_in, not_stored, stored_end, stored_without_gap
 from fraud_dagster.storage.outbox import OutboxStatus, outbox_status
 
@@ -76,7 +76,7 @@ class StreamStatus:
     group: str
     partitions: list[PartitionStatus]
     outbox: OutboxStatus
-    retention_ms: int | None = None  # the topic's retention.ms (-1: for ever; None: unknown)
+    retention: kafka_io.Retention = field(default_factory=kafka_io.Retention)
     topic_id: str | None = None  # the topic's Kafka id (it changes when the topic is recreated)
 
     @property
@@ -93,7 +93,7 @@ def stream_status(
     offsets = kafka_io.topic_offsets(kafka_options, topic)
     beginning, end = offsets.beginning, offsets.end
     committed = kafka_io.committed_offsets(kafka_options, topic, group)
-    retention = kafka_io.retention_ms(kafka_options, topic)
+    retention = kafka_io.topic_retention(kafka_options, topic)
     partitions = []
     with engine.connect() as conn:
         for partition in sorted(end):
@@ -109,7 +109,7 @@ def stream_status(
                     stored_until=stored_without_gap(conn, topic, partition, start),
                     stored_end=highest,
                     gaps=[
-                        _gap(kafka_options, topic, partition, span, first_kept, retention)
+                        _gap(kafka_options, topic, partition, span, first_kept, retention.ms)
                         for span in not_stored(conn, topic, partition, start, highest - 1)
                     ],
                     lost=lost_in(engine, topic, partition, 0, end[partition]),
@@ -155,7 +155,7 @@ def _when(moment: datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
-def _gap_line(gap: Gap, partition: int, retention_ms: int | None) -> str:
+def _gap_line(gap: Gap, partition: int, retention: kafka_io.Retention) -> str:
     where = f"offsets {gap.first}-{gap.last} ({gap.size})"
     find = "its runs below" if gap.batches else f"its run: {find_runs_hint(partition, gap.first)}"
     if gap.deleted == gap.size:
@@ -170,13 +170,20 @@ def _gap_line(gap: Gap, partition: int, retention_ms: int | None) -> str:
     if gap.deleted:
         line += f"; its first {gap.deleted} offset(s) were deleted by retention already"
     if gap.deletable_from is not None and gap.produced_at is not None:
-        days = (retention_ms or 0) / 86_400_000
+        days = (retention.ms or 0) / 86_400_000
         line += (
             f"; oldest message produced {_when(gap.produced_at)}: retention ({days:g} days) may "
             f"delete it from {_when(gap.deletable_from)} on"
         )
-    elif retention_ms is not None and retention_ms < 0:
-        line += "; the topic keeps its messages for ever (retention.ms -1)"
+    elif retention.ms is not None and retention.ms < 0:
+        line += (
+            "; no age limit (retention.ms -1)"
+            if retention.limits_size
+            else "; the topic keeps its messages for ever (retention.ms -1)"
+        )
+    size_limit = size_limit_words(retention, partition)
+    if size_limit:
+        line += f"; {size_limit}"
     return line
 
 
@@ -199,7 +206,7 @@ def render_status(status: StreamStatus, ui_url: str | None = None) -> list[str]:
             f"{committed}, lag {p.lag}"
         )
         for gap in p.gaps:
-            lines.append(_gap_line(gap, p.partition, status.retention_ms))
+            lines.append(_gap_line(gap, p.partition, status.retention))
             lines += [f"    {line}" for line in batch_run_lines(gap, p.partition, ui_url)]
         if p.lost:
             count = sum(b - a + 1 for a, b in p.lost)

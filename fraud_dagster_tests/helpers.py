@@ -19,6 +19,7 @@ import pandas as pd
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from kafka import KafkaAdminClient, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from fraud_dagster import producer
 from fraud_dagster.kafka_io import offset_bounds
@@ -128,6 +129,16 @@ def admin_client(settings: Settings) -> KafkaAdminClient:
     return KafkaAdminClient(
         **{k: v for k, v in options.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
     )
+
+
+def set_topic_config(settings: Settings, configs: dict[str, str]) -> None:
+    """Set topic-level configs (e.g. retention.bytes) on the test's topic, as an operator would."""
+    admin = admin_client(settings)
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, settings.kafka_topic, configs)
+        admin.alter_configs([resource])
+    finally:
+        admin.close()
 
 
 def table_rows(database_url: str, table: sa.Table) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ unrun, as a failed batch is until it is rerun)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,16 +15,18 @@ import dagster as dg
 import pytest
 
 from fraud_dagster import range_runs
+from fraud_dagster.alerts import size_limit_words
 from fraud_dagster.batching import PlannedBatch
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.jobs import batch_run_config
-from fraud_dagster.kafka_io import retention_ms
+from fraud_dagster.kafka_io import Retention, topic_retention
+from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.stream_status import Gap, render_status, stream_status
-from fraud_dagster_tests.helpers import MailBox, delete_before, produce
+from fraud_dagster_tests.helpers import MailBox, delete_before, produce, set_topic_config
 from fraud_dagster_tests.operations_support import sensor_tick
 from fraud_dagster_tests.unit.test_range_runs import batch_run
 
@@ -82,8 +85,8 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     (gap,) = partition.gaps
     assert (gap.first, gap.last, gap.deleted) == (10, 19, 0)
     assert produced_from <= gap.produced_at <= produced_until  # the message's Kafka timestamp
-    retention = retention_ms(resources["kafka"].client_options(), settings.kafka_topic)
-    assert retention is not None and retention > 0 and first.retention_ms == retention
+    retention = topic_retention(resources["kafka"].client_options(), settings.kafka_topic).ms
+    assert retention is not None and retention > 0 and first.retention.ms == retention
     assert gap.deletable_from == gap.produced_at + timedelta(milliseconds=retention)
     shown = status_command("--check")  # no Dagster instance (the demo's is not there)
     assert shown.returncode == 2, shown.stderr
@@ -195,3 +198,53 @@ def test_the_operators_are_mailed_once_about_a_range_left_unstored(
     cleared = watch(second.cursor)
     assert len(notices()) == 1
     assert cleared.cursor == "[]" and "0 unstored offset range(s)" in str(cleared.skip_reason)
+
+
+def test_a_range_on_a_topic_near_its_size_limit_gets_a_last_call_with_the_partition_size(
+    instance: dg.DagsterInstance,
+    kafka_broker: LocalKafka,
+    mailbox: MailBox,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+) -> None:
+    """retention.bytes deletes a partition's oldest segments whatever their age: a range left
+    unstored there is mailed as a last call once the partition nears the limit, days before
+    its age deadline, and the status and the email say how full the partition is."""
+    monkeypatch.setenv("FRAUD_UNSTORED_ALERT_SECONDS", "0")  # mail at the first look
+    settings = load_settings()
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("score_transactions")
+    produce(settings, to_messages(synthetic_transactions(30, seed=7)))
+    for first, last in ((0, 9), (20, 29)):  # 10..19 left as a failed batch would be
+        batch = PlannedBatch(settings.kafka_topic, 0, first, last)
+        assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
+    options = resolved_resources(settings)["kafka"].client_options()
+    unlimited = topic_retention(options, settings.kafka_topic)
+    assert unlimited.max_bytes == -1 and unlimited.sizes == {}, "no size limit: sizes not read"
+
+    # The broker's own files: the partition's segments (one, still active, so not deletable).
+    segments = kafka_broker.data_dir / "data" / f"{settings.kafka_topic}-0"
+    on_disk = sum(path.stat().st_size for path in segments.glob("*.log"))
+    limit = on_disk * 100 // 95  # the partition fills 95 % of it
+    set_topic_config(settings, {"retention.bytes": str(limit)})
+
+    retention = topic_retention(options, settings.kafka_topic)
+    assert retention == Retention(unlimited.ms, limit, {0: on_disk})
+    said = size_limit_words(retention, 0)
+    assert said is not None and "95% of it" in said
+
+    tick = sensor_tick("email_operators_about_unstored_offsets", defs, instance, settings, None)
+    (notice,) = [m for m in mailbox.messages() if m["X-Fraud-Unstored-Notice"]]
+    assert notice["Subject"].endswith(
+        "not stored: last call before retention (partition 0 offsets 10-19)"
+    )
+    body = notice.get_content()
+    assert "Partition 0, offsets 10-19 (10): LAST CALL, retention may delete it soon" in body
+    assert f"  {said}" in body.splitlines()
+    assert f"retention.bytes is {limit}." in body
+    assert json.loads(tick.cursor) == ["0/10/last_call"]
+
+    shown = status_command("--check")
+    assert shown.returncode == 2, shown.stderr
+    (line,) = [line for line in shown.stdout.splitlines() if "NOT STORED" in line]
+    assert line.endswith(f"; {said}")

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from fraud_dagster.alerts import render_unstored_notice
 from fraud_dagster.batch_order import RunningBatch
 from fraud_dagster.gap_watch import GapWatch, gaps_to_mail
+from fraud_dagster.kafka_io import Retention
 from fraud_dagster.storage.outbox import OutboxStatus
 from fraud_dagster.stream_status import Gap, PartitionStatus, StreamStatus
 
@@ -25,10 +26,13 @@ def gap(first: int, produced_ago: timedelta | None, deleted: int = 0) -> Gap:
     return Gap(first, first + 9, deleted, produced, produced + WEEK)
 
 
-def status(*gaps: Gap) -> StreamStatus:
+WEEK_RETENTION = Retention(604800000)
+
+
+def status(*gaps: Gap, retention: Retention = WEEK_RETENTION) -> StreamStatus:
     partition = PartitionStatus(0, 0, 1000, 0, 0, 1000, gaps=list(gaps))
     return StreamStatus(
-        "tx", "g", [partition], OutboxStatus({}, 0, None, None, None, None), 604800000
+        "tx", "g", [partition], OutboxStatus({}, 0, None, None, None, None), retention
     )
 
 
@@ -73,7 +77,7 @@ def test_a_rerun_range_leaves_the_cursor_and_a_new_failure_at_the_same_place_is_
 def test_the_email_names_each_range_its_deadline_and_what_to_do() -> None:
     _, notices = gaps_to_mail(GapWatch(), status(gap(10, 2 * HOUR), gap(30, None)), NOW, HOUR)
 
-    raw = render_unstored_notice(notices, "tx", 604800000, "from@x", ["ops@x"]).as_bytes()
+    raw = render_unstored_notice(notices, "tx", WEEK_RETENTION, "from@x", ["ops@x"]).as_bytes()
     message = email.message_from_bytes(raw, policy=email.policy.default)
     body = message.get_content()
 
@@ -86,7 +90,34 @@ def test_the_email_names_each_range_its_deadline_and_what_to_do() -> None:
     assert "retention may delete it from 2026-12-07 10:00 UTC" in body
     assert "Partition 0, offsets 30-39 (10): deleted by retention unread" in body
     assert "fraud_dagster/first_offset=30" in body and "Re-execute > From" in body
+    assert "The topic's retention.ms is 604800000." in body and "retention.bytes" not in body
     assert message["X-Fraud-Unstored-Notice"] == "0/10/unstored,0/30/deleted"
+
+
+MIB = 1024 * 1024
+
+
+def test_a_partition_near_its_size_limit_makes_the_notice_a_last_call_that_says_why() -> None:
+    young_range = gap(30, 2 * HOUR)  # six days and more before its age deadline
+    roomy = Retention(WEEK_RETENTION.ms, 10 * MIB, {0: 8 * MIB})  # 80 % of retention.bytes
+    full = Retention(WEEK_RETENTION.ms, 10 * MIB, {0: 9 * MIB + 1})  # past 90 %
+
+    watch, first = gaps_to_mail(GapWatch(), status(young_range, retention=roomy), NOW, HOUR)
+    _, last_call = gaps_to_mail(watch, status(young_range, retention=full), NOW, HOUR)
+    _, unknown = gaps_to_mail(
+        GapWatch(), status(young_range, retention=Retention(WEEK_RETENTION.ms, 10 * MIB)), NOW, HOUR
+    )  # the broker would not say the partition's size: no last call on a guess
+
+    assert kinds(first) == [(30, "unstored")] and kinds(unknown) == [(30, "unstored")]
+    assert kinds(last_call) == [(30, "last_call")]
+    raw = render_unstored_notice(last_call, "tx", full, "from@x", ["ops@x"]).as_bytes()
+    body = email.message_from_bytes(raw, policy=email.policy.default).get_content()
+    assert "Partition 0, offsets 30-39 (10): LAST CALL, retention may delete it soon" in body
+    assert (
+        "  retention.bytes limits the partition to 10.0 MiB (9.0 MiB now, 90% of it): past "
+        "that, retention deletes its oldest segments whatever their age"
+    ) in body
+    assert "The topic's retention.ms is 604800000 and retention.bytes is 10485760." in body
 
 
 def test_a_range_a_run_is_working_on_waits_and_keeps_what_was_mailed_about_it() -> None:

@@ -16,6 +16,7 @@ import pytest
 from fraud_dagster.alerts import batch_run_lines, render_unstored_notice
 from fraud_dagster.batching import PlannedBatch
 from fraud_dagster.gap_watch import GapNotice
+from fraud_dagster.kafka_io import Retention
 from fraud_dagster.range_runs import BatchRuns, batches_of_range, with_batch_runs
 from fraud_dagster.storage.outbox import OutboxStatus
 from fraud_dagster.stream_status import Gap, PartitionStatus, StreamStatus, render_status
@@ -99,7 +100,7 @@ def test_the_status_lists_the_runs_under_their_range_with_a_link_and_what_to_do(
     failed = batch_run(instance, 10, 14, dg.DagsterRunStatus.FAILURE)
     starting = batch_run(instance, 15, 19, dg.DagsterRunStatus.STARTING)
     partition = PartitionStatus(0, 0, 60, 10, 10, 60, gaps=[Gap(10, 29), Gap(40, 49)])
-    status = StreamStatus("tx", "g", [partition], outbox(), 604800000, TOPIC_ID)
+    status = StreamStatus("tx", "g", [partition], outbox(), Retention(604800000), TOPIC_ID)
 
     lines = render_status(with_batch_runs(status, instance, JOB), "http://ui:3000/")
 
@@ -125,7 +126,12 @@ def test_the_operators_email_names_the_run_to_re_execute() -> None:
     found = dataclasses.replace(gap, batches=(BatchRuns(10, 19, "r-1", "CANCELED", 3),))
 
     raw = render_unstored_notice(
-        [GapNotice(0, found, "unstored")], "tx", 604800000, "from@x", ["ops@x"], "http://ui"
+        [GapNotice(0, found, "unstored")],
+        "tx",
+        Retention(604800000),
+        "from@x",
+        ["ops@x"],
+        "http://ui",
     ).as_bytes()
     body = email.message_from_bytes(raw, policy=email.policy.default).get_content()
 
@@ -144,7 +150,7 @@ def test_a_batch_that_succeeded_into_another_database_is_to_be_re_executed_whole
     # re-executing it from failure would do nothing, every step must run again.
     succeeded = batch_run(instance, 10, 19, dg.DagsterRunStatus.SUCCESS)
     partition = PartitionStatus(0, 0, 60, 10, 10, 60, gaps=[Gap(10, 19)])
-    status = StreamStatus("tx", "g", [partition], outbox(), 604800000, TOPIC_ID)
+    status = StreamStatus("tx", "g", [partition], outbox(), Retention(604800000), TOPIC_ID)
 
     lines = render_status(with_batch_runs(status, instance, JOB), None)
 

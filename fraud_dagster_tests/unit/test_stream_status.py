@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from fraud_dagster.kafka_io import Retention
 from fraud_dagster.storage.outbox import OutboxStatus
 from fraud_dagster.stream_status import Gap, PartitionStatus, StreamStatus, render_status
 
@@ -62,7 +63,7 @@ def test_a_gap_says_when_retention_may_delete_it_or_that_it_already_did() -> Non
         Gap(50, 59, 10),
     ]
     partition = PartitionStatus(0, 35, 100, 10, 10, 100, gaps=gaps)
-    status = StreamStatus("tx", "g", [partition], outbox(), retention_ms=week)
+    status = StreamStatus("tx", "g", [partition], outbox(), Retention(week))
 
     lines = render_status(status)
 
@@ -79,8 +80,32 @@ def test_a_gap_says_when_retention_may_delete_it_or_that_it_already_did() -> Non
 
 def test_a_gap_of_a_topic_kept_for_ever_has_no_deadline() -> None:
     partition = PartitionStatus(0, 0, 30, 10, 10, 30, gaps=[Gap(10, 19, 0, datetime(2026, 1, 1))])
-    status = StreamStatus("tx", "g", [partition], outbox(), retention_ms=-1)
+    status = StreamStatus("tx", "g", [partition], outbox(), Retention(-1))
 
     assert render_status(status)[2].endswith(
         "the topic keeps its messages for ever (retention.ms -1)"
+    )
+
+
+def test_a_size_limit_is_named_beside_the_age_deadline_or_alone() -> None:
+    produced = datetime(2026, 11, 30, 2, 47)
+    week = 7 * 86_400_000
+    limit = 2 * 1024**3
+    gaps = [Gap(10, 19, 0, produced, produced + timedelta(milliseconds=week))]
+    partitions = [
+        PartitionStatus(0, 0, 100, 10, 10, 100, gaps=gaps),
+        PartitionStatus(1, 0, 100, 10, 10, 100, gaps=[Gap(10, 19, 0, produced)]),
+    ]
+    sizes = {0: 1536 * 1024**2}  # partition 1's size the broker did not say
+    both = StreamStatus("tx", "g", partitions[:1], outbox(), Retention(week, limit, sizes))
+    bytes_only = StreamStatus("tx", "g", partitions[1:], outbox(), Retention(-1, limit, sizes))
+
+    assert render_status(both)[2].endswith(
+        "retention (7 days) may delete it from 2026-12-07 02:47 UTC on; retention.bytes limits "
+        "the partition to 2.0 GiB (1.5 GiB now, 75% of it): past that, retention deletes its "
+        "oldest segments whatever their age"
+    )
+    assert render_status(bytes_only)[2].endswith(
+        "; no age limit (retention.ms -1); retention.bytes limits the partition to 2.0 GiB "
+        "(its size unknown): past that, retention deletes its oldest segments whatever their age"
     )
