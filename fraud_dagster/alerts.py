@@ -334,12 +334,11 @@ def size_limit_words(retention: Retention, partition: int) -> str | None:
     are (so possibly before the age deadline). None when the topic sets no size limit."""
     if not retention.limits_size:
         return None
-    size = retention.sizes.get(partition)
-    share = retention.share_of_size_limit(partition)
+    share = retention.share_of_size_limit(partition)  # None: the broker did not say the size
     now = (
         "its size unknown"
-        if size is None or share is None
-        else f"{_bytes_words(size)} now, {share:.0%} of it"
+        if share is None
+        else f"{_bytes_words(retention.sizes[partition])} now, {share:.0%} of it"
     )
     return (
         f"retention.bytes limits the partition to {_bytes_words(retention.max_bytes or 0)} "

@@ -96,8 +96,8 @@ def gaps_to_mail(
     current: set[str] = set()
     waiting: set[str] = set()
     for partition in status.partitions:
+        size_share = status.retention.share_of_size_limit(partition.partition)
         for gap in partition.gaps:
-            size_share = status.retention.share_of_size_limit(partition.partition)
             kind = _kind(gap, now, alert_after, size_share)
             if kind is None:
                 continue

@@ -127,6 +127,22 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     assert status_command("--check").returncode == 0
 
 
+def ten_to_nineteen_left_unstored(
+    instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> tuple[Settings, dg.Definitions, dg.JobDefinition]:
+    """30 messages on the test's topic, batches 0-9 and 20-29 stored and 10-19 left as a failed
+    batch would be; the operators are mailed about a range at the first look."""
+    monkeypatch.setenv("FRAUD_UNSTORED_ALERT_SECONDS", "0")
+    settings = load_settings()
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("score_transactions")
+    produce(settings, to_messages(synthetic_transactions(30, seed=seed)))
+    for first, last in ((0, 9), (20, 29)):
+        batch = PlannedBatch(settings.kafka_topic, 0, first, last)
+        assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
+    return settings, defs, job
+
+
 def test_the_operators_are_mailed_once_about_a_range_left_unstored(
     instance: dg.DagsterInstance,
     mailbox: MailBox,
@@ -134,14 +150,7 @@ def test_the_operators_are_mailed_once_about_a_range_left_unstored(
     settings: Settings,
 ) -> None:
     """A batch nobody reran: its offsets wait unstored until retention deletes them."""
-    monkeypatch.setenv("FRAUD_UNSTORED_ALERT_SECONDS", "0")  # mail at the first look
-    settings = load_settings()
-    defs = build_definitions(settings)
-    job = defs.resolve_job_def("score_transactions")
-    produce(settings, to_messages(synthetic_transactions(30, seed=6)))
-    for first, last in ((0, 9), (20, 29)):  # 10..19 left as a failed batch would be
-        batch = PlannedBatch(settings.kafka_topic, 0, first, last)
-        assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
+    settings, defs, job = ten_to_nineteen_left_unstored(instance, monkeypatch, seed=6)
 
     looked_up: list[tuple[int, int]] = []  # the ranges whose runs a tick read
     find_batches = range_runs.batches_of_range
@@ -210,14 +219,7 @@ def test_a_range_on_a_topic_near_its_size_limit_gets_a_last_call_with_the_partit
     """retention.bytes deletes a partition's oldest segments whatever their age: a range left
     unstored there is mailed as a last call once the partition nears the limit, days before
     its age deadline, and the status and the email say how full the partition is."""
-    monkeypatch.setenv("FRAUD_UNSTORED_ALERT_SECONDS", "0")  # mail at the first look
-    settings = load_settings()
-    defs = build_definitions(settings)
-    job = defs.resolve_job_def("score_transactions")
-    produce(settings, to_messages(synthetic_transactions(30, seed=7)))
-    for first, last in ((0, 9), (20, 29)):  # 10..19 left as a failed batch would be
-        batch = PlannedBatch(settings.kafka_topic, 0, first, last)
-        assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
+    settings, defs, _ = ten_to_nineteen_left_unstored(instance, monkeypatch, seed=7)
     options = resolved_resources(settings)["kafka"].client_options()
     unlimited = topic_retention(options, settings.kafka_topic)
     assert unlimited.max_bytes == -1 and unlimited.sizes == {}, "no size limit: sizes not read"
