@@ -340,9 +340,20 @@ def size_limit_words(retention: Retention, partition: int) -> str | None:
         if share is None
         else f"{_bytes_words(retention.sizes[partition])} now, {share:.0%} of it"
     )
+    rate = retention.fill_rates.get(partition)
+    if rate:
+        now += f", growing by about {_bytes_words(round(rate * 3600))} an hour"
     return (
         f"retention.bytes limits the partition to {_bytes_words(retention.max_bytes or 0)} "
         f"({now}): past that, retention deletes its oldest segments whatever their age"
+    )
+
+
+def size_deadline_words(deadline: datetime) -> str:
+    """When retention.bytes may delete an unstored range (`Gap.size_deadline`), if its
+    partition goes on growing at the rate `size_limit_words` gives."""
+    return (
+        f"at that rate, retention.bytes may delete this range from {deadline:%Y-%m-%d %H:%M} UTC on"
     )
 
 
@@ -423,6 +434,8 @@ def render_unstored_notice(
         size_limit = size_limit_words(retention, notice.partition)
         if size_limit and gap.deleted < gap.size:
             lines.append(f"  {size_limit}")
+        if gap.size_deadline is not None and gap.deleted < gap.size:
+            lines.append(f"  {size_deadline_words(gap.size_deadline)}")
         if gap.deleted:
             lines.append(f"  {gap.deleted} offset(s) already deleted by retention")
         if gap.batches:

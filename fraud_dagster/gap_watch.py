@@ -5,7 +5,8 @@ nobody reruns it, its offsets stay unstored (the consumer group waits below them
 go on) until the topic's retention deletes them unread: the one way this pipeline loses
 messages. The watch turns the unstored ranges `stream_status` finds into at most three notices
 per range: once it has been unstored for the alert threshold, a last call when less than a day
-is left before retention may delete it by age or its partition nears a size limit, and once
+is left before retention may delete it (by age, or by size at the rate its partition grows) or
+its partition nears a size limit, and once
 retention has deleted it (its batch must still be rerun, so that the offsets are recorded as
 lost and the group moves on).
 """
@@ -22,9 +23,10 @@ from fraud_dagster.batch_order import RunningBatch
 from fraud_dagster.stream_status import Gap, StreamStatus
 
 NoticeKind = Literal["unstored", "last_call", "deleted"]
-# The last call: a day before the range's age deadline (retention.ms), or once its partition
-# has filled this share of a size limit (retention.bytes; past it Kafka deletes the oldest
-# segments at the next full one, whatever their age, and how soon that is depends on traffic).
+# The last call: a day before the range's deadline (retention.ms, or retention.bytes at the
+# partition's fill rate), or once its partition has filled this share of a size limit (past it
+# Kafka deletes the oldest segments at the next full one, whatever their age; how soon that is
+# depends on traffic, which a rate measured over the last hour may not foresee).
 LAST_CALL_BEFORE = timedelta(days=1)
 LAST_CALL_SIZE_SHARE = 0.9
 
@@ -70,7 +72,7 @@ def _kind(
         return "deleted"
     if gap.produced_at is None or now - gap.produced_at < alert_after:
         return None  # young: its batch is likely still under way or being retried
-    if gap.deletable_from is not None and gap.deletable_from - now <= LAST_CALL_BEFORE:
+    if gap.deadline is not None and gap.deadline - now <= LAST_CALL_BEFORE:
         return "last_call"
     if size_share is not None and size_share >= LAST_CALL_SIZE_SHARE:
         return "last_call"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -133,15 +134,22 @@ def offset_bounds(options: Mapping[str, Any], topic: str) -> tuple[dict[int, int
     return offsets.beginning, offsets.end
 
 
+# How far back the recent fill rate of a size-limited partition looks (`fill_rate`).
+FILL_RATE_WINDOW = timedelta(hours=1)
+_TEN_YEARS = timedelta(days=3653)
+
+
 @dataclass(frozen=True)
 class Retention:
     """What the topic's retention deletes by (its own settings, else the broker's defaults):
     age (`ms`) and, per partition, size on disk (`max_bytes`); -1: no limit, None: not said.
-    `sizes`: every partition's bytes on disk now, read only where a size limit applies."""
+    Read only where a size limit applies: `sizes`, every partition's bytes on disk now, and
+    `fill_rates`, how fast each grows (bytes a second, `fill_rate`)."""
 
     ms: int | None = None
     max_bytes: int | None = None
     sizes: dict[int, int] = field(default_factory=dict)
+    fill_rates: dict[int, float] = field(default_factory=dict)
 
     @property
     def limits_size(self) -> bool:
@@ -155,10 +163,39 @@ class Retention:
             return None
         return size / self.max_bytes if self.max_bytes else float("inf")
 
+    def size_limit_age(self, partition: int) -> timedelta | None:
+        """How old a message of `partition` gets before the size limit deletes it, if the
+        partition goes on filling at its rate: the time it takes to write `max_bytes`. (Kafka
+        deletes a segment only once the partition is over the limit by that whole segment, so
+        this is the earliest, not the exact, moment.) None without a limit or a rate, or
+        beyond ten years."""
+        rate = self.fill_rates.get(partition)
+        if not self.limits_size or not rate:
+            return None
+        seconds = (self.max_bytes or 0) / rate
+        return timedelta(seconds=seconds) if seconds <= _TEN_YEARS.total_seconds() else None
 
-def topic_retention(options: Mapping[str, Any], topic: str) -> Retention:
+
+def fill_rate(size: int, messages: int, retained: timedelta, recent_messages: int) -> float | None:
+    """Bytes a second a partition of `size` bytes on disk grows by: the faster of its mean rate
+    over its `messages` retained ones (the oldest written `retained` ago) and its rate over
+    the last `FILL_RATE_WINDOW` (`recent_messages`, at the retained mean size a message), so a
+    burst counts at once and a quiet hour does not hide a busy day. None with nothing to go by.
+    """
+    if size <= 0 or messages <= 0:
+        return None
+    rates = [recent_messages * size / messages / FILL_RATE_WINDOW.total_seconds()]
+    if retained > timedelta(0):
+        rates.append(size / retained.total_seconds())
+    return max(rates) or None
+
+
+def topic_retention(
+    options: Mapping[str, Any], topic: str, now: datetime | None = None
+) -> Retention:
     """The topic's `retention.ms` and `retention.bytes` and, where the bytes limit applies, its
-    partitions' sizes (a broker that will not say them leaves `sizes` empty, with a warning)."""
+    partitions' sizes and fill rates at `now` (a broker that will not say them leaves them
+    empty, with a warning)."""
     keys = {"retention.ms": None, "retention.bytes": None}
     try:
         with _admin(options) as admin:
@@ -177,9 +214,41 @@ def topic_retention(options: Mapping[str, Any], topic: str) -> Retention:
             except KafkaError as exc:
                 logger.warning("cannot read the sizes of %s's partitions: %r", topic, exc)
                 return retention
+            try:
+                rates = _fill_rates(admin, topic, sizes, now or datetime.now(UTC))
+            except KafkaError as exc:
+                logger.warning("cannot read how fast %s's partitions grow: %r", topic, exc)
+                rates = {}
     except KafkaError as exc:
         raise KafkaUnavailableError(f"cannot describe the configs of {topic!r}: {exc!r}") from exc
-    return Retention(retention.ms, retention.max_bytes, sizes)
+    return Retention(retention.ms, retention.max_bytes, sizes, rates)
+
+
+def _fill_rates(
+    admin: KafkaAdminClient, topic: str, sizes: Mapping[int, int], now: datetime
+) -> dict[int, float]:
+    """`fill_rate` of every partition in `sizes`, from four offset lookups for them all: the
+    oldest message and its timestamp (the earliest at or after timestamp 0), the first written
+    in the last `FILL_RATE_WINDOW` (-1: none) and the end."""
+    tps = [TopicPartition(topic, partition) for partition in sorted(sizes)]
+    since_ms = int((now - FILL_RATE_WINDOW).timestamp() * 1000)
+    oldest = admin.list_partition_offsets(dict.fromkeys(tps, 0))
+    recent = admin.list_partition_offsets(dict.fromkeys(tps, since_ms))
+    first = admin.list_partition_offsets(dict.fromkeys(tps, OffsetSpec.EARLIEST))
+    after = admin.list_partition_offsets(dict.fromkeys(tps, OffsetSpec.LATEST))
+    rates = {}
+    for tp in tps:
+        end = after[tp].offset
+        retained = (
+            now - datetime.fromtimestamp(oldest[tp].timestamp / 1000, UTC)
+            if oldest[tp].offset >= 0
+            else timedelta(0)
+        )
+        recent_messages = end - recent[tp].offset if recent[tp].offset >= 0 else 0
+        rate = fill_rate(sizes[tp.partition], end - first[tp].offset, retained, recent_messages)
+        if rate is not None:
+            rates[tp.partition] = rate
+    return rates
 
 
 def _partition_sizes(brokers: Iterable[Mapping[str, Any]], topic: str) -> dict[int, int]:

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from fraud_dagster import kafka_io
-from fraud_dagster.alerts import batch_run_lines, find_runs_hint, size_limit_words
+from fraud_dagster.alerts import (
+    batch_run_lines,
+    find_runs_hint,
+    size_deadline_words,
+    size_limit_words,
+)
 from fraud_dagster.storage.batches import lost_in, not_stored, stored_end, stored_without_gap
 from fraud_dagster.storage.outbox import OutboxStatus, outbox_status
 
@@ -38,10 +43,19 @@ class Gap:
     produced_at: datetime | None = None  # Kafka timestamp of its oldest message still there
     deletable_from: datetime | None = None  # produced_at + retention.ms (None: kept for ever)
     batches: tuple[BatchRuns, ...] = ()  # its batches and their runs, if Dagster was read
+    # produced_at + the partition's size_limit_age: when retention.bytes may delete it if the
+    # partition goes on filling at its rate (None: no size limit, or no rate known)
+    size_deadline: datetime | None = None
 
     @property
     def size(self) -> int:
         return self.last - self.first + 1
+
+    @property
+    def deadline(self) -> datetime | None:
+        """The earliest moment retention may delete it, by age or by size (None: neither)."""
+        known = [d for d in (self.deletable_from, self.size_deadline) if d is not None]
+        return min(known, default=None)
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,7 @@ def stream_status(
                     stored_until=stored_without_gap(conn, topic, partition, start),
                     stored_end=highest,
                     gaps=[
-                        _gap(kafka_options, topic, partition, span, first_kept, retention.ms)
+                        _gap(kafka_options, topic, partition, span, first_kept, retention)
                         for span in not_stored(conn, topic, partition, start, highest - 1)
                     ],
                     lost=lost_in(engine, topic, partition, 0, end[partition]),
@@ -126,10 +140,10 @@ def _gap(
     partition: int,
     span: Span,
     beginning: int,
-    retention_ms: int | None,
+    retention: kafka_io.Retention,
 ) -> Gap:
-    """The gap with its deadline: the timestamp of its oldest message still on the broker (one
-    message read) plus the topic's retention."""
+    """The gap with its deadlines: the timestamp of its oldest message still on the broker (one
+    message read) plus the topic's retention.ms, and plus the partition's size_limit_age."""
     first, last = span
     deleted = max(0, min(beginning, last + 1) - first)
     if deleted == last - first + 1:
@@ -140,11 +154,13 @@ def _gap(
         return Gap(first, last, deleted)
     produced = datetime.fromtimestamp(read.timestamps_ms[0] / 1000, UTC)
     deletable = (
-        produced + timedelta(milliseconds=retention_ms)
-        if retention_ms is not None and retention_ms >= 0
+        produced + timedelta(milliseconds=retention.ms)
+        if retention.ms is not None and retention.ms >= 0
         else None
     )
-    return Gap(first, last, deleted, produced, deletable)
+    size_age = retention.size_limit_age(partition)
+    by_size = produced + size_age if size_age is not None else None
+    return Gap(first, last, deleted, produced, deletable, size_deadline=by_size)
 
 
 def _spans(spans: list[Span]) -> str:
@@ -184,6 +200,8 @@ def _gap_line(gap: Gap, partition: int, retention: kafka_io.Retention) -> str:
     size_limit = size_limit_words(retention, partition)
     if size_limit:
         line += f"; {size_limit}"
+    if gap.size_deadline is not None:
+        line += f"; {size_deadline_words(gap.size_deadline)}"
     return line
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,7 @@ from fraud_dagster.alerts import size_limit_words
 from fraud_dagster.batching import PlannedBatch
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.jobs import batch_run_config
-from fraud_dagster.kafka_io import Retention, topic_retention
+from fraud_dagster.kafka_io import read_range, topic_retention
 from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
@@ -209,6 +210,38 @@ def test_the_operators_are_mailed_once_about_a_range_left_unstored(
     assert cleared.cursor == "[]" and "0 unstored offset range(s)" in str(cleared.skip_reason)
 
 
+# How `size_limit_words` says the partition's rate; the figure moves with the clock.
+GROWING = re.compile(r", growing by about [0-9.,]+ (B|KiB|MiB|GiB) an hour\)")
+
+
+def size_deadline_in(text: str) -> datetime:
+    """The moment `alerts.size_deadline_words` names in a line of the email or the status."""
+    found = re.search(r"retention.bytes may delete this range from (.+) UTC on$", text)
+    assert found, text
+    return datetime.strptime(found[1], "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+
+
+def the_last_call_on_ten_to_nineteen(
+    defs: dg.Definitions, instance: dg.DagsterInstance, settings: Settings, mailbox: MailBox
+) -> str:
+    """One tick of the unstored-offsets sensor: its one email, a last call about offsets 10-19
+    (and the cursor says so); the email's text."""
+    tick = sensor_tick("email_operators_about_unstored_offsets", defs, instance, settings, None)
+    assert json.loads(tick.cursor) == ["0/10/last_call"]
+    (notice,) = [m for m in mailbox.messages() if m["X-Fraud-Unstored-Notice"]]
+    assert notice["Subject"].endswith(
+        "not stored: last call before retention (partition 0 offsets 10-19)"
+    )
+    return notice.get_content()
+
+
+def partition_on_disk(kafka_broker: LocalKafka, settings: Settings) -> int:
+    """Partition 0's size from the broker's own files: its segments (one, still active, so not
+    deletable)."""
+    segments = kafka_broker.data_dir / "data" / f"{settings.kafka_topic}-0"
+    return sum(path.stat().st_size for path in segments.glob("*.log"))
+
+
 def test_a_range_on_a_topic_near_its_size_limit_gets_a_last_call_with_the_partition_size(
     instance: dg.DagsterInstance,
     kafka_broker: LocalKafka,
@@ -218,35 +251,72 @@ def test_a_range_on_a_topic_near_its_size_limit_gets_a_last_call_with_the_partit
 ) -> None:
     """retention.bytes deletes a partition's oldest segments whatever their age: a range left
     unstored there is mailed as a last call once the partition nears the limit, days before
-    its age deadline, and the status and the email say how full the partition is."""
+    its age deadline, and the status and the email say how full the partition is. (Written in
+    seconds, it would get one for its rate too; unit/test_gap_watch tells the two apart.)"""
     settings, defs, _ = ten_to_nineteen_left_unstored(instance, monkeypatch, seed=7)
     options = resolved_resources(settings)["kafka"].client_options()
     unlimited = topic_retention(options, settings.kafka_topic)
-    assert unlimited.max_bytes == -1 and unlimited.sizes == {}, "no size limit: sizes not read"
+    assert unlimited.max_bytes == -1 and unlimited.sizes == unlimited.fill_rates == {}
 
-    # The broker's own files: the partition's segments (one, still active, so not deletable).
-    segments = kafka_broker.data_dir / "data" / f"{settings.kafka_topic}-0"
-    on_disk = sum(path.stat().st_size for path in segments.glob("*.log"))
+    on_disk = partition_on_disk(kafka_broker, settings)
     limit = on_disk * 100 // 95  # the partition fills 95 % of it
     set_topic_config(settings, {"retention.bytes": str(limit)})
 
     retention = topic_retention(options, settings.kafka_topic)
-    assert retention == Retention(unlimited.ms, limit, {0: on_disk})
-    said = size_limit_words(retention, 0)
-    assert said is not None and "95% of it" in said
-
-    tick = sensor_tick("email_operators_about_unstored_offsets", defs, instance, settings, None)
-    (notice,) = [m for m in mailbox.messages() if m["X-Fraud-Unstored-Notice"]]
-    assert notice["Subject"].endswith(
-        "not stored: last call before retention (partition 0 offsets 10-19)"
+    assert (retention.ms, retention.max_bytes, retention.sizes) == (
+        unlimited.ms,
+        limit,
+        {0: on_disk},
     )
-    body = notice.get_content()
+    said = size_limit_words(retention, 0)
+    assert said is not None and "95% of it, growing by about" in said
+    steady_part = GROWING.sub(")", said)  # the words without the rate
+
+    body = the_last_call_on_ten_to_nineteen(defs, instance, settings, mailbox)
     assert "Partition 0, offsets 10-19 (10): LAST CALL, retention may delete it soon" in body
-    assert f"  {said}" in body.splitlines()
+    assert f"  {steady_part}" in GROWING.sub(")", body).splitlines()
     assert f"retention.bytes is {limit}." in body
-    assert json.loads(tick.cursor) == ["0/10/last_call"]
 
     shown = status_command("--check")
     assert shown.returncode == 2, shown.stderr
     (line,) = [line for line in shown.stdout.splitlines() if "NOT STORED" in line]
-    assert line.endswith(f"; {said}")
+    assert f"; {steady_part}; at that rate, retention.bytes may delete" in GROWING.sub(")", line)
+
+
+def test_a_range_on_a_roomy_partition_that_fills_fast_gets_a_last_call_with_its_deadline(
+    instance: dg.DagsterInstance,
+    kafka_broker: LocalKafka,
+    mailbox: MailBox,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+) -> None:
+    """A partition at a tenth of its size limit that wrote all it holds in the last minute
+    fills the rest within the hour, days before the range's age deadline: the rate, read from
+    the broker's offsets and timestamps, makes the email a last call that says when."""
+    settings, defs, _ = ten_to_nineteen_left_unstored(instance, monkeypatch, seed=8)
+    options = resolved_resources(settings)["kafka"].client_options()
+    on_disk = partition_on_disk(kafka_broker, settings)
+    set_topic_config(settings, {"retention.bytes": str(on_disk * 10)})
+
+    now = datetime.now(UTC)
+    retention = topic_retention(options, settings.kafka_topic, now)
+    (oldest_ms,) = read_range(options, settings.kafka_topic, 0, 0, 0).timestamps_ms
+    retained = now - datetime.fromtimestamp(oldest_ms / 1000, UTC)
+    # All 30 messages were written in the last hour: the mean over them is the faster rate.
+    assert timedelta(0) < retained < timedelta(minutes=10)
+    assert retention.fill_rates == {0: pytest.approx(on_disk / retained.total_seconds())}
+    assert retention.share_of_size_limit(0) == pytest.approx(0.1)
+    age = retention.size_limit_age(0)  # the time the partition takes to write the limit
+    assert age is not None
+    assert age.total_seconds() == pytest.approx(10 * retained.total_seconds())
+
+    body = the_last_call_on_ten_to_nineteen(defs, instance, settings, mailbox)
+    assert "10% of it, growing by about" in body
+    (deadline,) = [size_deadline_in(line) for line in body.splitlines() if "at that rate" in line]
+    assert now - timedelta(minutes=1) < deadline < now + timedelta(hours=2)
+
+    shown = status_command()
+    (line,) = [line for line in shown.stdout.splitlines() if "NOT STORED" in line]
+    assert "10% of it, growing by about" in line
+    # Read a little later: the same rate over a longer time is slower, the deadline later.
+    assert deadline <= size_deadline_in(line) < now + timedelta(hours=2)

@@ -120,6 +120,32 @@ def test_a_partition_near_its_size_limit_makes_the_notice_a_last_call_that_says_
     assert "The topic's retention.ms is 604800000 and retention.bytes is 10485760." in body
 
 
+def test_a_range_the_size_limit_reaches_within_a_day_is_a_last_call_on_a_roomy_partition() -> None:
+    """A partition far below its limit that fills it in hours (a burst) deletes a range days
+    before its age deadline: the last call comes a day before the size deadline too."""
+    produced = NOW - 2 * HOUR
+    rate = 10 * MIB / (20 * HOUR).total_seconds()  # 10 MiB in 20 hours
+    filling = Retention(WEEK_RETENTION.ms, 10 * MIB, {0: 2 * MIB}, {0: rate})  # 20 % full
+    age = filling.size_limit_age(0)
+    assert age == 20 * HOUR
+    soon = Gap(30, 39, 0, produced, produced + WEEK, size_deadline=produced + age)
+    later = Gap(30, 39, 0, produced, produced + WEEK, size_deadline=produced + 3 * age)
+
+    _, last_call = gaps_to_mail(GapWatch(), status(soon, retention=filling), NOW, HOUR)
+    _, not_yet = gaps_to_mail(GapWatch(), status(later, retention=filling), NOW, HOUR)
+
+    assert kinds(last_call) == [(30, "last_call")] and kinds(not_yet) == [(30, "unstored")]
+    raw = render_unstored_notice(last_call, "tx", filling, "from@x", ["ops@x"]).as_bytes()
+    body = email.message_from_bytes(raw, policy=email.policy.default).get_content()
+    assert "Partition 0, offsets 30-39 (10): LAST CALL, retention may delete it soon" in body
+    assert "  retention may delete it from 2026-12-07 10:00 UTC" in body.splitlines()
+    assert (
+        "(2.0 MiB now, 20% of it, growing by about 512.0 KiB an hour): past that" in body
+        and "  at that rate, retention.bytes may delete this range from 2026-12-01 06:00 UTC on"
+        in body.splitlines()
+    )
+
+
 def test_a_range_a_run_is_working_on_waits_and_keeps_what_was_mailed_about_it() -> None:
     old = gap(30, 2 * HOUR)  # after an outage a retry's messages are old at once
     watch, notices = gaps_to_mail(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from fraud_dagster.kafka_io import Retention
+from fraud_dagster.kafka_io import Retention, fill_rate
 from fraud_dagster.storage.outbox import OutboxStatus
 from fraud_dagster.stream_status import Gap, PartitionStatus, StreamStatus, render_status
 
@@ -108,4 +108,46 @@ def test_a_size_limit_is_named_beside_the_age_deadline_or_alone() -> None:
     assert render_status(bytes_only)[2].endswith(
         "; no age limit (retention.ms -1); retention.bytes limits the partition to 2.0 GiB "
         "(its size unknown): past that, retention deletes its oldest segments whatever their age"
+    )
+
+
+def test_a_partitions_fill_rate_is_the_faster_of_its_retained_mean_and_its_last_hour() -> None:
+    gib, day = 1024**3, timedelta(days=1)
+    # 1 GiB in 1,000,000 messages over two days: 6,213 bytes a second on average...
+    steady = fill_rate(gib, 1_000_000, 2 * day, recent_messages=20_000)
+    # ...and the same partition after a burst: 100,000 of them in the last hour.
+    burst = fill_rate(gib, 1_000_000, 2 * day, recent_messages=100_000)
+    quiet = fill_rate(gib, 1_000_000, 2 * day, recent_messages=0)
+
+    assert steady == gib / (2 * day).total_seconds()
+    assert burst == gib / 10 / 3600 and quiet == steady
+    assert fill_rate(gib, 1_000, timedelta(0), recent_messages=1_000) == gib / 3600
+    assert fill_rate(0, 0, day, 0) is None and fill_rate(gib, 10, timedelta(0), 0) is None
+
+    # At the average rate, a 4 GiB limit holds eight days of messages; at the burst's, 40 hours.
+    limit = 4 * gib
+    assert Retention(-1, limit, {0: gib}, {0: steady}).size_limit_age(0) == 8 * day
+    assert Retention(-1, limit, {0: gib}, {0: burst}).size_limit_age(0) == timedelta(hours=40)
+    assert Retention(-1, -1, {}, {0: burst}).size_limit_age(0) is None  # no size limit
+    assert Retention(-1, limit, {0: gib}).size_limit_age(0) is None  # no rate known
+    assert Retention(-1, limit, {0: 1}, {0: 1e-3}).size_limit_age(0) is None  # past ten years
+
+
+def test_a_range_the_size_limit_may_reach_says_when_at_the_partitions_rate() -> None:
+    produced = datetime(2026, 11, 30, 2, 47)
+    limit, size, rate = 2 * 1024**3, 512 * 1024**2, 120 * 1024**2 / 3600
+    retention = Retention(-1, limit, {0: size}, {0: rate})
+    age = retention.size_limit_age(0)
+    assert age is not None and round(age / timedelta(hours=1), 2) == 17.07
+    unstored = Gap(10, 19, 0, produced, size_deadline=produced + age)
+    partition = PartitionStatus(0, 0, 100, 10, 10, 100, gaps=[unstored])
+
+    line = render_status(StreamStatus("tx", "g", [partition], outbox(), retention))[2]
+
+    assert unstored.deadline == unstored.size_deadline
+    assert line.endswith(
+        "retention.bytes limits the partition to 2.0 GiB (512.0 MiB now, 25% of it, growing by "
+        "about 120.0 MiB an hour): past that, retention deletes its oldest segments whatever "
+        "their age; at that rate, retention.bytes may delete this range from 2026-11-30 19:51 "
+        "UTC on"
     )
