@@ -30,6 +30,7 @@ from fraud_dagster.alerts import (
     render_alert,
 )
 from fraud_dagster.errors import AlertDeliveryError
+from fraud_dagster.interrupts import later_interrupts_held
 from fraud_dagster.pipeline import BatchRef
 from fraud_dagster.storage.outbox import (
     SEND_WITHIN_CLAIM,
@@ -164,6 +165,7 @@ def _mark_sent_through_outage(
             delay = min(delay * 2, longest)
 
 
+@later_interrupts_held("recording the alert delivery")
 def deliver_alerts(
     engine: Engine,
     delivery: AlertDelivery,
@@ -201,6 +203,8 @@ def deliver_alerts(
     one it is sending, what the server accepted is marked sent, the rest is recorded as above,
     and the interrupt is raised again: also when that recording fails (logged, and the
     interrupt's cause), so that the run still ends canceled, as asked, and is not retried.
+    A later interrupt is held until then (`later_interrupts_held`): it would cut the recording
+    short, and the next sender would send the accepted emails again.
 
     Guarantee: an alert is marked sent only after the server accepted it, and two senders never
     hold it at once, so it is sent once. The one gap is a sender dying between the server's

@@ -13,6 +13,8 @@ alert to be sent twice: the one in flight is accepted after the interrupt.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -152,9 +154,19 @@ class SlowRelay(MaildirHandler):
         return reply
 
 
+def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int:
+    """The process the run's steps execute in (the in-process executor: the run worker)."""
+    (start, *_) = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.STEP_START
+    ).records
+    return start.event_log_entry.dagster_event.pid
+
+
 @pytest.mark.slow
 @pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("killed_too", [False, True], ids=["terminate", "terminate-then-kill"])
 def test_a_run_terminated_while_sending_alerts_leaves_no_alert_to_be_sent_twice(
+    killed_too: bool,
     settings: Settings,
     env: dict[str, str],
     dagster_home: Path,
@@ -167,7 +179,9 @@ def test_a_run_terminated_while_sending_alerts_leaves_no_alert_to_be_sent_twice(
     """The operator terminates a batch run while its alert step is sending through a slow
     relay. The email the session has in flight is accepted after the interrupt: it must be
     recorded as sent before the run ends, and what the run did not try must be sent by
-    `retry_alerts`: every alert arrives once."""
+    `retry_alerts`: every alert arrives once. `killed_too`: half a second after the
+    Terminate, the operator also sends the run worker a SIGTERM (a `kill`, a second Ctrl-C on
+    `dagster dev`): it must not cut that recording short."""
     topic = settings.kafka_topic
     produce(settings, known_transactions()[0])
     smtp_server.stop()
@@ -194,6 +208,9 @@ def test_a_run_terminated_while_sending_alerts_leaves_no_alert_to_be_sent_twice(
         (record,) = batch_records(instance, topic)
         run_id = record.dagster_run.run_id
         assert instance.run_coordinator.cancel_run(run_id)  # the UI's Terminate
+        if killed_too:
+            time.sleep(0.5)  # the Terminate's SIGINT has reached the run, its email in flight
+            os.kill(run_worker_pid(instance, run_id), signal.SIGTERM)
         wait_for(
             lambda: instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.CANCELED,
             60,
@@ -218,3 +235,5 @@ def test_a_run_terminated_while_sending_alerts_leaves_no_alert_to_be_sent_twice(
     assert emails_by_transaction(alert_emails()) == dict.fromkeys(suspicious, 1)
     senders = {claiming_run_id(row["claimed_by"]) for row in alerts()}
     assert run_id in senders and len(senders) >= 2, "the cancel came after the last alert"
+    held = "interrupted again (SIGTERM) while recording the alert delivery"
+    assert (held in (tmp_path / "daemon.log").read_text()) == killed_too

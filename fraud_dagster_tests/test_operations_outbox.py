@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -506,6 +509,20 @@ def test_the_database_down_after_the_server_accepted_an_alert_sends_it_once(
         assert {row["status"] for row in outbox(url).values()} == {"sent"}
 
 
+def on_each_mark_sent(engine: sa.Engine, then: Callable[[int], None]) -> list[str]:
+    """Call `then(n)` before the n-th statement marking alerts sent runs on `engine` (what it
+    raises, the statement raises); returns those statements, as they come."""
+    marks: list[str] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def before_each_mark(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE") and "sent_at" in statement:
+            marks.append(statement)
+            then(len(marks))
+
+    return marks
+
+
 class Interrupt(BaseException):
     """Stands in for Dagster's DagsterExecutionInterruptedError (the operator's Terminate)."""
 
@@ -524,15 +541,13 @@ def test_an_interrupt_stays_an_interrupt_when_recording_the_delivery_then_fails(
     settings = fast_retries
     suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
     engine = create_engine(database_url)
-    marks: list[str] = []
 
-    @sa.event.listens_for(engine, "before_cursor_execute")
-    def interrupt_then_refuse_marks(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("UPDATE") and "sent_at" in statement:
-            marks.append(statement)
-            if len(marks) == 1:
-                raise Interrupt()
-            raise RuntimeError("injected: the database refuses the mark")
+    def interrupt_then_refuse_marks(mark: int) -> None:
+        if mark == 1:
+            raise Interrupt()
+        raise RuntimeError("injected: the database refuses the mark")
+
+    marks = on_each_mark_sent(engine, interrupt_then_refuse_marks)
 
     smtp = resolved_resources(settings)["smtp"]
     with pytest.raises(Interrupt) as raised:
@@ -550,6 +565,73 @@ def test_an_interrupt_stays_an_interrupt_when_recording_the_delivery_then_fails(
     )
     rows = outbox(database_url)
     assert {rows[tid]["status"] for tid in suspicious} == {"sending"}, "claims kept, none marked"
+
+
+@contextmanager
+def interrupts_raised_as(error: type[BaseException]) -> Iterator[list[int]]:
+    """SIGINT and SIGTERM raise `error`, each time, as in a Dagster step (its
+    `raise_interrupts_as`); yields the signals the handler was called for."""
+    called: list[int] = []
+
+    def raise_error(signum: int, _frame: object) -> None:
+        called.append(signum)
+        raise error()
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for signum in previous:
+            signal.signal(signum, raise_error)
+        yield called
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_a_second_interrupt_cannot_cut_short_the_recording_of_what_the_server_accepted(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real SIGINT arrives while the first accepted alert is being marked sent, and a SIGTERM
+    while the delivery marks, after that interrupt, what the server accepted (Ctrl-C on
+    `dagster dev` reaches the run, then its shutdown does; or a second `kill`). The second
+    must not cut that recording short: the delivery ends with the first interrupt, every alert
+    the server accepted is marked sent, and the next sender sends the rest, each alert once."""
+    settings = fast_retries
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
+    engine = create_engine(database_url)
+
+    def interrupt_twice(mark: int) -> None:
+        if mark <= 2:
+            os.kill(os.getpid(), (signal.SIGINT, signal.SIGTERM)[mark - 1])
+
+    marks = on_each_mark_sent(engine, interrupt_twice)
+
+    smtp = resolved_resources(settings)["smtp"]
+    with interrupts_raised_as(Interrupt) as handled, pytest.raises(Interrupt):
+        send_due_alerts(engine, smtp, "interrupted", pending_grace=timedelta(0))
+    gc.collect()  # the interrupted UPDATE's connection back to the pool before dispose
+    engine.dispose()
+
+    assert len(marks) == 2, "the accepted alerts were marked again after the interrupt"
+    assert handled == [signal.SIGINT], "the SIGTERM reached the run's handler"
+    assert any(
+        "SIGTERM" in record.message and "held" in record.message for record in caplog.records
+    )
+    accepted = set(emails_by_transaction(mailbox.messages()))
+    assert accepted, "the session had an email in flight at the interrupt"
+    rows = outbox(database_url)
+    assert {rows[tid]["status"] for tid in accepted} == {"sent"}
+    assert {rows[tid]["status"] for tid in suspicious - accepted} <= {"pending"}
+
+    successor = send_every_due_alert(settings, database_url, "successor")
+
+    assert successor.claimed == successor.sent == len(suspicious - accepted)
+    emails = mailbox.wait_for(len(suspicious))
+    assert emails_by_transaction(emails) == dict.fromkeys(suspicious, 1)
 
 
 @pytest.fixture
