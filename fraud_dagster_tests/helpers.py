@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import signal
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
@@ -218,3 +219,23 @@ def delete_before(settings: Settings, offset: int) -> None:
     while offset_bounds(options, settings.kafka_topic)[0].get(0) != offset:
         assert time.monotonic() < deadline, f"the log start did not reach {offset} within 30 s"
         time.sleep(0.2)
+
+
+@contextmanager
+def interrupts_raised_as(error: type[BaseException]) -> Iterator[list[int]]:
+    """SIGINT and SIGTERM raise `error`, each time, as in a Dagster step (its
+    `raise_interrupts_as`); yields the signals the handler was called for."""
+    called: list[int] = []
+
+    def raise_error(signum: int, _frame: object) -> None:
+        called.append(signum)
+        raise error()
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for signum in previous:
+            signal.signal(signum, raise_error)
+        yield called
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -13,9 +13,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from fraud_dagster_tests.helpers import (
     MailBox,
     evaluate_sensor,
     execute_requests,
+    interrupts_raised_as,
     produce,
     serving,
     suspicious_ids,
@@ -565,26 +565,6 @@ def test_an_interrupt_stays_an_interrupt_when_recording_the_delivery_then_fails(
     )
     rows = outbox(database_url)
     assert {rows[tid]["status"] for tid in suspicious} == {"sending"}, "claims kept, none marked"
-
-
-@contextmanager
-def interrupts_raised_as(error: type[BaseException]) -> Iterator[list[int]]:
-    """SIGINT and SIGTERM raise `error`, each time, as in a Dagster step (its
-    `raise_interrupts_as`); yields the signals the handler was called for."""
-    called: list[int] = []
-
-    def raise_error(signum: int, _frame: object) -> None:
-        called.append(signum)
-        raise error()
-
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for signum in previous:
-            signal.signal(signum, raise_error)
-        yield called
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def test_a_second_interrupt_cannot_cut_short_the_recording_of_what_the_server_accepted(

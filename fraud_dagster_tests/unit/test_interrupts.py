@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from fraud_dagster.interrupts import later_interrupts_held
+from fraud_dagster_tests.helpers import interrupts_raised_as
 
 
 class StepInterrupted(BaseException):
@@ -21,18 +22,8 @@ class StepInterrupted(BaseException):
 @pytest.fixture
 def raising_handler() -> Iterator[list[int]]:
     """SIGINT and SIGTERM raise StepInterrupted each time; yields the signals it was called for."""
-    called: list[int] = []
-
-    def raise_interrupted(signum: int, _frame: object) -> None:
-        called.append(signum)
-        raise StepInterrupted()
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for signum in previous:
-        signal.signal(signum, raise_interrupted)
-    yield called
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
+    with interrupts_raised_as(StepInterrupted) as called:
+        yield called
 
 
 def interrupt(signum: signal.Signals) -> None:
