@@ -180,15 +180,24 @@ def chromium() -> Path:
     return CHROMIUM
 
 
+@pytest.fixture
+def one_batch_waiting(settings: Settings) -> int:
+    """GOOD_MESSAGES transactions, then BAD_MESSAGES cut off, on the topic before `dagster dev`
+    starts (request this fixture before `dagster_dev`): the sensor's first tick finds them all,
+    one batch. Sent while the sensor ran, a tick between the two sends split them into two
+    runs. Returns the last offset."""
+    produce(settings, to_messages(synthetic_transactions(GOOD_MESSAGES, seed=17)))
+    produce_raw(settings, [b'{"transaction_id": "cut off'] * BAD_MESSAGES)
+    return GOOD_MESSAGES + BAD_MESSAGES - 1
+
+
 @pytest.mark.usefixtures("chromium")  # before the services start
 def test_operator_sees_lineage_run_tags_metadata_and_checks(
-    settings: Settings, dagster_dev: str, database_url: str, tmp_path: Path
+    settings: Settings, one_batch_waiting: int, dagster_dev: str, database_url: str, tmp_path: Path
 ) -> None:
     from playwright.sync_api import expect
 
-    produce(settings, to_messages(synthetic_transactions(GOOD_MESSAGES, seed=17)))
-    produce_raw(settings, [b'{"transaction_id": "cut off'] * BAD_MESSAGES)
-    last = GOOD_MESSAGES + BAD_MESSAGES - 1
+    last = one_batch_waiting
     run = wait_for_batch_run(dagster_dev, settings.kafka_topic, tmp_path / "dagster_dev.log")
     run_id, short_id = run["runId"], run["runId"][:8]
     suspicious = len(suspicious_ids(database_url))
