@@ -106,26 +106,52 @@ def topic_offsets(options: Mapping[str, Any], topic: str) -> TopicOffsets:
     """
     try:
         with _admin(options) as admin:
-            (described,) = admin.describe_topics([topic])
-            error = described.get("error_code") or 0
-            if error == UnknownTopicOrPartitionError.errno or not described.get("partitions"):
-                raise _no_such_topic(topic)
-            if error:
-                raise for_code(error)(f"describing topic {topic!r}")
-            tps = sorted(
-                (TopicPartition(topic, p["partition_index"]) for p in described["partitions"]),
-                key=lambda tp: tp.partition,
-            )
+            found, tps = _describe(admin, topic)
             first = admin.list_partition_offsets(dict.fromkeys(tps, OffsetSpec.EARLIEST))
             after = admin.list_partition_offsets(dict.fromkeys(tps, OffsetSpec.LATEST))
     except KafkaError as exc:
         raise KafkaUnavailableError(f"cannot read offsets of {topic!r}: {exc!r}") from exc
-    found = described.get("topic_id")
     return TopicOffsets(
-        topic_id=str(found) if found and str(found) != _NO_TOPIC_ID else None,
+        topic_id=found,
         beginning={tp.partition: first[tp].offset for tp in tps},
         end={tp.partition: after[tp].offset for tp in tps},
     )
+
+
+def _describe(admin: KafkaAdminClient, topic: str) -> tuple[str | None, list[TopicPartition]]:
+    """The topic's id (None if the broker has none) and its partitions, in order. The admin
+    client asks without auto-creation, so a missing topic stays missing."""
+    (described,) = admin.describe_topics([topic])
+    error = described.get("error_code") or 0
+    if error == UnknownTopicOrPartitionError.errno or not described.get("partitions"):
+        raise _no_such_topic(topic)
+    if error:
+        raise for_code(error)(f"describing topic {topic!r}")
+    tps = sorted(
+        (TopicPartition(topic, p["partition_index"]) for p in described["partitions"]),
+        key=lambda tp: tp.partition,
+    )
+    found = described.get("topic_id")
+    return (str(found) if found and str(found) != _NO_TOPIC_ID else None), tps
+
+
+def _require_partition(options: Mapping[str, Any], topic: str, partition: int) -> None:
+    """Fail at once, saying what is missing, if the broker has no such topic or partition (a
+    rerun of a batch whose topic was deleted since): a KafkaConsumer would wait out its 30-s
+    request timeout for the offsets of an unknown partition and only say that it timed out,
+    and kafka-python 3.0 asks for the topic with auto-creation whatever its
+    `allow_auto_create_topics` says. A few ms a batch (one describe)."""
+    try:
+        with _admin(options) as admin:
+            _, tps = _describe(admin, topic)
+    except KafkaError as exc:
+        raise KafkaUnavailableError(f"cannot describe topic {topic!r}: {exc!r}") from exc
+    partitions = [tp.partition for tp in tps]
+    if partition not in partitions:
+        raise KafkaUnavailableError(
+            f"topic {topic!r} has no partition {partition} on the broker (its partitions: "
+            f"{', '.join(map(str, partitions))}); was it deleted and created again since?"
+        )
 
 
 def offset_bounds(options: Mapping[str, Any], topic: str) -> tuple[dict[int, int], dict[int, int]]:
@@ -301,8 +327,9 @@ def read_range(
     the rest is read and the batch says which were deleted (`deleted_by_retention`), so that
     they are recorded as lost and the partition goes on, instead of a run that fails on every
     rerun while the offsets still on the broker wait unread behind it. Raises
-    `OffsetRangeError` if the range is not written yet, and `KafkaUnavailableError` if it
-    cannot be read within `timeout_seconds`. With `group_id`, the batch also says where that
+    `OffsetRangeError` if the range is not written yet, and `KafkaUnavailableError` if the
+    broker has no such topic or partition or the range cannot be read within
+    `timeout_seconds`. With `group_id`, the batch also says where that
     group's history starts (`history_start`: its committed offset, else the beginning).
     """
     batch = RawBatch(topic, partition, first_offset, last_offset)
@@ -310,6 +337,7 @@ def read_range(
         return batch
     tp = TopicPartition(topic, partition)
     group = {"group_id": group_id} if group_id else {}
+    _require_partition(options, topic, partition)
     with closing(_consumer(options, **_BATCH_CONSUMER_OPTIONS, **group)) as consumer:
         try:
             consumer.assign([tp])

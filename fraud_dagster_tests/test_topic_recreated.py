@@ -193,3 +193,36 @@ def test_every_message_of_the_recreated_topic_is_stored_once_and_committed(
     if {run.tags.get("fraud_dagster/topic_id") for run in new_runs} != {topic_id(settings)}:
         problems.append("the new runs are not tagged with the new topic id")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.backends("sqlite")  # only the broker is asked
+def test_a_batch_of_a_deleted_topic_or_a_missing_partition_fails_saying_which(
+    settings: Settings,
+) -> None:
+    """An operator's rerun of a batch whose topic was deleted since (or recreated with fewer
+    partitions) must fail with what is missing, not with a client timeout after 30 s an attempt."""
+    kafka = resolved_resources(settings)["kafka"]
+    options = kafka.client_options()
+    produce(settings, to_messages(synthetic_transactions(5, seed=21)))
+    assert len(kafka.read_range(settings.kafka_topic, 0, 0, 4)) == 5
+
+    with pytest.raises(KafkaUnavailableError, match=r"has no partition 3 on the broker"):
+        kafka.read_range(settings.kafka_topic, 3, 0, 4)
+
+    admin = admin_client(settings)
+    try:
+        admin.delete_topics([settings.kafka_topic])
+    finally:
+        admin.close()
+    deadline = time.monotonic() + 60
+    while True:  # the deletion finishes in the background
+        try:
+            offset_bounds(options, settings.kafka_topic)
+        except KafkaUnavailableError as exc:
+            if "does not exist on the broker" in str(exc):
+                break
+        assert time.monotonic() < deadline, "the topic was not deleted within 60 s"
+        time.sleep(0.2)
+
+    with pytest.raises(KafkaUnavailableError, match=r"does not exist on the broker"):
+        kafka.read_range(settings.kafka_topic, 0, 0, 4)

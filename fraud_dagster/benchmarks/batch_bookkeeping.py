@@ -4,7 +4,8 @@
   `kafka_io.commit_stored` (also the partition's beginning and the gap-free end of the stored
   ranges, from the database), each with a fresh consumer as in a batch run;
 * `store.contiguous_end` with many stored ranges in the table;
-* a batch's read, without and with the consumer group's committed offset (`history_start`);
+* a batch's read, without and with the consumer group's committed offset (`history_start`),
+  and the check it starts with that the broker has the partition (one admin describe);
 * the Kafka sensor's lookup each tick: the topic's id from an admin client and the partitions'
   ends from a fresh consumer (before), against `kafka_io.topic_offsets` (one admin client);
 * the alert step's outbox claim for a batch without suspicious transactions, with many sent
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         read_group_ms = median_ms(
             lambda: kafka_io.read_range(options, topic, 0, 0, 99, group_id="new-0"), args.repeat
         )
+        check_ms = median_ms(lambda: kafka_io._require_partition(options, topic, 0), args.repeat)
         lookup_before_ms = median_ms(lambda: consumer_offset_lookup(options, topic), args.repeat)
         lookup_ms = median_ms(lambda: kafka_io.topic_offsets(options, topic), args.repeat)
 
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     print_line(f"contiguous_end, {args.ranges} ranges stored:   {range_ms:8.2f} ms")
     print_line(f"read 100 messages:                        {read_ms:8.1f} ms")
     print_line(f"read 100 messages + group's commit:       {read_group_ms:8.1f} ms")
+    print_line(f"  of which the partition check:           {check_ms:8.1f} ms")
     print_line(f"sensor lookup, admin + consumer (before): {lookup_before_ms:8.1f} ms")
     print_line(f"sensor lookup, one admin client:          {lookup_ms:8.1f} ms")
     print_line(f"alert claim, batch without alerts:        {claim_ms:8.2f} ms")
