@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from fraud_dagster.assets import transactions_topic
@@ -44,5 +46,15 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         resources=build_resources(settings),
     )
 
+
+# No sensor here sets `owners`. When Definitions binds the resources to a sensor's job,
+# Dagster's own `SensorDefinition.with_attributes` passes the empty `owners` on (1.13.27-29),
+# and that warns that the parameter is in beta. Every code server and run worker would print it
+# to the operator's terminal. Only that message is silenced.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Parameter `owners` of initializer `SensorDefinition.__init__` is currently in beta",
+    category=dg.BetaWarning,
+)
 
 defs = build_definitions(load_settings())

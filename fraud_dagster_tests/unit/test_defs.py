@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import dagster as dg
@@ -112,3 +115,22 @@ def test_kafka_sensor_ticks_on_every_daemon_loop_its_interval_allows() -> None:
     assert dagster_minimum_interval(1) == 1
     sensor = build_kafka_transactions_sensor(replace(load_settings(), sensor_interval_seconds=5))
     assert sensor.minimum_interval_seconds == 4
+
+
+def test_loading_the_code_location_prints_no_warning() -> None:
+    """What a code server or run worker prints to the operator's terminal as it loads `defs`:
+    a fresh interpreter with Python's default warning filters (pytest's would hide them)."""
+    load = (
+        "import fraud_dagster.definitions as d; "
+        "d.defs.get_repository_def(); "
+        "d.defs.resolve_all_job_defs()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", load],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": ""},
+    )
+    assert "Warning" not in result.stderr, result.stderr
