@@ -373,7 +373,9 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         ]
         # Its own process group: whatever of it outlives its shutdown (a code location server
         # has been seen to) is ended with the group. Ctrl-C reaches it through the handler below.
-        dagster = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, start_new_session=True)
+        # It runs in DAGSTER_HOME: from the repo, `dagster dev` would warn that the repo's
+        # dagster.yaml is not used, although DAGSTER_HOME holds a copy of it.
+        dagster = subprocess.Popen(command, cwd=home, env=env, start_new_session=True)
         try:
             return dagster.wait()
         except KeyboardInterrupt:

@@ -84,6 +84,10 @@ def test_a_demo_stopped_by_a_signal_stops_everything_it_started(
         started = {" ".join(p.cmdline()) for p in processes_of(var_dir)}
         for part in ("kafka.Kafka", "local_services.smtp", "dagster dev", "dagster_webserver"):
             assert any(part in line for line in started), f"no {part} among {started}"
+        # `dagster dev` warns about a dagster.yaml in its working directory other than
+        # DAGSTER_HOME's before it starts the UI; the demo's copy is the one in effect.
+        printed = (tmp_path / "demo.log").read_text(errors="replace")
+        assert "will not be used to configure Dagster" not in printed, printed
 
         demo.send_signal(signum)
 
