@@ -10,7 +10,34 @@ VENV=${VENV:-.venv}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
+# The Python versions pyproject.toml allows (its requires-python), checked before anything is
+# installed, so an unsupported interpreter gets one clear line instead of a pip error.
+interpreter=$PYTHON
+[ -x "$VENV/bin/python" ] && interpreter="$VENV/bin/python"
+if ! "$interpreter" - <<'EOF'
+import re
+import sys
+
+spec = re.search(r'requires-python = ">=([\d.]+),<([\d.]+)"', open("pyproject.toml").read())
+low, high = (tuple(int(part) for part in version.split(".")) for version in spec.groups())
+if not low <= sys.version_info[:2] < high:
+    sys.exit(
+        f"[setup] {sys.executable} is Python {sys.version.split()[0]}; fraud_dagster needs"
+        f" >={spec[1]},<{spec[2]} (pyproject.toml)"
+    )
+EOF
+then
+  if [ "$interpreter" = "$VENV/bin/python" ]; then
+    log "$VENV was made with it: remove $VENV, then run again with PYTHON set to a supported one"
+  else
+    log "run again with PYTHON set to a supported interpreter, e.g. PYTHON=python3.11 bash $0"
+  fi
+  exit 1
+fi
+
 missing=()
+# Debian's python3 makes virtualenvs only with python3-venv (ensurepip) installed.
+"$PYTHON" -c "import ensurepip" >/dev/null 2>&1 || [ -x "$VENV/bin/python" ] || missing+=(python3-venv)
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
