@@ -193,7 +193,18 @@ _ISO_DATE_START = r"\d{4}-?\d{2}-?\d{2}(?:[T ]|$)"
 
 
 def _too_deep(limits: ValidationLimits) -> str:
+    """The reason for a message nested deeper than the limit, wherever the depth was found.
+
+    How deep the JSON decoder recurses before it gives up depends on the Python version (about
+    1,000 levels on 3.11, 20,000 on 3.13), so a message it did decode is measured wherever it is
+    refused: the same message gets the same reason on every interpreter."""
     return f"JSON nested deeper than {limits.max_nesting_depth} levels"
+
+
+def _too_deep_or(obj: object, error: str, limits: ValidationLimits) -> str:
+    """`error`, unless `obj` is nested too deep (measured only for refused messages)."""
+    too_deep = _nesting_depth(obj, limits.max_nesting_depth) > limits.max_nesting_depth
+    return _too_deep(limits) if too_deep else error
 
 
 def _decode(value: bytes | None, limits: ValidationLimits) -> tuple[dict | None, str | None]:
@@ -219,12 +230,9 @@ def _decode(value: bytes | None, limits: ValidationLimits) -> tuple[dict | None,
     except ValueError as exc:  # an integer of more than 4,300 digits
         return None, f"unreadable JSON number: {str(exc)[:80]}"
     if not isinstance(obj, dict):
-        # How deep the decoder recurses before it gives up depends on the Python version (about
-        # 1,000 levels on 3.11, 20,000 on 3.13), so measure: the same message gets the same
-        # reason on every interpreter.
-        if _nesting_depth(obj, limits.max_nesting_depth) > limits.max_nesting_depth:
-            return None, _too_deep(limits)
-        return None, f"expected a JSON object, got {_json_type_name(obj)}"
+        return None, _too_deep_or(
+            obj, f"expected a JSON object, got {_json_type_name(obj)}", limits
+        )
     return obj, None
 
 
@@ -258,7 +266,7 @@ def parse_batch(raw: RawBatch, limits: ValidationLimits | None = None) -> Parsed
                 break
             ids[name] = text  # type: ignore[assignment]
         if error:
-            reject(i, error, ids.get("transaction_id"))
+            reject(i, _too_deep_or(obj, error, limits), ids.get("transaction_id"))
             continue
         amount, error = _amount(obj, limits)
         if not error:
@@ -275,17 +283,13 @@ def parse_batch(raw: RawBatch, limits: ValidationLimits | None = None) -> Parsed
                     f"got {_json_type_name(date_value)}"
                 )
         if error:
-            reject(i, error, ids["transaction_id"])
+            reject(i, _too_deep_or(obj, error, limits), ids["transaction_id"])
             continue
         extras = {k: v for k, v in obj.items() if k not in REQUIRED_FIELDS}
         extra_json = None
         if extras:
             if _nesting_depth(extras, limits.max_nesting_depth) > limits.max_nesting_depth:
-                reject(
-                    i,
-                    f"extra fields nested deeper than {limits.max_nesting_depth} levels",
-                    ids["transaction_id"],
-                )
+                reject(i, _too_deep(limits), ids["transaction_id"])
                 continue
             try:
                 # ASCII-escaped: any JSON string (NUL, lone surrogates) stores in any database.

@@ -143,18 +143,36 @@ def test_bad_messages_are_rejected_with_a_reason(value: bytes | None, reason: st
     assert rejection.raw_value == value
 
 
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
 @pytest.mark.parametrize("depth", [18, 999, 5_000, 20_000])
-def test_an_array_nested_too_deep_gets_the_same_reason_on_every_python(depth: int) -> None:
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "{deep}",
+        '{{"transaction_id": {deep}, "account_id": "a", "merchant": "m"}}',
+        '{{"transaction_id": "t", "account_id": "a", "merchant": "m", "transaction_amount": {deep},'
+        ' "transaction_date": "2026-01-02"}}',
+        '{{"transaction_id": "t", "account_id": "a", "merchant": "m", "transaction_amount": 1,'
+        ' "transaction_date": "2026-01-02", "extra": {deep}}}',
+    ],
+    ids=["top-level", "identifier", "amount", "extra-field"],
+)
+def test_a_message_nested_too_deep_gets_the_same_reason_on_every_python(
+    shape: str, depth: int
+) -> None:
     """The JSON decoder gives up at ~1,000 levels on Python 3.11, ~20,000 on 3.13; the reason
-    must not depend on which one runs the batch."""
-    value = b"[" * depth + b"]" * depth
+    must not depend on which one runs the batch, nor on where the depth is."""
+    value = shape.format(deep=nested(depth).decode()).encode()
     (rejection,) = parse_batch(batch_of(value)).rejections
     assert rejection.reason == "JSON nested deeper than 16 levels"
 
 
 def test_an_array_within_the_depth_limit_is_refused_for_not_being_an_object() -> None:
     # 17 arrays, 16 of them holding another: 16 levels (an empty array adds none)
-    (rejection,) = parse_batch(batch_of(b"[" * 17 + b"]" * 17)).rejections
+    (rejection,) = parse_batch(batch_of(nested(17))).rejections
     assert rejection.reason == "expected a JSON object, got array"
 
 
