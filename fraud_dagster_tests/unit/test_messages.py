@@ -163,7 +163,7 @@ def nested(depth: int) -> bytes:
 def test_a_message_nested_too_deep_gets_the_same_reason_on_every_python(
     shape: str, depth: int
 ) -> None:
-    """The JSON decoder gives up at ~1,000 levels on Python 3.11, ~20,000 on 3.13; the reason
+    """The JSON decoder gives up at ~1,000 levels on Python 3.11, ~10,000 on 3.13; the reason
     must not depend on which one runs the batch, nor on where the depth is."""
     value = shape.format(deep=nested(depth).decode()).encode()
     (rejection,) = parse_batch(batch_of(value)).rejections
