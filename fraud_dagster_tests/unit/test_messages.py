@@ -125,6 +125,11 @@ def test_integer_identifiers_and_offsets_are_normalised() -> None:
         (encode({**GOOD, "transaction_date": "2026-02-30T00:00:00Z"}), "not a valid ISO 8601 date"),
         (encode({**GOOD, "transaction_date": "1900-01-01T00:00:00Z"}), "outside"),
         (encode({**GOOD, "transaction_date": "2999-01-01T00:00:00Z"}), "outside"),
+        # ISO 8601 allows a decimal comma; pandas does not read it (the date is in range)
+        (
+            encode({**GOOD, "transaction_date": "2026-01-01T10:00:00,5Z"}),
+            "a form of ISO 8601 this pipeline does not read",
+        ),
         (encode({**GOOD, "transaction_date": 20260101}), "must be an ISO 8601 string"),
         (encode({**GOOD, "transaction_id": "a\nb"}), "control characters"),
         (encode({**GOOD, "transaction_id": ""}), "is empty"),
