@@ -284,7 +284,11 @@ def prepare_training_frame(transactions: pd.DataFrame) -> pd.DataFrame:
     frame = transactions.copy()
     for column in ("transaction_id", "account_id", "merchant"):
         frame[column] = frame[column].astype(str)
-    frame["transaction_date"] = pd.to_datetime(frame["transaction_date"])
+    try:  # to naive UTC, as scoring reads a message's date (`messages._parse_dates`)
+        dates = pd.to_datetime(frame["transaction_date"], utc=True, format="ISO8601")
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"training data has unreadable transaction_date: {exc}") from exc
+    frame["transaction_date"] = dates.dt.tz_convert(None)
     frame["is_fraud"] = frame["is_fraud"].fillna(0).astype(int)
     return frame.sort_values("transaction_date", kind="stable").reset_index(drop=True)
 

@@ -13,7 +13,8 @@ import sklearn
 import sklearn.base
 
 from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
-from fraud_dagster.features import FEATURE_COLUMNS
+from fraud_dagster.features import FEATURE_COLUMNS, compute_features
+from fraud_dagster.messages import RawBatch, parse_batch
 from fraud_dagster.model import load_verified, read_manifest, sha256_of_file
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions
 from fraud_dagster.training import (
@@ -279,3 +280,47 @@ def test_labelled_csv_in_handbook_or_project_columns(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="lacks the columns"):
         frame.drop(columns=["is_fraud"]).to_csv(tmp_path / "bad.csv", index=False)
         load_labelled_csv(tmp_path / "bad.csv")
+
+
+def test_csv_dates_with_utc_offsets_become_the_utc_dates_scoring_reads(tmp_path: Path) -> None:
+    """Before: dates with an offset (as in the README's example message) made the column
+    tz-aware and training crashed in the features, or refused mixed offsets outright."""
+    dates = ["2026-11-29T08:15:00+05:00", "2026-11-29T11:15:00Z", "2026-11-29 12:00:00"]
+    pd.DataFrame(
+        {
+            "transaction_id": ["a", "b", "c"],
+            "account_id": ["A", "A", "A"],
+            "merchant": ["M", "M", "M"],
+            "transaction_amount": [1.0, 2.0, 3.0],
+            "transaction_date": dates,
+            "is_fraud": [0, 1, 0],
+        }
+    ).to_csv(tmp_path / "offsets.csv", index=False)
+    frame = load_labelled_csv(tmp_path / "offsets.csv")
+    online = parse_batch(batch_of_messages(frame.drop(columns="is_fraud"), dates))
+    assert online.rejections == []
+    assert frame["transaction_date"].tolist() == online.transactions["transaction_date"].tolist()
+    assert frame["transaction_date"].tolist() == [
+        pd.Timestamp("2026-11-29 03:15:00"),
+        pd.Timestamp("2026-11-29 11:15:00"),
+        pd.Timestamp("2026-11-29 12:00:00"),
+    ]
+    assert compute_features(frame)["during_night"].tolist() == [1, 0, 0]  # 03:15 UTC, not 08:15
+
+
+def batch_of_messages(frame: pd.DataFrame, dates: list[str]) -> RawBatch:
+    """`frame`'s rows as the JSON messages a producer would send, with the dates as written."""
+    rows = frame.assign(transaction_date=dates).to_dict("records")
+    raw = RawBatch("topic", 0, 0, len(rows) - 1)
+    for offset, row in enumerate(rows):
+        raw.offsets.append(offset)
+        raw.timestamps_ms.append(1_700_000_000_000)
+        raw.values.append(json.dumps(row).encode())
+    return raw
+
+
+def test_unreadable_csv_dates_are_a_clear_error(tmp_path: Path) -> None:
+    frame = simulate_transactions(SimulationConfig(n_customers=20, n_terminals=40, n_days=1))
+    frame.assign(transaction_date="sometime").to_csv(tmp_path / "bad_dates.csv", index=False)
+    with pytest.raises(ConfigurationError, match="unreadable transaction_date"):
+        load_labelled_csv(tmp_path / "bad_dates.csv")
