@@ -217,14 +217,32 @@ def verify_model_file(models_dir: Path, entry: ModelEntry) -> Path:
     return path
 
 
+def threshold_problem(threshold: float) -> str | None:
+    """Why `threshold` cannot decide alerts, or None. Probabilities lie in [0, 1]: a threshold
+    of 0 or less alerts on every transaction, one above 1 (a percentage, say) or NaN on none,
+    and either silently."""
+    if not 0.0 < threshold < 1.0:  # NaN fails this too
+        return f"threshold {threshold} is not between 0 and 1"
+    return None
+
+
 def load_verified(
     models_dir: Path, entry: ModelEntry, threshold: float | None = None
 ) -> LoadedModel:
-    """Unpickle `entry`'s file only if its SHA-256 matches the manifest.
+    """Unpickle `entry`'s file only if its SHA-256 matches the manifest, and only with a
+    threshold that can decide alerts (`threshold` overrides the entry's).
 
     The file is read once; the bytes that were hashed are the bytes unpickled (never the path,
     which could be swapped between the check and the load).
     """
+    source = "the manifest's" if threshold is None else "the configured"
+    threshold = entry.threshold if threshold is None else threshold
+    problem = threshold_problem(threshold)
+    if problem is not None:
+        raise ModelIntegrityError(
+            f"model {entry.version}: {source} {problem}; it would alert on every transaction "
+            "or on none"
+        )
     path, data = read_verified_bytes(models_dir, entry)
     try:
         with warnings.catch_warnings():
@@ -250,5 +268,5 @@ def load_verified(
     return LoadedModel(
         entry=entry,
         estimator=estimator,
-        threshold=entry.threshold if threshold is None else threshold,
+        threshold=threshold,
     )

@@ -24,7 +24,14 @@ from sqlalchemy.engine import Engine
 
 from fraud_dagster.errors import ModelIntegrityError
 from fraud_dagster.features import FEATURE_COLUMNS, compute_features
-from fraud_dagster.model import LoadedModel, Manifest, ModelEntry, load_verified, sha256_of_file
+from fraud_dagster.model import (
+    LoadedModel,
+    Manifest,
+    ModelEntry,
+    load_verified,
+    sha256_of_file,
+    threshold_problem,
+)
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions
 from fraud_dagster.storage.promotions import (
     active_model_version,
@@ -112,7 +119,8 @@ def sanity_batch() -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def check_sanity(model: LoadedModel) -> list[Check]:
-    """Score the sanity batch: valid probabilities, frauds ranked first, few alerts."""
+    """Score the sanity batch: valid probabilities, frauds ranked first, few alerts, and at least
+    one fraud alerted."""
     features, labels = sanity_batch()
     scores = model.predict_proba(features)
     if len(scores) != len(features) or not np.all(np.isfinite(scores)):
@@ -133,13 +141,24 @@ def check_sanity(model: LoadedModel) -> list[Check]:
             f"minimum {SANITY_MIN_AUC}",
         )
     )
-    alert_rate = float(np.mean(scores >= model.threshold))
+    flagged = scores >= model.threshold
+    alert_rate = float(np.mean(flagged))
     checks.append(
         Check(
             "sanity_alert_rate",
             alert_rate <= SANITY_MAX_ALERT_RATE,
             f"{alert_rate:.2%} of the sanity batch at or above threshold {model.threshold:.3f} "
             f"(fraud rate {labels.mean():.2%}), maximum {SANITY_MAX_ALERT_RATE:.0%}",
+        )
+    )
+    # A threshold above every fraud's score passes the checks above and never alerts.
+    frauds, caught = int(labels.sum()), int(np.sum(flagged & (labels == 1)))
+    checks.append(
+        Check(
+            "sanity_frauds_flagged",
+            caught >= 1,
+            f"{caught} of the sanity batch's {frauds} frauds at or above threshold "
+            f"{model.threshold:.3f}, minimum 1",
         )
     )
     return checks
@@ -174,6 +193,9 @@ def validate_candidate(
     models_dir: Path, candidate: ModelEntry, active: ModelEntry | None, tolerance: float
 ) -> list[Check]:
     """All checks of `candidate`; stops after the first one that makes the rest meaningless."""
+    problem = threshold_problem(candidate.threshold)
+    if problem is not None:
+        return [Check("threshold", False, problem)]
     try:
         model = load_verified(models_dir, candidate)
     except ModelIntegrityError as exc:

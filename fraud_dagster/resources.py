@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 from sqlalchemy.engine import Engine
 
 from fraud_dagster import kafka_io
 from fraud_dagster.alerts import AlertDelivery, SmtpSettings
+from fraud_dagster.errors import ConfigurationError
 from fraud_dagster.messages import RawBatch
-from fraud_dagster.model import LoadedModel, load_verified, read_manifest
+from fraud_dagster.model import LoadedModel, load_verified, read_manifest, threshold_problem
 from fraud_dagster.model_registry import require_promoted_hash
 from fraud_dagster.settings import Settings
 from fraud_dagster.storage.database import create_engine, ensure_schema
@@ -129,6 +130,14 @@ class ModelResource(dg.ConfigurableResource):
         default=None, description="Override the manifest's decision threshold."
     )
     _loaded: LoadedModel | None = PrivateAttr(default=None)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_can_decide(cls, threshold: float | None) -> float | None:
+        problem = None if threshold is None else threshold_problem(threshold)
+        if problem is not None:
+            raise ConfigurationError(f"model threshold (FRAUD_MODEL_THRESHOLD): {problem}")
+        return threshold
 
     def select_version(self, engine: Engine | None = None) -> str:
         """Pinned version, else the last promoted one, else the manifest's default or newest."""

@@ -10,9 +10,10 @@ import pytest
 from sklearn.dummy import DummyClassifier
 
 from fraud_dagster import model_registry
-from fraud_dagster.errors import ModelIntegrityError
+from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
 from fraud_dagster.model import LoadedModel, load_verified, read_manifest
-from fraud_dagster.settings import PROJECT_ROOT
+from fraud_dagster.resources import resolved_resources
+from fraud_dagster.settings import PROJECT_ROOT, load_settings
 from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster.storage.promotions import record_promotion
 
@@ -32,7 +33,12 @@ def shipped(models_dir: Path) -> LoadedModel:
 
 def test_shipped_model_passes_the_sanity_batch(shipped: LoadedModel) -> None:
     checks = model_registry.check_sanity(shipped)
-    assert [c.name for c in checks] == ["sanity_scores", "sanity_auc", "sanity_alert_rate"]
+    assert [c.name for c in checks] == [
+        "sanity_scores",
+        "sanity_auc",
+        "sanity_alert_rate",
+        "sanity_frauds_flagged",
+    ]
     assert all(c.passed for c in checks), checks
 
 
@@ -48,10 +54,34 @@ def test_sanity_batch_refuses_a_model_that_cannot_rank_frauds(shipped: LoadedMod
 def test_sanity_batch_refuses_a_threshold_that_alerts_on_everything(
     shipped: LoadedModel,
 ) -> None:
-    checks = {c.name: c for c in model_registry.check_sanity(replace(shipped, threshold=0.0))}
+    checks = {c.name: c for c in model_registry.check_sanity(replace(shipped, threshold=1e-9))}
     assert checks["sanity_auc"].passed
     assert not checks["sanity_alert_rate"].passed
     assert "100.00%" in checks["sanity_alert_rate"].detail
+
+
+def test_sanity_batch_refuses_a_threshold_above_every_frauds_score(shipped: LoadedModel) -> None:
+    features, labels = model_registry.sanity_batch()
+    highest = float(shipped.predict_proba(features)[labels == 1].max())
+    assert highest < 0.999  # else this model cannot show the check
+    checks = {c.name: c for c in model_registry.check_sanity(replace(shipped, threshold=0.999))}
+    assert checks["sanity_auc"].passed and checks["sanity_alert_rate"].passed
+    assert not checks["sanity_frauds_flagged"].passed
+    assert checks["sanity_frauds_flagged"].detail.startswith("0 of the sanity batch's")
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 0.0, -0.5, 1.0, 34.4086])
+def test_a_threshold_that_cannot_decide_alerts_is_refused_for_promotion_and_serving(
+    models_dir: Path, shipped: LoadedModel, threshold: float
+) -> None:
+    candidate = replace(shipped.entry, threshold=threshold)
+    (check,) = model_registry.validate_candidate(models_dir, candidate, shipped.entry, 0.02)
+    assert (check.name, check.passed) == ("threshold", False)
+    assert "is not between 0 and 1" in check.detail
+    with pytest.raises(ModelIntegrityError, match=r"the manifest's threshold .* not between"):
+        load_verified(models_dir, candidate)
+    with pytest.raises(ModelIntegrityError, match=r"the configured threshold .* not between"):
+        load_verified(models_dir, shipped.entry, threshold)
 
 
 def test_metrics_may_drop_only_within_the_tolerance(shipped: LoadedModel) -> None:
@@ -99,3 +129,11 @@ def test_promoted_version_must_keep_its_promoted_hash(shipped: LoadedModel, tmp_
         assert model_registry.promoted_sha256(engine, "never-promoted") is None
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("configured", ["nan", "34.4086", "0"])
+def test_a_configured_threshold_that_cannot_decide_alerts_stops_the_code_location_loading(
+    configured: str,
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"FRAUD_MODEL_THRESHOLD.*not between 0 and 1"):
+        resolved_resources(load_settings({"FRAUD_MODEL_THRESHOLD": configured}))
