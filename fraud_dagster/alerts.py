@@ -46,6 +46,51 @@ def header_safe(value: object, max_length: int = 120) -> str:
     return text if len(text) <= max_length else text[: max_length - 1] + "…"
 
 
+# A bare address as SMTP carries it without extensions (RFC 5321 dot-atom @ host name): ASCII,
+# no display name, no comment. smtplib cannot send to anything else through every server.
+_EMAIL_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+MAX_ADDRESS_LENGTH = 254
+
+
+def email_address_problem(address: str) -> str | None:
+    """Why `address` cannot be a sender or recipient of this project's emails, or None.
+
+    Checked when the SMTP resource is configured: a non-ASCII address (smtplib needs the
+    server's SMTPUTF8 and then fails on the email itself) or a display name would otherwise
+    fail every alert at send time, night after night, instead of once where it was set."""
+    if not address.isascii():
+        return "has characters other than ASCII (internationalized addresses are not supported)"
+    if len(address) > MAX_ADDRESS_LENGTH:
+        return f"is longer than {MAX_ADDRESS_LENGTH} characters"
+    if not _EMAIL_ADDRESS.fullmatch(address):
+        return "is not a bare address like analysts@bank.example (no name, spaces or brackets)"
+    return None
+
+
+def checked_addresses(addresses: Sequence[str], what: str) -> tuple[str, ...]:
+    """`addresses` if each one can be emailed (`email_address_problem`) and there is at least
+    one; otherwise ConfigurationError naming `what` and every bad address."""
+    problems = [
+        f"{address!r} {problem}"
+        for address in addresses
+        if (problem := email_address_problem(address)) is not None
+    ]
+    if problems:
+        raise ConfigurationError(f"{what}: {'; '.join(problems)}")
+    if not addresses:
+        raise ConfigurationError(f"{what}: no address given")
+    return tuple(addresses)
+
+
+def address_list(recipients: Sequence[str]) -> str:
+    """The To header: every recipient, never cut short (smtplib takes the envelope's
+    recipients from it; `_plain_text_email` folds a long one)."""
+    return ", ".join(header_safe(address, MAX_ADDRESS_LENGTH) for address in recipients)
+
+
 def alert_message_id(transaction_id: str) -> str:
     """Deterministic Message-ID: a resent alert carries the same id, so mail clients dedupe it."""
     digest = hashlib.sha256(transaction_id.encode("utf-8")).hexdigest()[:32]
@@ -182,7 +227,7 @@ def render_alert(alert: Mapping[str, Any], sender: str, recipients: Sequence[str
     return _plain_text_email(
         [
             ("From", header_safe(sender, 254)),
-            ("To", header_safe(", ".join(recipients), 2000)),
+            ("To", address_list(recipients)),
             ("Subject", subject),
             ("Message-ID", alert_message_id(transaction_id)),
             ("Date", format_datetime(datetime.now(UTC))),
@@ -250,7 +295,7 @@ def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequen
     return _plain_text_email(
         [
             ("From", header_safe(sender, 254)),
-            ("To", header_safe(", ".join(recipients), 2000)),
+            ("To", address_list(recipients)),
             (
                 "Subject",
                 header_safe(
@@ -299,7 +344,7 @@ def render_kafka_notice(
     return _plain_text_email(
         [
             ("From", header_safe(sender, 254)),
-            ("To", header_safe(", ".join(recipients), 2000)),
+            ("To", address_list(recipients)),
             ("Subject", header_safe(f"[fraud-dagster] {subject}", max_length=160)),
             ("Message-ID", f"<kafka-{notice.kind}.{int(notice.down_since)}@{MESSAGE_ID_DOMAIN}>"),
             ("Date", format_datetime(datetime.now(UTC))),
@@ -471,7 +516,7 @@ def render_unstored_notice(
     return _plain_text_email(
         [
             ("From", header_safe(sender, 254)),
-            ("To", header_safe(", ".join(recipients), 2000)),
+            ("To", address_list(recipients)),
             ("Subject", header_safe(f"[fraud-dagster] {subject}", max_length=160)),
             ("Message-ID", f"<unstored.{digest}@{MESSAGE_ID_DOMAIN}>"),
             ("Date", format_datetime(datetime.now(UTC))),
@@ -498,6 +543,12 @@ class SmtpSettings:
             )
         if self.password and not self.username:
             raise ConfigurationError("an SMTP password is set without a username; set both")
+        # smtplib's AUTH sends both as ASCII; the error would show a character of the password.
+        if not (self.username or "").isascii() or not (self.password or "").isascii():
+            raise ConfigurationError(
+                "the SMTP username or password has characters other than ASCII, which SMTP "
+                "AUTH cannot carry here; use an ASCII password"
+            )
 
     def __repr__(self) -> str:  # never show the password
         return (

@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from sqlalchemy.engine import Engine
 
 from fraud_dagster import kafka_io
-from fraud_dagster.alerts import AlertDelivery, SmtpSettings
+from fraud_dagster.alerts import AlertDelivery, SmtpSettings, checked_addresses
 from fraud_dagster.errors import ConfigurationError
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.model import LoadedModel, load_verified, read_manifest, threshold_problem
@@ -185,6 +185,22 @@ class SmtpResource(dg.ConfigurableResource):
         description="SMTP sessions one delivery opens at once for a large batch's alerts "
         "(one more per 25 alerts; FRAUD_SMTP_MAX_SESSIONS).",
     )
+
+    @field_validator("sender")
+    @classmethod
+    def _sender_can_be_emailed(cls, sender: str) -> str:
+        return checked_addresses([sender], "SMTP sender (FRAUD_SMTP_SENDER)")[0]
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients_can_be_emailed(cls, recipients: list[str]) -> list[str]:
+        return list(checked_addresses(recipients, "alert recipients (FRAUD_ALERT_RECIPIENTS)"))
+
+    @field_validator("operator_recipients")
+    @classmethod
+    def _operators_can_be_emailed(cls, recipients: list[str]) -> list[str]:
+        what = "operator recipients (FRAUD_OPERATOR_RECIPIENTS)"
+        return list(checked_addresses(recipients, what))
 
     def smtp_settings(self) -> SmtpSettings:
         return SmtpSettings(

@@ -1,9 +1,11 @@
-"""Alert rendering: fields, probability, and no way to inject headers."""
+"""Alert rendering: fields, probability, and no way to inject headers; the addresses and
+password the SMTP resource takes."""
 
 from __future__ import annotations
 
 import email
 import email.policy
+import re
 import smtplib
 from datetime import datetime
 
@@ -22,6 +24,7 @@ from fraud_dagster.alerts import (
     render_alert,
 )
 from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
+from fraud_dagster.resources import SmtpResource
 
 ALERT = {
     "transaction_id": "tx-1",
@@ -236,3 +239,56 @@ def test_a_broken_session_is_not_taken_for_a_refusal_of_one_message(
     with pytest.raises(AlertDeliveryError) as raised:
         send_through(client)
     assert not isinstance(raised.value, MessageRefusedError)
+
+
+def smtp_resource(**addresses: object) -> SmtpResource:
+    fields: dict[str, object] = {
+        "sender": "fraud-alerts@bank.example",
+        "recipients": ["risk-analysts@bank.example"],
+        "operator_recipients": ["ops@bank.example"],
+        **addresses,
+    }
+    return SmtpResource(host="127.0.0.1", port=25, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("sender", "jürgen@bank.example", "SMTP sender (FRAUD_SMTP_SENDER): 'jürgen@bank.example'"),
+        ("sender", "Fraud Alerts <alerts@bank.example>", "not a bare address"),
+        ("recipients", ["a@bank.example", "analyst@bänk.example"], "other than ASCII"),
+        ("recipients", ["a@bank.example", "b@"], "FRAUD_ALERT_RECIPIENTS): 'b@' is not a bare"),
+        ("recipients", ["a b@bank.example"], "not a bare address"),
+        ("recipients", [], "FRAUD_ALERT_RECIPIENTS): no address given"),
+        ("recipients", ["x" * 250 + "@bank.example"], "longer than 254"),
+        ("operator_recipients", ["ops@bank.example\r\nBcc: x@evil"], "FRAUD_OPERATOR_RECIPIENTS"),
+    ],
+)
+def test_an_address_smtp_cannot_carry_is_refused_where_it_is_configured(
+    field: str, value: object, said: str
+) -> None:
+    """Before: accepted, then every alert failed at send time (a non-ASCII address crashed the
+    delivery; a long list was cut short in the To header, from which smtplib takes the
+    envelope)."""
+    with pytest.raises(ConfigurationError, match=re.escape(said)):
+        smtp_resource(**{field: value})
+
+
+def test_plain_addresses_are_accepted() -> None:
+    addresses = ["risk-analysts@localhost", "first.last+fraud@mail.bank-1.example", "o'neil@b.c"]
+    resource = smtp_resource(sender="alerts@localhost", recipients=addresses)
+    assert resource.alert_delivery().recipients == tuple(addresses)
+
+
+def test_every_recipient_is_in_the_to_header_however_many() -> None:
+    recipients = [f"risk-analyst-{i:03d}@bank.example" for i in range(100)]
+    assert len(", ".join(recipients)) > 2_000  # what the header was cut at before
+    message = parsed(render_alert(ALERT, "from@bank.example", recipients))
+    assert [address.addr_spec for address in message["To"].addresses] == recipients
+    assert all(len(line) <= 998 for line in message.as_string().splitlines())
+
+
+def test_a_password_smtp_auth_cannot_carry_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigurationError, match="other than ASCII") as raised:
+        SmtpSettings("127.0.0.1", 25, username="alerts", password="pässwort-Geheim")
+    assert "pässwort" not in str(raised.value) and "ä" not in str(raised.value)
