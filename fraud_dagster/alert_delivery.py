@@ -98,18 +98,23 @@ def _send_share(
     accepted: queue.Queue[AcceptedAlert | None],
     stop: threading.Event,
     time_is_up: Callable[[], bool] = lambda: False,
+    start: threading.Event | None = None,
 ) -> _SessionOutcome:
     """Send `share` over one session, reporting each acceptance on `accepted` at once.
 
-    A message the server refuses while the session stays usable is noted against its alert
-    only, and the session goes on; a broken session ends it, the rest left unsent. Before each
-    message `time_is_up()` is asked: once it says so, the rest is left untried (the delivery
-    releases it). Stops early when `stop` is set (the marking thread cannot record what was
-    sent): the rest is left untried too."""
+    Waits for `start` (set once every session is under way, or on an interrupt) before it
+    connects. A message the server refuses while the session stays usable is noted against its
+    alert only, and the session goes on; a broken session ends it, the rest left unsent, and so
+    does any other error (the session's state is then unknown). Before each message
+    `time_is_up()` is asked: once it says so, the rest is left untried (the delivery releases
+    it). Stops early when `stop` is set (the marking thread cannot record what was sent, or
+    the run was interrupted): the rest is left untried too."""
     outcome = _SessionOutcome()
     tried = 0
     try:
-        if time_is_up():
+        if start is not None:
+            start.wait()
+        if stop.is_set() or time_is_up():
             outcome.untried = share
             return outcome
         with SmtpMailer(delivery.smtp) as mailer:
@@ -131,6 +136,10 @@ def _send_share(
                 tried += 1
     except AlertDeliveryError as exc:
         outcome.unsent, outcome.error = share[tried:], exc
+    except Exception as exc:
+        logger.exception("alert delivery: unexpected error in an SMTP session")
+        outcome.unsent = share[tried:]
+        outcome.error = AlertDeliveryError(f"unexpected error in the SMTP session: {exc!r}")
     finally:
         accepted.put(None)  # this session is done
     return outcome
@@ -234,20 +243,25 @@ def deliver_alerts(
     stop = threading.Event()
     interrupted: BaseException | None = None
     unrecorded: list[AcceptedAlert] = []  # accepted, and not known to be marked sent
+    shares = [claimed[i::sessions] for i in range(sessions)]
+    outcomes: list[Future[_SessionOutcome]] = []
+    start = threading.Event()  # no session sends before every one is under way
     with ThreadPoolExecutor(sessions, thread_name_prefix="smtp-session") as pool:
-        outcomes = [
-            pool.submit(
-                _send_share,
-                claimed[i::sessions],
-                delivery,
-                accepted,
-                stop,
-                lambda: clock() >= deadline,
-            )
-            for i in range(sessions)
-        ]
-        running = sessions
         try:
+            for share in shares:
+                outcomes.append(
+                    pool.submit(
+                        _send_share,
+                        share,
+                        delivery,
+                        accepted,
+                        stop,
+                        lambda: clock() >= deadline,
+                        start,
+                    )
+                )
+            start.set()
+            running = sessions
             while running:
                 group = [accepted.get()]
                 while not accepted.empty():
@@ -258,8 +272,12 @@ def deliver_alerts(
                 unrecorded = []
         except BaseException as exc:  # the run terminated (interrupt), the database gone
             stop.set()
+            start.set()
             interrupted = exc
-    # Leaving the pool waited for every session to end the email it had started.
+    # Leaving the pool waited for every session to end the email it had started. A share whose
+    # session was not submitted before an interrupt was not tried (nor was any share, if the
+    # interrupt came before `start`: each session saw `stop` first).
+    outcomes += [_not_tried(share) for share in shares[len(outcomes) :]]
     if isinstance(interrupted, OperationalError):
         raise interrupted  # the database is gone: nothing more can be recorded
     try:
@@ -286,6 +304,13 @@ def deliver_alerts(
     if interrupted is not None:
         raise interrupted
     return report
+
+
+def _not_tried(share: list[dict]) -> Future[_SessionOutcome]:
+    """The outcome of a share no session took up: every alert untried."""
+    future: Future[_SessionOutcome] = Future()
+    future.set_result(_SessionOutcome(untried=share))
+    return future
 
 
 def _record_outcomes(

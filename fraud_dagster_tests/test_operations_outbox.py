@@ -869,3 +869,152 @@ def test_a_sender_stops_at_half_the_claim_time_and_releases_the_untried_alerts_f
     assert {row["status"] for row in rows.values()} == {"sent"}
     assert {rows[tid]["claimed_by"] for tid in suspicious - first} == {"successor"}
     assert {rows[tid]["attempts"] for tid in suspicious - first} == {2}
+
+
+class InterruptedWhileStartingSessions(ThreadPoolExecutor):
+    """The pool of a delivery whose run is interrupted (the operator's Terminate) right after
+    its first SMTP session was submitted, before the others are."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if self.submitted == 1:
+            raise Interrupt()
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_an_interrupt_while_the_sessions_start_sends_nothing_and_releases_every_alert(
+    several_sessions: tuple[Settings, list[int]],
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the session submitted before the interrupt sent its whole share (the interrupt
+    had not reached it), and nothing marked those emails sent, so the next sender sent them
+    again. Now no session sends before all are under way: nothing is sent, every alert is due
+    again at once with its attempt not counted, and the next sender sends each one once."""
+    settings, _ = several_sessions
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
+    assert len(suspicious) >= 3, "every session must have a share"
+    with monkeypatch.context() as patch:
+        patch.setattr(alert_delivery, "ThreadPoolExecutor", InterruptedWhileStartingSessions)
+        with pytest.raises(Interrupt):
+            send_every_due_alert(settings, database_url, "interrupted")
+    gc.collect()
+
+    time.sleep(0.5)  # an email sent by the interrupted delivery would be here now
+    assert mailbox.messages() == []
+    rows = outbox(database_url)
+    assert {(rows[tid]["status"], rows[tid]["attempts"]) for tid in suspicious} == {("pending", 1)}
+    assert {rows[tid]["claimed_by"] for tid in suspicious} == {None}
+
+    successor = send_every_due_alert(settings, database_url, "successor")
+
+    assert successor.claimed == successor.sent == len(suspicious)
+    mailbox.wait_for(len(suspicious))
+    time.sleep(0.5)  # a copy would arrive now
+    assert emails_by_transaction(mailbox.messages()) == dict.fromkeys(suspicious, 1)
+
+
+class EnvelopeRecordingHandler(MaildirHandler):
+    """Stores messages like the local server and records each one's envelope recipients."""
+
+    def __init__(self, mail_dir: Path) -> None:
+        super().__init__(mail_dir)
+        self.envelopes: list[list[str]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.envelopes.append(list(envelope.rcpt_tos))
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_every_configured_analyst_receives_every_alert_however_long_the_list(
+    fast_retries: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the To header was cut at 2,000 characters with a trailing "…", and smtplib takes
+    the envelope from it: the server refused every alert (non-ASCII, no SMTPUTF8) or, with
+    SMTPUTF8, the analysts after the cut never received any."""
+    analysts = [f"risk-analyst-{i:03d}@bank.example" for i in range(100)]
+    monkeypatch.setenv("FRAUD_ALERT_RECIPIENTS", ",".join(analysts))
+    settings = load_settings()
+    suspicious = alerts_failed_while_smtp_was_down(
+        fast_retries, instance, smtp_server, database_url
+    )
+    smtp_server.stop()
+    handler = EnvelopeRecordingHandler(smtp_server.mail_dir)
+    with serving(handler, smtp_server.port):
+        report = send_every_due_alert(settings, database_url, "many")
+
+    assert (report.sent, report.failed) == (len(suspicious), 0)
+    assert handler.envelopes == [analysts] * len(suspicious)
+    emails = mailbox.wait_for(len(suspicious))
+    assert emails_by_transaction(emails) == dict.fromkeys(suspicious, 1)
+    assert {tuple(a.addr_spec for a in m["To"].addresses) for m in emails} == {tuple(analysts)}
+
+
+def test_an_unexpected_error_in_a_session_fails_its_unsent_alerts_and_the_others_go_out(
+    several_sessions: tuple[Settings, list[int]],
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error no SMTP failure explains (here: rendering one alert fails) in one session.
+    Before: it came out of the delivery before any outcome was recorded, leaving every alert
+    `sending` with no error and no backoff. Now that session's unsent alerts are failed with
+    the error and a backoff, the other sessions' alerts are sent and marked, and the retry
+    sends the failed ones once."""
+    settings, _ = several_sessions
+    suspicious = alerts_failed_while_smtp_was_down(settings, instance, smtp_server, database_url)
+    assert len(suspicious) >= 3, "the other sessions must have alerts to send"
+    broken = sorted(suspicious)[0]
+    render = alert_delivery.render_alert
+
+    def render_failing_once(alert: dict, *args: Any) -> Any:
+        if alert["transaction_id"] == broken:
+            raise RuntimeError("injected: rendering this alert failed")
+        return render(alert, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(alert_delivery, "render_alert", render_failing_once)
+        report = send_every_due_alert(settings, database_url, "first")
+
+    rows = outbox(database_url)
+    failed = {tid for tid in suspicious if rows[tid]["status"] == "failed"}
+    assert broken in failed
+    assert (report.sent, report.failed) == (len(suspicious) - len(failed), len(failed))
+    assert sorted(report.sent_ids) == sorted(suspicious - failed)
+    assert {rows[tid]["status"] for tid in suspicious - failed} == {"sent"}
+    for tid in failed:
+        assert "injected: rendering this alert failed" in rows[tid]["last_error"]
+        assert rows[tid]["next_attempt_at"] is not None
+    assert emails_by_transaction(mailbox.wait_for(len(suspicious - failed))) == dict.fromkeys(
+        suspicious - failed, 1
+    )
+
+    engine = create_engine(database_url)
+
+    def failed_ones_due() -> bool:  # their backoff: 2 s after their second attempt
+        return outbox_status(engine, pending_grace=timedelta(0)).due == len(failed)
+
+    try:
+        wait_for(failed_ones_due, 10, "the failed alerts due again")
+    finally:
+        engine.dispose()
+    retry = send_every_due_alert(settings, database_url, "retry")
+
+    assert sorted(retry.sent_ids) == sorted(failed)
+    mailbox.wait_for(len(suspicious))
+    time.sleep(0.5)  # a copy would arrive now
+    assert emails_by_transaction(mailbox.messages()) == dict.fromkeys(suspicious, 1)
