@@ -23,7 +23,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.errors import StorageError
 from fraud_dagster.messages import Rejection
-from fraud_dagster.storage.database import insert_ignoring_conflicts, utcnow
+from fraud_dagster.storage.database import (
+    insert_ignoring_conflicts,
+    insert_widening_on_conflict,
+    utcnow,
+)
 from fraud_dagster.storage.history import classify_stored
 from fraud_dagster.storage.rollups import add_to_account_rollups, may_start_rollups
 from fraud_dagster.storage.schema import (
@@ -282,8 +286,11 @@ def persist_batch(
                         ],
                     )
                 result.lost_offsets = sum(b - a + 1 for a, b in lost)
+            # A range that starts where a stored one does (the sensor planned the start again
+            # after a cursor reset or a lost tick) and reaches further widens that one: ignored,
+            # its further offsets would count as never stored, and the commit stop short.
             conn.execute(
-                insert_ignoring_conflicts(stored_ranges, dialect),
+                insert_widening_on_conflict(stored_ranges, dialect, "last_offset"),
                 [
                     {
                         "source_topic": topic,

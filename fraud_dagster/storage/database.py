@@ -182,6 +182,18 @@ def insert_adding_on_conflict(table: sa.Table, dialect_name: str, added: list[st
     )
 
 
+def insert_widening_on_conflict(table: sa.Table, dialect_name: str, column: str) -> sa.Insert:
+    """`INSERT ... ON CONFLICT (primary key) DO UPDATE` keeping the larger of the stored and
+    the new row's `column`, for SQLite and PostgreSQL alike; nothing else of the stored row
+    changes."""
+    statement = _dialect_insert(table, dialect_name)
+    stored, new = table.c[column], statement.excluded[column]
+    return statement.on_conflict_do_update(
+        index_elements=[c.name for c in table.primary_key.columns],
+        set_={column: sa.case((new > stored, new), else_=stored)},
+    )
+
+
 def in_chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
     """`values` in slices short enough for one IN list."""
     for start in range(0, len(values), size):
