@@ -13,6 +13,11 @@ class KafkaUnavailableError(FraudDagsterError):
     """The broker could not be reached or did not answer in time."""
 
 
+class TopicChangedError(FraudDagsterError):
+    """The topic a batch was planned for was deleted: the broker's topic of that name is another
+    one (another topic id), whose offsets hold other messages."""
+
+
 class OffsetRangeError(FraudDagsterError):
     """An offset range cannot be read as asked: it is not written yet, or retention deleted
     part of it while it was read (a retry then records those offsets as lost)."""

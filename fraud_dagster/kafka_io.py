@@ -28,7 +28,7 @@ from kafka.errors import (
 from kafka.protocol.consumer.offsets import OffsetSpec
 from kafka.structs import OffsetAndMetadata
 
-from fraud_dagster.errors import KafkaUnavailableError, OffsetRangeError
+from fraud_dagster.errors import KafkaUnavailableError, OffsetRangeError, TopicChangedError
 from fraud_dagster.messages import RawBatch
 
 logger = logging.getLogger(__name__)
@@ -135,17 +135,29 @@ def _describe(admin: KafkaAdminClient, topic: str) -> tuple[str | None, list[Top
     return (str(found) if found and str(found) != _NO_TOPIC_ID else None), tps
 
 
-def _require_partition(options: Mapping[str, Any], topic: str, partition: int) -> None:
+def _require_partition(
+    options: Mapping[str, Any], topic: str, partition: int, topic_id: str | None = None
+) -> None:
     """Fail at once, saying what is missing, if the broker has no such topic or partition (a
     rerun of a batch whose topic was deleted since): a KafkaConsumer would wait out its 30-s
     request timeout for the offsets of an unknown partition and only say that it timed out,
     and kafka-python 3.0 asks for the topic with auto-creation whatever its
-    `allow_auto_create_topics` says. A few ms a batch (one describe)."""
+    `allow_auto_create_topics` says. A few ms a batch (one describe). With `topic_id` (the
+    topic the batch was planned for), fail with TopicChangedError if the broker's topic is
+    another one: its offsets hold other messages, which the batch would store as its own."""
     try:
         with _admin(options) as admin:
-            _, tps = _describe(admin, topic)
+            found, tps = _describe(admin, topic)
     except KafkaError as exc:
         raise KafkaUnavailableError(f"cannot describe topic {topic!r}: {exc!r}") from exc
+    if topic_id and found and found != topic_id:
+        raise TopicChangedError(
+            f"this batch was planned for topic {topic!r} with id {topic_id}, which was deleted "
+            f"since: the broker's {topic!r} is a new topic (id {found}) whose offsets hold other "
+            "messages. Do not rerun this batch: the sensor reads the new topic from its "
+            "beginning, and the deleted topic's offsets no batch stored went with it "
+            '(docs/operations.md, "When the topic is deleted and created again")'
+        )
     partitions = [tp.partition for tp in tps]
     if partition not in partitions:
         raise KafkaUnavailableError(
@@ -319,6 +331,7 @@ def read_range(
     last_offset: int,
     timeout_seconds: float = 60.0,
     group_id: str | None = None,
+    topic_id: str | None = None,
 ) -> RawBatch:
     """Read offsets `first_offset..last_offset` (inclusive) of one partition, and nothing more.
 
@@ -331,13 +344,15 @@ def read_range(
     broker has no such topic or partition or the range cannot be read within
     `timeout_seconds`. With `group_id`, the batch also says where that
     group's history starts (`history_start`: its committed offset, else the beginning).
+    With `topic_id` (the id of the topic the batch was planned for), raises
+    `TopicChangedError` if the broker's topic is another one.
     """
     batch = RawBatch(topic, partition, first_offset, last_offset)
     if last_offset < first_offset:
         return batch
     tp = TopicPartition(topic, partition)
     group = {"group_id": group_id} if group_id else {}
-    _require_partition(options, topic, partition)
+    _require_partition(options, topic, partition, topic_id)
     with closing(_consumer(options, **_BATCH_CONSUMER_OPTIONS, **group)) as consumer:
         try:
             consumer.assign([tp])

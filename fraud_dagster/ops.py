@@ -30,8 +30,14 @@ from fraud_dagster.batch_checks import (
     share_bar,
 )
 from fraud_dagster.batch_order import RunningBatch, wait_for_batches_ahead
-from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_LAST_OFFSET, TAG_PARTITION, TAG_TOPIC
-from fraud_dagster.errors import FraudDagsterError
+from fraud_dagster.batching import (
+    TAG_FIRST_OFFSET,
+    TAG_LAST_OFFSET,
+    TAG_PARTITION,
+    TAG_TOPIC,
+    TAG_TOPIC_ID,
+)
+from fraud_dagster.errors import FraudDagsterError, TopicChangedError
 from fraud_dagster.features import HistoryRead
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.resources import (
@@ -65,8 +71,19 @@ class BatchConfig(dg.Config):
     retry_policy=IO_RETRY_POLICY,
 )
 def fetch(context: dg.OpExecutionContext, config: BatchConfig, kafka: KafkaResource):
-    """Read exactly the batch's offset range from Kafka, stopping at its last offset."""
-    raw = kafka.read_range(config.topic, config.partition, config.first_offset, config.last_offset)
+    """Read exactly the batch's offset range from Kafka, stopping at its last offset; refused,
+    without retries, if the topic the sensor planned it for (its id, in the run's tags) has
+    been deleted since: the offsets of the topic now under that name are other messages."""
+    try:
+        raw = kafka.read_range(
+            config.topic,
+            config.partition,
+            config.first_offset,
+            config.last_offset,
+            topic_id=context.run.tags.get(TAG_TOPIC_ID),
+        )
+    except TopicChangedError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     context.log.info(
         f"read {len(raw)} messages from {config.topic}/{config.partition} "
         f"offsets {config.first_offset}..{config.last_offset}"

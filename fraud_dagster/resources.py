@@ -85,7 +85,9 @@ class KafkaResource(dg.ConfigurableResource):
     def committed_offsets(self) -> dict[int, int]:
         return kafka_io.committed_offsets(self.client_options(), self.topic, self.consumer_group)
 
-    def read_range(self, topic: str, partition: int, first: int, last: int) -> RawBatch:
+    def read_range(
+        self, topic: str, partition: int, first: int, last: int, topic_id: str | None = None
+    ) -> RawBatch:
         return kafka_io.read_range(
             self.client_options(),
             topic,
@@ -94,6 +96,7 @@ class KafkaResource(dg.ConfigurableResource):
             last,
             self.fetch_timeout_seconds,
             group_id=self.consumer_group,
+            topic_id=topic_id,
         )
 
     def commit_stored(

@@ -29,10 +29,12 @@ from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
+from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster_tests.helpers import (
     RUN_KEY_TAG,
     MailBox,
     admin_client,
+    evaluate_sensor,
     produce,
     suspicious_ids,
     table_rows,
@@ -226,3 +228,43 @@ def test_a_batch_of_a_deleted_topic_or_a_missing_partition_fails_saying_which(
 
     with pytest.raises(KafkaUnavailableError, match=r"does not exist on the broker"):
         kafka.read_range(settings.kafka_topic, 0, 0, 4)
+
+
+@pytest.mark.backends("sqlite")
+def test_a_batch_planned_for_the_deleted_topic_reads_nothing_of_the_new_one(
+    instance: dg.DagsterInstance, database_url: str, settings: Settings
+) -> None:
+    """A batch of the previous topic still queued (or in its retries) when the topic is deleted
+    and created again, and producers fill the new one past its range. Before: its fetch read
+    the new topic's messages at its offsets and stored them as its own; set aside with the
+    previous topic's rows, they made the new topic's batches reject those messages as
+    duplicates of themselves. Now the run fails at once, without retries, saying why, and
+    stores nothing."""
+    defs = build_definitions(settings)
+    produce(settings, to_messages(synthetic_transactions(10, seed=41)))
+    (request,) = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
+    planned_for = request.tags["fraud_dagster/topic_id"]
+    assert planned_for == topic_id(settings)
+
+    recreate_topic(settings)
+    produce(settings, to_messages(synthetic_transactions(10, seed=42)))
+    job = defs.resolve_job_def("score_transactions")
+    result = job.execute_in_process(
+        run_config=request.run_config,
+        instance=instance,
+        tags={**request.tags, RUN_KEY_TAG: request.run_key},
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key.endswith("fetch")
+    said = failure.event_specific_data.error.message
+    assert f"planned for topic {settings.kafka_topic!r} with id {planned_for}" in said
+    assert "Do not rerun this batch" in said
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    engine = create_engine(database_url)
+    ensure_schema(engine)  # the run failed before it touched the database at all
+    engine.dispose()
+    assert table_rows(database_url, schema.scored_transactions) == []
+    assert table_rows(database_url, schema.stored_ranges) == []
