@@ -133,8 +133,9 @@ def past_launched_ranges(cursor: SensorCursor, run_keys: Iterable[str]) -> Senso
 
 
 def new_key_tag(topic_id: str | None, previous_tag: str, now: float) -> str:
-    """A run-key tag that no earlier batch of the topic used: the first 8 hex digits of the new
-    topic's id, or (no id, or the same one: a cursor reset) the time in milliseconds, base 16."""
+    """A run-key tag that no earlier batch of the topic used: the first 8 hex digits of a topic
+    id no batch has seen before (`topic_id`; the caller passes None for an id seen before), or
+    the time in milliseconds, base 16."""
     if topic_id:
         tag = topic_id.replace("-", "")[:8]
         if tag != previous_tag:
@@ -205,7 +206,11 @@ def plan_batches(
         )
     recreated = reason is not None
     if recreated:
-        key_tag = new_key_tag(topic_id, cursor.key_tag, time.time() if now is None else now)
+        # The id's own tag only for an id the cursor did not have: under the same id (the broker
+        # lost data, perhaps again after a cursor reset) that tag may have been used already,
+        # and Dagster would skip every run key it gave out before.
+        fresh_id = topic_id if topic_id != cursor.topic_id else None
+        key_tag = new_key_tag(fresh_id, cursor.key_tag, time.time() if now is None else now)
         notes.append(
             f"topic {cursor.topic} was recreated ({reason}): every partition restarts at its "
             f"beginning, run keys tagged @{key_tag}"

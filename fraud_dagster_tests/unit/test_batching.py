@@ -136,6 +136,24 @@ def test_offsets_deleted_by_retention_start_the_next_batch_and_do_not_count_towa
     assert ranges(from_the_commit) == [(0, 5, 59)]
 
 
+def test_a_recreation_under_a_topic_id_seen_before_gets_a_time_tag_not_the_ids_own() -> None:
+    """The broker lost data twice under the same id (or once, then the cursor was reset): the
+    id's own tag may have been given out already, and Dagster skips every run key it made.
+    Before: the second recreation got the id's tag again (it only avoided the cursor's tag)."""
+    same = "8aae0904-3595-45d7-814d-1674549a09d2"
+    first = plan_batches(
+        SensorCursor("t", {0: 50}, same), {0: 0}, {0: 30}, {}, 10, 5, topic_id=same, now=1.0
+    )
+    reset = SensorCursor("t", first.cursor.next_offsets, same, new_key_tag(None, "", 2.0))
+    second = plan_batches(reset, {0: 0}, {0: 20}, {}, 10, 5, topic_id=same, now=3.0)
+    tags = [first.cursor.key_tag, reset.key_tag, second.cursor.key_tag]
+    assert tags == ["t3e8", "t7d0", "tbb8"]  # never "8aae0904", which a new id would get
+    new_id = plan_batches(
+        second.cursor, {0: 0}, {0: 5}, {}, 10, 5, topic_id="77" + same[2:], now=4.0
+    )
+    assert new_id.new_topic_id and new_id.cursor.key_tag == "77ae0904"
+
+
 def test_new_key_tags_never_repeat_the_previous_one() -> None:
     assert new_key_tag("8aae0904-3595", "", 0) == "8aae0904"
     assert new_key_tag("8aae0904-3595", "8aae0904", 2.0) == "t7d0"
