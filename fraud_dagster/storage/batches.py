@@ -7,6 +7,7 @@ ranges say how far the consumer group may be committed (`contiguous_end`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from fraud_dagster.storage.schema import (
     fraud_alerts,
     lost_ranges,
     rejected_transactions,
+    schema_upgrades,
     scored_transactions,
     stored_ranges,
     suspicious_features,
@@ -441,6 +443,15 @@ def _classify_conflicts(
     return rejections
 
 
+def _set_aside_mark(aside: str) -> str:
+    """The `schema_upgrades` name that says `aside` was set aside: written with the move, so a
+    second call finds it even when the previous topic had stored nothing to move."""
+    mark = f"set aside as {aside}"
+    if len(mark) <= schema_upgrades.c.name.type.length:
+        return mark
+    return f"set aside as sha256:{hashlib.sha256(aside.encode()).hexdigest()}"
+
+
 @dataclass
 class SetAside:
     """What `set_aside_previous_topic` moved: stored ranges, scored and rejected rows."""
@@ -472,13 +483,15 @@ def set_aside_previous_topic(
     """
     suffix = f"@before-{key_tag}"
     aside = topic[: stored_ranges.c.source_topic.type.length - len(suffix)] + suffix
+    mark = _set_aside_mark(aside)
     moved = SetAside()
     with engine.begin() as conn:
-        done_before = conn.execute(
-            sa.select(sa.literal(1)).where(stored_ranges.c.source_topic == aside).limit(1)
-        ).first()
-        if done_before:
+        marked = sa.select(sa.literal(1)).where(schema_upgrades.c.name == mark)
+        # Before the mark was written, a stored range under the new name was the only sign.
+        ranges_moved = sa.select(sa.literal(1)).where(stored_ranges.c.source_topic == aside)
+        if conn.execute(marked).first() or conn.execute(ranges_moved.limit(1)).first():
             return moved
+        conn.execute(sa.insert(schema_upgrades).values(name=mark, done_at=utcnow()))
         tables = [stored_ranges, lost_ranges]
         if with_rows:
             tables += [scored_transactions, rejected_transactions]

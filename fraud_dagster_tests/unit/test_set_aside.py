@@ -152,3 +152,24 @@ def test_without_a_new_topic_id_the_rows_stay_and_the_old_messages_are_not_score
     assert (result.inserted, result.already_stored, result.duplicates_rejected) == (0, 2, 1)
     assert outcomes(engine) == (["T0", "T1", "T2"], ["N2"], ["T0", "T1", "T2"])
     assert contiguous_end(engine, "t", 0, 0) == 3
+
+
+def test_a_set_aside_that_moved_nothing_is_still_done_once_for_its_tag(engine: sa.Engine) -> None:
+    """The previous topic had stored nothing; the tick that set it aside launched the new
+    topic's first batch, then died before saving its cursor, so the next tick sets aside the
+    same tag again. Before: with no range under the new name to say it was done, that moved
+    the new topic's own rows and range away (their run keys were used, so Dagster would never
+    run them again)."""
+    assert set_aside_previous_topic(engine, "t", "8aae0904", with_rows=True).ranges == 0
+    run(batch([10.0, 20.0]), engine, ValidationLimits())  # the new topic's first batch
+
+    again = set_aside_previous_topic(engine, "t", "8aae0904", with_rows=True)
+
+    assert (again.ranges, again.scored, again.rejected) == (0, 0, 0)
+    assert topics(engine, scored_transactions) == [("t", 0), ("t", 1)]
+    assert contiguous_end(engine, "t", 0, 0) == 2
+    # a topic name so long that the mark's name must be a digest still gets its mark
+    long_topic = "x" * 240
+    assert set_aside_previous_topic(engine, long_topic, "8aae0904", with_rows=True).ranges == 0
+    store_range(engine, long_topic, 0, 4)
+    assert set_aside_previous_topic(engine, long_topic, "8aae0904", with_rows=True).ranges == 0
