@@ -289,8 +289,8 @@ def persist_batch(
                     )
                 result.lost_offsets = sum(b - a + 1 for a, b in lost)
             # A range that starts where a stored one does (the sensor planned the start again
-            # after a cursor reset or a lost tick) and reaches further widens that one: ignored,
-            # its further offsets would count as never stored, and the commit stop short.
+            # after a cursor reset or a lost tick) and reaches further widens that one. Ignored,
+            # its further offsets would count as never stored and the commit would stop short.
             conn.execute(
                 insert_widening_on_conflict(stored_ranges, dialect, "last_offset"),
                 [
