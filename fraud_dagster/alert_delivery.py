@@ -97,8 +97,8 @@ def _send_share(
     delivery: AlertDelivery,
     accepted: queue.Queue[AcceptedAlert | None],
     stop: threading.Event,
-    time_is_up: Callable[[], bool] = lambda: False,
-    start: threading.Event | None = None,
+    start: threading.Event,
+    time_is_up: Callable[[], bool],
 ) -> _SessionOutcome:
     """Send `share` over one session, reporting each acceptance on `accepted` at once.
 
@@ -112,8 +112,7 @@ def _send_share(
     outcome = _SessionOutcome()
     tried = 0
     try:
-        if start is not None:
-            start.wait()
+        start.wait()
         if stop.is_set() or time_is_up():
             outcome.untried = share
             return outcome
@@ -256,8 +255,8 @@ def deliver_alerts(
                         delivery,
                         accepted,
                         stop,
-                        lambda: clock() >= deadline,
                         start,
+                        lambda: clock() >= deadline,
                     )
                 )
             start.set()

@@ -343,12 +343,20 @@ def _parse_dates(
     for pos in frame.index[bad_format | out_of_range]:
         text = texts[pos][:40]
         outside = f"'transaction_date' {text!r} is outside {earliest.date()}..{latest.date()}"
+        invalid = f"'transaction_date' is not a valid ISO 8601 date: {text!r}"
         if not dated[pos]:
-            reason = f"'transaction_date' is not a valid ISO 8601 date: {text!r}"
+            reason = invalid
         elif not bad_format[pos]:
             reason = outside
-        else:
-            reason = _unread_date_reason(texts[pos], earliest, latest) or outside
+        elif (date := _python_date(texts[pos])) is None:
+            reason = invalid
+        elif earliest.year <= date.year <= latest.year:  # pandas could hold it: a form it lacks
+            reason = (
+                f"'transaction_date' {text!r} is a form of ISO 8601 this pipeline does not read; "
+                "send e.g. 2026-11-29T10:15:00.5+01:00"
+            )
+        else:  # a real date pandas cannot hold (years 1-1677, 2262-9999)
+            reason = outside
         rejections.append(_rejection_for_row(frame, pos, reason))
     keep = ~(bad_format | out_of_range)
     frame = frame.loc[keep].copy()
@@ -366,21 +374,13 @@ def _parse_dates(
 _YEAR_10000_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z, in ms since the epoch
 
 
-def _unread_date_reason(text: str, earliest: pd.Timestamp, latest: pd.Timestamp) -> str | None:
-    """Why pandas could not read `text`, a date by its start: None if it is a real date outside
-    what pandas holds (years 1-1677, 2262-9999, so outside the accepted range too); else that it
-    is no valid date, or (read by Python, inside the range: a decimal comma, say) a form of ISO
-    8601 the pipeline does not read."""
+def _python_date(text: str) -> datetime | None:
+    """`text` as Python's ISO 8601 reader reads it (None: no valid date), for the rejection
+    reason of a date pandas could not read."""
     try:
-        date = datetime.fromisoformat(text)
+        return datetime.fromisoformat(text)
     except ValueError:
-        return f"'transaction_date' is not a valid ISO 8601 date: {text[:40]!r}"
-    if not earliest.year <= date.year <= latest.year:
         return None
-    return (
-        f"'transaction_date' {text[:40]!r} is a form of ISO 8601 this pipeline does not read; "
-        "send e.g. 2026-11-29T10:15:00.5+01:00"
-    )
 
 
 def _drop_duplicate_ids(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[Rejection]]:
