@@ -54,6 +54,8 @@ FRAUD_ALERTS_KEY = dg.AssetKey("fraud_alerts")
 
 # Kafka and the database can blink; a few retries with backoff absorb that without a rerun.
 IO_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=2.0, backoff=dg.Backoff.EXPONENTIAL)
+# Dagster's run tag saying whether its run retries (dagster.yaml) take a run failed at an op.
+RETRY_ON_OP_FAILURE_TAG = "dagster/retry_on_asset_or_op_failure"
 
 
 class BatchConfig(dg.Config):
@@ -63,6 +65,15 @@ class BatchConfig(dg.Config):
     partition: int
     first_offset: int
     last_offset: int
+
+
+def final_failure(context: dg.OpExecutionContext, description: str) -> dg.Failure:
+    """A failure no retry can fix: neither the op's RetryPolicy nor Dagster's run retries try
+    it again (each would fail the same way, and each failed run mails the operators again).
+    Dagster decides on a run retry from the run's tags when the run fails, so the tag is set
+    before the failure is raised."""
+    context.instance.add_run_tags(context.run_id, {RETRY_ON_OP_FAILURE_TAG: "false"})
+    return dg.Failure(description=description, allow_retries=False)
 
 
 @dg.op(
@@ -83,7 +94,7 @@ def fetch(context: dg.OpExecutionContext, config: BatchConfig, kafka: KafkaResou
             topic_id=context.run.tags.get(TAG_TOPIC_ID),
         )
     except TopicChangedError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        raise final_failure(context, str(exc)) from exc
     context.log.info(
         f"read {len(raw)} messages from {config.topic}/{config.partition} "
         f"offsets {config.first_offset}..{config.last_offset}"

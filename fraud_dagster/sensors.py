@@ -46,7 +46,7 @@ from fraud_dagster.lost_retries import (
     lost_retry_message,
     runs_missing_their_retry,
 )
-from fraud_dagster.ops import RUNNING_STATUSES, batch_runs
+from fraud_dagster.ops import RETRY_ON_OP_FAILURE_TAG, RUNNING_STATUSES, batch_runs
 from fraud_dagster.range_runs import notices_with_batch_runs
 from fraud_dagster.resources import DatabaseResource, KafkaResource, SmtpResource
 from fraud_dagster.run_health import dead_worker_message, runs_with_dead_workers
@@ -332,10 +332,13 @@ def run_failure_notice(
     ui_url: str | None = None,
 ) -> RunFailureNotice:
     """What the operators' email says about a failed run: its offsets (batch runs carry them in
-    tags), its errors and whether Dagster retries it by itself."""
+    tags), its errors and whether Dagster retries it by itself (not when the failed op tagged
+    the run as one no retry fixes: `ops.final_failure`)."""
     attempt = int(tags.get("dagster/retry_number", "0"))
     max_retries = int(tags.get("dagster/max_retries", default_max_retries))
-    if retries_enabled and attempt < max_retries:
+    if tags.get(RETRY_ON_OP_FAILURE_TAG) == "false":
+        retry_note = f"attempt {attempt + 1}; not retried: a retry would fail the same way"
+    elif retries_enabled and attempt < max_retries:
         retry_note = f"attempt {attempt + 1} of {max_retries + 1}; Dagster retries it"
     else:
         retry_note = f"attempt {attempt + 1}; no automatic retry left, rerun it by hand"

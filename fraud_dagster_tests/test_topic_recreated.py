@@ -26,6 +26,7 @@ from fraud_dagster.errors import KafkaUnavailableError
 from fraud_dagster.kafka_io import offset_bounds
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
+from fraud_dagster.sensors import run_failure_notice
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
@@ -263,6 +264,13 @@ def test_a_batch_planned_for_the_deleted_topic_reads_nothing_of_the_new_one(
     assert f"planned for topic {settings.kafka_topic!r} with id {planned_for}" in said
     assert "Do not rerun this batch" in said
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    # Nor do Dagster's run retries take the run (each would fail and mail the operators again).
+    run = instance.get_run_by_id(result.run_id)
+    assert run is not None and run.tags.get("dagster/will_retry") == "false"
+    notice = run_failure_notice(
+        run.run_id, run.job_name, run.tags, [said], instance.run_retries_enabled, 2
+    )
+    assert notice.retry_note == "attempt 1; not retried: a retry would fail the same way"
     engine = create_engine(database_url)
     ensure_schema(engine)  # the run failed before it touched the database at all
     engine.dispose()

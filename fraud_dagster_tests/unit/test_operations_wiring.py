@@ -94,6 +94,15 @@ def test_failure_notice_names_the_offsets_and_whether_dagster_retries_the_run() 
     assert opted_out.offset_range is None
     assert "no automatic retry left" in opted_out.retry_note
     assert "no automatic retry" in run_failure_notice("r5", "j", {}, ["e"], False, 2).retry_note
+    final = run_failure_notice(
+        "r6",
+        "score_transactions",
+        {**tags, "dagster/retry_on_asset_or_op_failure": "false"},
+        ["topic deleted"],
+        True,
+        2,
+    )
+    assert final.retry_note == "attempt 1; not retried: a retry would fail the same way"
 
 
 def test_a_resent_failure_email_has_the_same_one_line_message_id() -> None:
