@@ -40,6 +40,7 @@ from sklearn.preprocessing import StandardScaler
 from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
 from fraud_dagster.features import DELAY_DAYS, FEATURE_COLUMNS, compute_features
 from fraud_dagster.model import (
+    MANIFEST_NAME,
     Manifest,
     ModelEntry,
     library_versions,
@@ -450,9 +451,17 @@ def publish_model(
     """
     models_dir.mkdir(parents=True, exist_ok=True)
     with _manifest_lock(models_dir):
-        try:
-            manifest = read_manifest(models_dir)
-        except ModelIntegrityError:
+        # Only a missing manifest starts a new one: an unreadable one (a hand edit's typo) holds
+        # the entries and the default that serve, which a fresh one would drop and replace
+        # with this unchecked model.
+        if (models_dir / MANIFEST_NAME).exists():
+            try:
+                manifest = read_manifest(models_dir)
+            except ModelIntegrityError as exc:
+                raise ModelIntegrityError(
+                    f"{exc}; repair it before publishing a model (nothing was written)"
+                ) from exc
+        else:
             manifest = Manifest(entries=(), default_version=None)
         created = datetime.now(UTC)
         version = _unique_version(created.strftime("%Y%m%dT%H%M%SZ"), manifest, models_dir)

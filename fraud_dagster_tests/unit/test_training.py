@@ -236,6 +236,26 @@ def test_publish_writes_file_and_manifest_entry(tmp_path: Path, simulated: pd.Da
     assert loaded.threshold == pytest.approx(result.threshold, abs=1e-6)
 
 
+def test_publishing_beside_an_unreadable_manifest_changes_nothing(
+    tmp_path: Path, simulated: pd.DataFrame
+) -> None:
+    """A hand edit's typo in the manifest must not make a publish start a new manifest: that
+    dropped every entry and made the new, unchecked model the default that batch runs serve."""
+    result = train_model(simulated, kind="logistic")
+    serving = publish_model(tmp_path, result, source="unit test", make_default=True)
+    manifest_path = tmp_path / "manifest.json"
+    broken = manifest_path.read_text().replace(
+        f'"threshold": {serving.threshold}', '"threshold": "0,34"'
+    )
+    assert broken != manifest_path.read_text()
+    manifest_path.write_text(broken)
+    files = sorted(tmp_path.iterdir())
+    with pytest.raises(ModelIntegrityError, match="repair it before publishing"):
+        publish_model(tmp_path, result, source="unit test")
+    assert manifest_path.read_text() == broken
+    assert sorted(tmp_path.iterdir()) == files  # no model file written either
+
+
 def test_a_model_pickled_by_another_scikit_learn_version_is_refused(
     tmp_path: Path, simulated: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
