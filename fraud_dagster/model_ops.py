@@ -29,6 +29,7 @@ TRAIN_MODEL_JOB = "train_model"
 TAG_CANDIDATE = "fraud_dagster/candidate_version"
 TAG_FINGERPRINT = "fraud_dagster/candidate_fingerprint"
 TAG_OUTCOME = "fraud_dagster/reload_outcome"
+TAG_MODEL_RELOAD = "fraud_dagster/model_reload"
 
 
 class TrainModelConfig(dg.Config):
@@ -167,8 +168,9 @@ def _checks_table(decision: model_registry.ReloadDecision) -> str:
 @dg.job(
     name=RELOAD_MODEL_JOB,
     executor_def=dg.in_process_executor,
-    # A refusal is a decision, not an accident: retrying the run would refuse again.
-    tags={"dagster/max_retries": "0"},
+    # A refusal is a decision, not an accident: retrying the run would refuse again. One reload
+    # run at a time (dagster.yaml limits the tag to 1): each validates against what serves.
+    tags={"dagster/max_retries": "0", TAG_MODEL_RELOAD: "reload"},
     description=(
         "Validate the newest model of the manifest (SHA-256, unpickling, a fixed sanity batch, "
         "recorded metrics vs the active model) and promote it. A refused model fails the run "

@@ -12,6 +12,7 @@ service, because every batch run (a fresh process) loads the active version, whi
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -96,13 +97,15 @@ def require_promoted_hash(engine: Engine, entry: ModelEntry) -> None:
 
 
 def candidate_fingerprint(models_dir: Path, candidate: ModelEntry, active: str | None) -> str:
-    """Identifies one validation question: this entry, these file bytes, against this active
-    version. The schedule does not ask a question again once it was answered with a refusal."""
+    """Identifies one validation question: this entry (every field of it, so fixing a refused
+    entry's threshold asks again), these file bytes, against this active version. The schedule
+    does not ask a question again once it was answered with a refusal."""
     try:
         actual = sha256_of_file(models_dir / candidate.file)
     except OSError:
         actual = "unreadable"
-    text = f"{candidate.version}|{candidate.sha256}|{actual}|{active}"
+    entry = json.dumps(candidate.to_json(), sort_keys=True)
+    text = f"{entry}|{actual}|{active}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -225,7 +228,8 @@ def reload_model(
     run_id: str | None = None,
 ) -> ReloadDecision:
     """Validate the newest manifest entry and promote it if it passes every check."""
-    previous = active_version(engine, manifest)
+    promoted = active_model_version(engine)
+    previous = manifest.serving_version(promoted)
     candidate = manifest.newest()
     if candidate.version == previous:
         return ReloadDecision(
@@ -248,7 +252,20 @@ def reload_model(
         logger.warning("%s", reason)
         return ReloadDecision(REFUSED, reason, candidate, previous, previous, checks)
     reason = f"validated against {previous}: " + ", ".join(c.name for c in checks)
-    record_promotion(engine, candidate.version, candidate.sha256, reason, run_id)
+    if not record_promotion(
+        engine, candidate.version, candidate.sha256, reason, run_id, replacing=promoted
+    ):
+        now = active_version(engine, manifest)
+        return ReloadDecision(
+            UNCHANGED,
+            f"model {candidate.version} passed its checks against {previous}, but another run "
+            f"promoted {now} meanwhile: not promoted (the next reload validates the newest "
+            f"model against {now})",
+            candidate,
+            previous,
+            now,
+            checks,
+        )
     logger.info("promoted model %s (was %s)", candidate.version, previous)
     return ReloadDecision(
         PROMOTED,

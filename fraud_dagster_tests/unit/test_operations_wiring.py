@@ -39,6 +39,16 @@ def test_alert_retry_job_opts_out_of_run_retries_and_is_limited_to_one_at_a_time
     assert config["run_retries"] == {"enabled": True, "max_retries": 2}
 
 
+def test_reload_model_runs_are_limited_to_one_at_a_time() -> None:
+    """Two reload runs at once could each validate against the model serving when they began,
+    and the slower one put its older candidate back in service."""
+    job = defs.resolve_job_def("reload_model")
+    config = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    limits = config["run_coordinator"]["config"]["tag_concurrency_limits"]
+    (limit,) = [lim for lim in limits if lim["key"] in job.tags]
+    assert limit["limit"] == 1 and "value" not in limit
+
+
 def test_backoff_doubles_up_to_the_maximum() -> None:
     assert [retry_delay(n).total_seconds() for n in (1, 2, 3, 4)] == [30, 60, 120, 240]
     assert retry_delay(30) == timedelta(hours=1)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sklearn.dummy import DummyClassifier
 
 from fraud_dagster import model_registry
 from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
-from fraud_dagster.model import LoadedModel, load_verified, read_manifest
+from fraud_dagster.model import LoadedModel, Manifest, load_verified, read_manifest
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import PROJECT_ROOT, load_settings
+from fraud_dagster.storage import promotions
 from fraud_dagster.storage.database import create_engine, ensure_schema
-from fraud_dagster.storage.promotions import record_promotion
+from fraud_dagster.storage.promotions import active_model_version, record_promotion
 
 
 @pytest.fixture
@@ -113,14 +116,70 @@ def test_fingerprint_changes_with_the_file_bytes_and_the_active_version(models_d
     assert model_registry.candidate_fingerprint(models_dir, entry, "v1") != first
 
 
+def test_fingerprint_changes_with_any_field_of_the_entry(models_dir: Path) -> None:
+    """A refused entry whose threshold an engineer fixed in the manifest asks the question
+    again: the schedule must not skip it as "nothing changed since"."""
+    entry = read_manifest(models_dir).newest()
+    first = model_registry.candidate_fingerprint(models_dir, entry, "v1")
+    fixed = replace(entry, threshold=entry.threshold / 2)
+    assert model_registry.candidate_fingerprint(models_dir, fixed, "v1") != first
+
+
+def test_the_newest_promotion_serves_whatever_the_clocks_said(tmp_path: Path) -> None:
+    """A promotion recorded while a host's clock ran ahead must not outrank later ones."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'promotions.db'}")
+    try:
+        ensure_schema(engine)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(promotions, "utcnow", lambda: datetime(2100, 1, 1))
+            assert record_promotion(engine, "A", "a" * 64, "clock ahead", replacing=None)
+        assert record_promotion(engine, "B", "b" * 64, "clock right", replacing="A")
+        assert active_model_version(engine) == "B"
+        assert model_registry.promoted_sha256(engine, "B") == "b" * 64
+    finally:
+        engine.dispose()
+
+
+def test_a_reload_does_not_promote_over_a_promotion_made_while_it_validated(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Two reload runs overlap: a later-published model is promoted by the second while the
+    first validates an older one. The first must not put its older model back in service."""
+    manifest = read_manifest(models_dir)
+    shipped = manifest.get(manifest.default_version)
+    older = replace(shipped, version="N1", created_at="2100-01-01T00:00:00+00:00")
+    manifest = Manifest((*manifest.entries, older), manifest.default_version)
+    engine = create_engine(f"sqlite:///{tmp_path / 'promotions.db'}")
+    validate = model_registry.validate_candidate
+
+    def promoted_meanwhile(*args: Any, **kwargs: Any) -> list[model_registry.Check]:
+        checks = validate(*args, **kwargs)
+        assert record_promotion(engine, "N2", "2" * 64, "the other run", replacing=None)
+        return checks
+
+    try:
+        ensure_schema(engine)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(model_registry, "validate_candidate", promoted_meanwhile)
+            decision = model_registry.reload_model(models_dir, manifest, engine)
+        assert decision.outcome == model_registry.UNCHANGED, decision.reason
+        assert all(check.passed for check in decision.checks)  # refused for the race alone
+        assert "another run promoted N2 meanwhile" in decision.reason
+        assert (decision.active_version, active_model_version(engine)) == ("N2", "N2")
+    finally:
+        engine.dispose()
+
+
 def test_promoted_version_must_keep_its_promoted_hash(shipped: LoadedModel, tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'promotions.db'}")
     try:
         ensure_schema(engine)
         entry = shipped.entry
         model_registry.require_promoted_hash(engine, entry)  # never promoted: nothing to compare
-        record_promotion(engine, entry.version, "0" * 64, "first promotion")
-        record_promotion(engine, entry.version, entry.sha256.upper(), "promoted again")
+        assert record_promotion(engine, entry.version, "0" * 64, "first", replacing=None)
+        assert record_promotion(
+            engine, entry.version, entry.sha256.upper(), "promoted again", replacing=entry.version
+        )
         assert model_registry.promoted_sha256(engine, entry.version) == entry.sha256.upper()
         model_registry.require_promoted_hash(engine, entry)  # the latest promotion counts
         replaced = replace(entry, sha256="f" * 64)
