@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from fraud_dagster.errors import LabelError
 from fraud_dagster.features import DELAY_DAYS
+from fraud_dagster.messages import naive_utc_dates
 from fraud_dagster.storage.history import stored_sources
 from fraud_dagster.storage.labels import latest_transaction_date, load_labels, record_labels
 
@@ -64,21 +65,47 @@ class ReplayLabelReport:
 
 
 def read_handbook_labels(path: Path) -> pd.DataFrame:
-    """transaction_id (text, as in the stream), transaction_date and is_fraud of a handbook CSV."""
+    """transaction_id (text, as in the stream), transaction_date (naive UTC, as scoring reads
+    it) and is_fraud of a handbook CSV, one row per transaction. A row without an id or a 0/1
+    label, an unreadable date, or an id labelled both ways is a LabelError naming it (nothing
+    is loaded); an id repeated with the same label counts once."""
     try:
-        frame = pd.read_csv(path, usecols=HANDBOOK_LABEL_COLUMNS)
+        frame = pd.read_csv(path, usecols=HANDBOOK_LABEL_COLUMNS, dtype={"TRANSACTION_ID": str})
     except (OSError, ValueError) as exc:
         raise LabelError(
             f"cannot read labels from {path}: {exc}; expected a handbook-format CSV with the "
             f"columns {', '.join(HANDBOOK_LABEL_COLUMNS)}"
         ) from exc
-    return pd.DataFrame(
-        {
-            "transaction_id": frame["TRANSACTION_ID"].astype(str),
-            "transaction_date": pd.to_datetime(frame["TX_DATETIME"]),
-            "is_fraud": frame["TX_FRAUD"].astype(int).astype(bool),
-        }
-    )
+    ids = frame["TRANSACTION_ID"].str.strip()
+    fraud = pd.to_numeric(frame["TX_FRAUD"], errors="coerce")
+    for problem, bad in (
+        ("no TRANSACTION_ID", ids.isna() | (ids == "")),
+        ("a TX_FRAUD other than 0 or 1", ~fraud.isin([0, 1])),
+    ):
+        if bad.any():
+            raise LabelError(f"{path}: {problem} at {_rows(bad)}; fix them and load again")
+    try:
+        dates = naive_utc_dates(frame["TX_DATETIME"])
+    except (ValueError, TypeError) as exc:
+        raise LabelError(f"{path} has an unreadable TX_DATETIME: {exc}") from exc
+    labels = pd.DataFrame(
+        {"transaction_id": ids, "transaction_date": dates, "is_fraud": fraud.astype(bool)}
+    ).drop_duplicates()
+    conflicting = labels["transaction_id"].duplicated(keep=False)
+    if conflicting.any():
+        named = sorted(set(labels.loc[conflicting, "transaction_id"]))
+        raise LabelError(
+            f"{path} gives {len(named)} transaction id(s) two labels or dates, e.g. "
+            f"{', '.join(named[:5])}; keep one row per transaction and load again"
+        )
+    return labels.reset_index(drop=True)
+
+
+def _rows(bad: pd.Series) -> str:
+    """The file's line numbers of the `bad` rows (header is line 1), the first few of them."""
+    lines = [str(pos + 2) for pos in bad[bad].index[:5]]
+    more = f" and {int(bad.sum()) - len(lines)} more" if bad.sum() > len(lines) else ""
+    return f"line(s) {', '.join(lines)}{more}"
 
 
 def load_replay_labels(

@@ -324,6 +324,13 @@ def parse_batch(raw: RawBatch, limits: ValidationLimits | None = None) -> Parsed
     return ParsedBatch(transactions=frame.reset_index(drop=True), rejections=rejections)
 
 
+def naive_utc_dates(dates: pd.Series) -> pd.Series:
+    """ISO 8601 dates of a file (training data, labels, a replayed CSV) read as scoring reads a
+    message's date: with an offset converted to UTC, without one taken as UTC, then naive.
+    Raises ValueError or TypeError on a date pandas cannot read."""
+    return pd.to_datetime(dates, utc=True, format="ISO8601").dt.tz_convert(None)
+
+
 def _parse_dates(
     frame: pd.DataFrame, limits: ValidationLimits
 ) -> tuple[pd.DataFrame, list[Rejection]]:

@@ -16,8 +16,8 @@ from kafka.errors import KafkaError
 from tqdm import tqdm
 
 from fraud_dagster import kafka_io
-from fraud_dagster.errors import KafkaUnavailableError
-from fraud_dagster.messages import encode_transaction
+from fraud_dagster.errors import ConfigurationError, KafkaUnavailableError
+from fraud_dagster.messages import encode_transaction, naive_utc_dates
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions, to_messages
 
 logger = logging.getLogger(__name__)
@@ -86,23 +86,37 @@ def handbook_messages(
 ) -> Iterator[dict]:
     """Messages of a handbook-format CSV (plain or .gz), in file order."""
     remaining = limit
-    for rows in pd.read_csv(path, usecols=list(HANDBOOK_FIELDS), chunksize=chunk_rows):
+    for rows in _handbook_chunks(path, list(HANDBOOK_FIELDS), chunk_rows):
         if remaining is not None:
             rows = rows.head(remaining)  # noqa: PLW2901
             remaining -= len(rows)
         messages = rows.rename(columns=HANDBOOK_FIELDS)
-        messages["transaction_date"] = pd.to_datetime(messages["transaction_date"]).dt.strftime(
-            "%Y-%m-%dT%H:%M:%S"
-        )
+        # In UTC, as training reads the same file (a local time with its offset dropped would
+        # shift the time-of-day features between training and scoring).
+        try:
+            dates = naive_utc_dates(messages["transaction_date"])
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"{path} has an unreadable TX_DATETIME: {exc}") from exc
+        messages["transaction_date"] = dates.dt.strftime("%Y-%m-%dT%H:%M:%S")
         yield from messages.to_dict("records")
         if remaining is not None and remaining <= 0:
             return
 
 
 def count_csv_rows(path: Path) -> int:
-    return sum(
-        len(chunk) for chunk in pd.read_csv(path, usecols=["TRANSACTION_ID"], chunksize=500_000)
-    )
+    return sum(len(chunk) for chunk in _handbook_chunks(path, ["TRANSACTION_ID"], 500_000))
+
+
+def _handbook_chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The CSV's `columns` in chunks; a missing file or column is a ConfigurationError that
+    says what the file should hold, not a pandas traceback."""
+    try:
+        yield from pd.read_csv(path, usecols=columns, chunksize=chunk_rows)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot read transactions from {path}: {exc}; expected a handbook-format CSV "
+            f"(plain or .gz) with the columns {', '.join(HANDBOOK_FIELDS)}"
+        ) from exc
 
 
 def produce(

@@ -39,6 +39,7 @@ from sklearn.preprocessing import StandardScaler
 
 from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
 from fraud_dagster.features import DELAY_DAYS, FEATURE_COLUMNS, compute_features
+from fraud_dagster.messages import naive_utc_dates
 from fraud_dagster.model import (
     MANIFEST_NAME,
     Manifest,
@@ -285,11 +286,18 @@ def prepare_training_frame(transactions: pd.DataFrame) -> pd.DataFrame:
     frame = transactions.copy()
     for column in ("transaction_id", "account_id", "merchant"):
         frame[column] = frame[column].astype(str)
-    try:  # to naive UTC, as scoring reads a message's date (`messages._parse_dates`)
-        dates = pd.to_datetime(frame["transaction_date"], utc=True, format="ISO8601")
+    repeated = frame["transaction_id"].duplicated(keep=False)
+    if repeated.any():
+        named = sorted(set(frame.loc[repeated, "transaction_id"]))
+        raise ConfigurationError(
+            f"training data repeats {len(named)} transaction id(s), e.g. {', '.join(named[:5])}: "
+            "keep one row per transaction (scoring rejects a repeated id, so a repeat would "
+            "count twice in the account and merchant windows the model learns from)"
+        )
+    try:
+        frame["transaction_date"] = naive_utc_dates(frame["transaction_date"])
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"training data has unreadable transaction_date: {exc}") from exc
-    frame["transaction_date"] = dates.dt.tz_convert(None)
     frame["is_fraud"] = frame["is_fraud"].fillna(0).astype(int)
     return frame.sort_values("transaction_date", kind="stable").reset_index(drop=True)
 

@@ -144,3 +144,42 @@ def test_replay_needs_a_readable_handbook_csv(
     assert "TRANSACTION_ID, TX_DATETIME, TX_FRAUD" in capsys.readouterr().err
     store_scored(database, [0])
     assert run_cli("load-labels", "--from-csv", str(tmp_path / "missing.csv")) == 1
+
+
+def test_replay_reads_offsets_and_repeated_rows_and_names_bad_ones(
+    database: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A re-export repeats rows, a source writes dates with offsets, a row lacks its label:
+    the first two load (once, at the UTC time), the third is refused naming its line, and a
+    refused file loads nothing (not a traceback halfway through)."""
+    store_scored(database, [0, 1], prefix="")
+    csv = tmp_path / "labels.csv"
+    as_of = (START + timedelta(days=8, hours=12)).isoformat()  # known: up to day 1 noon UTC
+    rows = pd.DataFrame(
+        {
+            "TRANSACTION_ID": ["0", "0", "1"],
+            # 12:00 UTC on day 0 twice; 13:30+02:00 on day 1 is 11:30 UTC, so it is known
+            "TX_DATETIME": [
+                f"{START:%Y-%m-%d} 12:00:00",
+                f"{START:%Y-%m-%d} 12:00:00",
+                f"{START + timedelta(days=1):%Y-%m-%d}T13:30:00+02:00",
+            ],
+            "TX_FRAUD": ["1", "1", "0"],
+        }
+    )
+    for broken, said in (
+        (rows.assign(TX_FRAUD=["1", "1", ""]), "a TX_FRAUD other than 0 or 1 at line(s) 4"),
+        (rows.assign(TRANSACTION_ID=["0", "", "1"]), "no TRANSACTION_ID at line(s) 3"),
+        (rows.assign(TX_FRAUD=["1", "0", "0"]), "1 transaction id(s) two labels or dates, e.g. 0"),
+        (rows.assign(TX_DATETIME=["2026-03-01", "2026-03-01", "1 March"]), "unreadable"),
+    ):
+        broken.to_csv(csv, index=False)
+        assert run_cli("load-labels", "--from-csv", str(csv), "--as-of", as_of) == 1
+        assert said in capsys.readouterr().err
+        assert labels(database) == {}
+
+    rows.to_csv(csv, index=False)
+    assert run_cli("load-labels", "--from-csv", str(csv), "--as-of", as_of) == 0
+    loaded = labels(database)
+    assert {tid: row["is_fraud"] for tid, row in loaded.items()} == {"0": True, "1": False}
+    assert loaded["1"]["labeled_at"] == START + timedelta(days=8, hours=11, minutes=30)

@@ -236,6 +236,12 @@ def test_publish_writes_file_and_manifest_entry(tmp_path: Path, simulated: pd.Da
     assert loaded.threshold == pytest.approx(result.threshold, abs=1e-6)
 
 
+def test_training_data_with_a_repeated_transaction_id_is_refused(simulated: pd.DataFrame) -> None:
+    repeated = pd.concat([simulated, simulated.iloc[[3]]], ignore_index=True)
+    with pytest.raises(ConfigurationError, match=r"repeats 1 transaction id\(s\), e.g. "):
+        prepare_training_frame(repeated)
+
+
 def test_publishing_beside_an_unreadable_manifest_changes_nothing(
     tmp_path: Path, simulated: pd.DataFrame
 ) -> None:
