@@ -25,6 +25,7 @@ from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_PARTITION
 from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
 from fraud_dagster.features import DELAY_DAYS, WINDOWS_DAYS
 from fraud_dagster.kafka_watch import KafkaNotice
+from fraud_dagster.settings import SMTP_SECURITY_MODES
 
 if TYPE_CHECKING:  # rendering needs only their fields; those modules read Kafka and the database
     from fraud_dagster.gap_watch import GapNotice
@@ -33,7 +34,6 @@ if TYPE_CHECKING:  # rendering needs only their fields; those modules read Kafka
 
 logger = logging.getLogger(__name__)
 
-SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]+")
 MESSAGE_ID_DOMAIN = "fraud-dagster.local"
 _UTF8_QUOTED_PRINTABLE = Charset("utf-8")

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fraud_dagster.errors import FraudDagsterError
+from fraud_dagster.errors import ConfigurationError, FraudDagsterError
 from fraud_dagster.logging_setup import LOG_FILE, configure_logging
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 
@@ -414,9 +414,24 @@ def _utc_datetime(text: str) -> datetime:
     return value
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    """A log level name (also from FRAUD_LOG_LEVEL, which argparse reads through this too)."""
+    if text.strip().upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.strip().upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fraud-dagster", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("FRAUD_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=os.environ.get("FRAUD_LOG_LEVEL", "INFO"),
+        help=f"{', '.join(LOG_LEVELS)} (default: FRAUD_LOG_LEVEL, else INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     kafka = sub.add_parser("kafka", help="local Apache Kafka broker (KRaft, 127.0.0.1)")
@@ -543,7 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:  # before logging is set up: it needs the settings
+        sys.stderr.write(f"fraud-dagster: {exc}\n")
+        sys.exit(2)
     chatter = configure_logging(settings.log_dir, args.log_level)
     try:
         code = args.handler(settings, args)

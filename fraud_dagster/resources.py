@@ -256,8 +256,28 @@ def _secret(settings: Settings, name: str) -> dg.EnvVar | None:
     return dg.EnvVar(name) if settings.secret_is_set(name) else None
 
 
+def _require_credentials(settings: Settings) -> None:
+    """Credentials that cannot work, refused when the code location loads rather than by every
+    run and sensor tick that connects (secrets are looked at, never shown)."""
+    if settings.secret_is_set("FRAUD_SMTP_PASSWORD") and not settings.smtp_username:
+        raise ConfigurationError("FRAUD_SMTP_PASSWORD is set without FRAUD_SMTP_USERNAME; set both")
+    for name in ("FRAUD_SMTP_USERNAME", "FRAUD_SMTP_PASSWORD"):
+        if not settings.env.get(name, "").isascii():  # smtplib's AUTH sends them as ASCII
+            raise ConfigurationError(
+                f"{name} has characters other than ASCII, which AUTH cannot send"
+            )
+    if settings.kafka_sasl_mechanism and not (
+        settings.kafka_sasl_username and settings.secret_is_set("FRAUD_KAFKA_SASL_PASSWORD")
+    ):
+        raise ConfigurationError(
+            f"FRAUD_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism} needs "
+            "FRAUD_KAFKA_SASL_USERNAME and FRAUD_KAFKA_SASL_PASSWORD"
+        )
+
+
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """All resources for `settings`: the same function serves dev, tests and production."""
+    _require_credentials(settings)
     database_url = _secret(settings, "FRAUD_DATABASE_URL") or settings.default_database_url
     return {
         "kafka": KafkaResource(

@@ -1,0 +1,102 @@
+"""Settings from the environment: a value a variable cannot take stops the code location (or
+the command) naming the variable, and is never read as something else."""
+
+from __future__ import annotations
+
+import pytest
+
+from fraud_dagster.cli import main
+from fraud_dagster.definitions import build_definitions
+from fraud_dagster.errors import ConfigurationError
+from fraud_dagster.resources import build_resources
+from fraud_dagster.settings import load_settings
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        # a typo used to turn the certificate check off without a word
+        ("FRAUD_SMTP_VERIFY_CERTIFICATE", "ture", "is not one of 1, true, yes, on, 0"),
+        ("FRAUD_SMTP_PORT", "25x", "is not a whole number, e.g. 8025"),
+        ("FRAUD_SMTP_PORT", "70000", "from 1 to 65535"),
+        ("FRAUD_SENSOR_INTERVAL_SECONDS", "2.5", "is not a whole number"),
+        ("FRAUD_MAX_BATCH_SIZE", "0", "a whole number of at least 1"),
+        ("FRAUD_MAX_RUNS_PER_TICK", "-3", "a whole number of at least 1"),
+        ("FRAUD_CHECK_MAX_REJECTED_SHARE", "5", "at least 0 and at most 1"),
+        ("FRAUD_CHECK_MAX_SCORE_PSI", "nan", "a number above 0"),
+        ("FRAUD_SMTP_TIMEOUT_SECONDS", "ten", "is not a number, e.g. 10"),
+        ("FRAUD_ALERT_RETRY_MAX_SECONDS", "10", "at least 30"),
+        ("FRAUD_SMTP_SECURITY", "tls", "is not one of none, starttls, ssl"),
+        # kafka-python took any other spelling as plaintext without authentication
+        ("FRAUD_KAFKA_SECURITY_PROTOCOL", "tls", "PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"),
+        ("FRAUD_KAFKA_SECURITY_PROTOCOL", "sasl_ssl", "FRAUD_KAFKA_SASL_MECHANISM must be set"),
+        ("FRAUD_MODEL_THRESHOLD", "0,5", "is not a number"),
+    ],
+)
+def test_a_value_its_variable_cannot_take_names_the_variable(
+    name: str, value: str, said: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=name) as refused:
+        build_definitions(load_settings({name: value}))
+    assert said in str(refused.value)
+
+
+def test_spellings_are_normalised_and_flags_read_both_ways() -> None:
+    settings = load_settings(
+        {
+            "FRAUD_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+            "FRAUD_KAFKA_SASL_MECHANISM": "scram-sha-512",
+            "FRAUD_SMTP_SECURITY": "STARTTLS",
+            "FRAUD_SMTP_VERIFY_CERTIFICATE": "Off",
+            "FRAUD_CHECK_MAX_REJECTED_SHARE": "0",
+        }
+    )
+    assert (settings.kafka_security_protocol, settings.kafka_sasl_mechanism) == (
+        "SASL_SSL",
+        "SCRAM-SHA-512",
+    )
+    assert (settings.smtp_security, settings.smtp_verify_certificate) == ("starttls", False)
+    assert settings.check_max_rejected_share == 0.0
+    assert load_settings({}).smtp_verify_certificate is True
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"FRAUD_SMTP_PASSWORD": "s3cret-value"}, "without FRAUD_SMTP_USERNAME"),
+        (
+            {"FRAUD_SMTP_USERNAME": "alerts", "FRAUD_SMTP_PASSWORD": "pässwort-value"},
+            "FRAUD_SMTP_PASSWORD has characters other than ASCII",
+        ),
+        (
+            {
+                "FRAUD_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                "FRAUD_KAFKA_SASL_MECHANISM": "PLAIN",
+                "FRAUD_KAFKA_SASL_USERNAME": "fraud",
+            },
+            "needs FRAUD_KAFKA_SASL_USERNAME and FRAUD_KAFKA_SASL_PASSWORD",
+        ),
+    ],
+)
+def test_credentials_that_cannot_work_are_refused_without_showing_them(
+    env: dict[str, str], said: str
+) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        build_resources(load_settings(env))
+    assert said in str(refused.value)
+    assert "s3cret" not in str(refused.value) and "pässwort" not in str(refused.value)
+
+
+def test_the_command_says_which_variable_is_wrong_instead_of_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("FRAUD_SMTP_PORT", "25x")
+    with pytest.raises(SystemExit) as exited:
+        main(["smtp", "status"])
+    assert exited.value.code == 2
+    assert "FRAUD_SMTP_PORT='25x' is not a whole number" in capsys.readouterr().err
+    monkeypatch.delenv("FRAUD_SMTP_PORT")
+    with pytest.raises(SystemExit) as exited:
+        main(["--log-level", "verbose", "smtp", "status"])
+    assert exited.value.code == 2
+    assert "'verbose' is not one of DEBUG, INFO, WARNING, ERROR" in capsys.readouterr().err
