@@ -250,6 +250,7 @@ class RunFailureNotice:
     retry_note: str
     run_url: str | None = None  # the run's page in the Dagster UI
     outcome: Literal["failed", "canceled"] = "failed"
+    advice: str | None = None  # what to do, when not the outcome's usual advice
 
 
 # Per outcome: (how the email says it, heading of the errors, what to do).
@@ -274,7 +275,8 @@ _RUN_OUTCOMES = {
 
 def render_run_failure(notice: RunFailureNotice, sender: str, recipients: Sequence[str]) -> Message:
     """The email the operators (not the analysts) receive when a run fails or is canceled."""
-    said, heading, advice = _RUN_OUTCOMES[notice.outcome]
+    said, heading, usual_advice = _RUN_OUTCOMES[notice.outcome]
+    advice = notice.advice or usual_advice
     what = f" ({notice.offset_range})" if notice.offset_range else ""
     lines = [
         f"A {notice.job_name} run {said}.",

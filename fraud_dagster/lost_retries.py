@@ -26,6 +26,8 @@ import dagster as dg
 
 WILL_RETRY_TAG = "dagster/will_retry"
 AUTO_RETRY_RUN_ID_TAG = "dagster/auto_retry_run_id"
+RETRY_NUMBER_TAG = "dagster/retry_number"  # on automatic retries only
+PARENT_RUN_ID_TAG = "dagster/parent_run_id"  # on every re-execution
 # The first words of the re-reported failure's message: the operators' failure email skips
 # these events (the run's failure was mailed when it happened).
 LOST_RETRY_MARK = "Failure reported again"

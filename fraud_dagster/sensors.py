@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.message import Message
+from typing import Literal
 
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
 
 from fraud_dagster.alert_claims import abandoned_claims
 from fraud_dagster.alerts import (
+    MessageRefusedError,
     RunFailureNotice,
     SmtpMailer,
     render_kafka_notice,
@@ -42,6 +45,9 @@ from fraud_dagster.jobs import (
 )
 from fraud_dagster.kafka_watch import KafkaWatch, observe
 from fraud_dagster.lost_retries import (
+    PARENT_RUN_ID_TAG,
+    RETRY_NUMBER_TAG,
+    WILL_RETRY_TAG,
     is_lost_retry_report,
     lost_retry_message,
     runs_missing_their_retry,
@@ -332,16 +338,39 @@ def run_failure_notice(
     ui_url: str | None = None,
 ) -> RunFailureNotice:
     """What the operators' email says about a failed run: its offsets (batch runs carry them in
-    tags), its errors and whether Dagster retries it by itself (not when the failed op tagged
-    the run as one no retry fixes: `ops.final_failure`)."""
-    attempt = int(tags.get("dagster/retry_number", "0"))
-    max_retries = int(tags.get("dagster/max_retries", default_max_retries))
-    if tags.get(RETRY_ON_OP_FAILURE_TAG) == "false":
-        retry_note = f"attempt {attempt + 1}; not retried: a retry would fail the same way"
-    elif retries_enabled and attempt < max_retries:
-        retry_note = f"attempt {attempt + 1} of {max_retries + 1}; Dagster retries it"
+    tags), its errors, whether Dagster retries it by itself and what is left to do.
+
+    Dagster's own decision (the run's `dagster/will_retry` tag) is used when it is written; it
+    counts re-executions by hand too, which a run's `dagster/retry_number` does not show. A run
+    the failed op tagged as one no retry fixes (`ops.final_failure`) and the alert sender (the
+    retry_alerts sensor is its retry) say so instead of asking for a rerun."""
+    if RETRY_NUMBER_TAG in tags:
+        attempt = f"attempt {int(tags[RETRY_NUMBER_TAG]) + 1}"
+    elif PARENT_RUN_ID_TAG in tags:
+        attempt = "a re-execution"
     else:
-        retry_note = f"attempt {attempt + 1}; no automatic retry left, rerun it by hand"
+        attempt = "attempt 1"
+    advice = None
+    if job_name == SEND_PENDING_ALERTS_JOB:
+        retry_note = "the retry_alerts sensor tries the unsent alerts again, with backoff"
+        advice = (
+            "Nothing to re-execute: the alerts stay in the outbox until a try succeeds. If the "
+            "failures go on, fix the SMTP cause (docs/operations.md)."
+        )
+    elif tags.get(RETRY_ON_OP_FAILURE_TAG) == "false":
+        retry_note = f"{attempt}; not retried: a retry would fail the same way"
+        advice = "Do not re-execute it: the error above says why, and what to do instead."
+    else:
+        max_retries = _int_tag(tags, "dagster/max_retries", default_max_retries)
+        will_retry = tags.get(WILL_RETRY_TAG)
+        if will_retry is None:  # not written yet: Dagster's rule without the run group
+            retrying = retries_enabled and _int_tag(tags, RETRY_NUMBER_TAG, 0) < max_retries
+        else:
+            retrying = will_retry == "true"
+        if retrying:
+            retry_note = f"{attempt} of {max_retries + 1}; Dagster retries it"
+        else:
+            retry_note = f"{attempt}; no automatic retry left, rerun it by hand"
     return RunFailureNotice(
         run_id,
         job_name,
@@ -349,14 +378,26 @@ def run_failure_notice(
         tuple(errors),
         retry_note,
         run_page_url(ui_url, run_id),
+        advice=advice,
     )
+
+
+def _int_tag(tags: Mapping[str, str], name: str, default: int) -> int:
+    """A whole-number tag; an unreadable one (a hand-edited launch) counts as `default`."""
+    try:
+        return int(tags[name])
+    except (KeyError, ValueError):
+        return default
 
 
 def _offset_range(tags: Mapping[str, str]) -> str | None:
     """A batch run's offsets as `<topic>/<partition> offsets <first>-<last>` (from its tags)."""
     if TAG_OFFSET_RANGE not in tags:
         return None
-    return f"{tags[TAG_TOPIC]}/{tags[TAG_PARTITION]} offsets {tags[TAG_OFFSET_RANGE]}"
+    return (
+        f"{tags.get(TAG_TOPIC, '?')}/{tags.get(TAG_PARTITION, '?')} "
+        f"offsets {tags[TAG_OFFSET_RANGE]}"
+    )
 
 
 def _failed_run_notice(
@@ -418,6 +459,7 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
         job_names=job_names,
         what="failed run",
         notice=_failed_run_notice,
+        outcome="failed",
         # A failure re-reported so that Dagster launches a lost retry was mailed when it happened.
         mailable=lambda entry: not is_lost_retry_report(entry),
         description=(
@@ -442,6 +484,7 @@ def build_canceled_batch_sensor(settings: Settings) -> dg.SensorDefinition:
         job_names=[score_transactions_job.name],
         what="canceled batch run",
         notice=_canceled_run_notice,
+        outcome="canceled",
         description=(
             "Emails FRAUD_OPERATOR_RECIPIENTS the run id and offset range of every canceled "
             "batch run: Dagster does not retry those, and their offsets may be unstored."
@@ -458,6 +501,7 @@ def _run_status_email_sensor(
     what: str,
     notice: Callable[[dg.DagsterInstance, dg.DagsterRun, dg.EventLogEntry, str], RunFailureNotice],
     description: str,
+    outcome: Literal["failed", "canceled"],
     mailable: Callable[[dg.EventLogEntry], bool] = lambda entry: True,
 ) -> dg.SensorDefinition:
     """A sensor that emails the operators once about every `event_type` of a run of `job_names`
@@ -467,6 +511,24 @@ def _run_status_email_sensor(
 
     def changes(after_storage_id: int | None = None) -> dg.RunStatusChangeRecordsFilter:
         return dg.RunStatusChangeRecordsFilter(event_type, after_storage_id=after_storage_id)
+
+    def notice_or_minimal(
+        instance: dg.DagsterInstance, run: dg.DagsterRun, entry: dg.EventLogEntry
+    ) -> RunFailureNotice:
+        """The run's notice; if reading its details fails (odd tags, a missing event), one with
+        its id and page, so one run cannot hold back the emails about all later ones."""
+        try:
+            return notice(instance, run, entry, settings.dagster_ui_url)
+        except Exception as exc:  # any cause: the run's page has the details
+            return RunFailureNotice(
+                run.run_id,
+                run.job_name,
+                None,
+                (f"(its details could not be read for this email: {exc!r}; see the run's page)",),
+                "see the run's page",
+                run_page_url(settings.dagster_ui_url, run.run_id),
+                outcome=outcome,
+            )
 
     @dg.sensor(
         name=name,
@@ -500,13 +562,18 @@ def _run_status_email_sensor(
                         and run.job_name in jobs
                         and mailable(record.event_log_entry)
                     ):
-                        message = notice(
-                            instance, run, record.event_log_entry, settings.dagster_ui_url
+                        told = _told_about_run(
+                            mailer, smtp, notice_or_minimal(instance, run, record.event_log_entry)
                         )
-                        mailer.send(
-                            render_run_failure(message, smtp.sender, smtp.operator_recipients)
-                        )
-                        mailed.append(run)
+                        if told:
+                            mailed.append(run)
+                        else:
+                            context.log.error(f"operator email about {what} {run.run_id} refused")
+                            instance.report_engine_event(
+                                f"{name}: the SMTP server refused the operators' email about "
+                                "this run (also without its error text); not tried again",
+                                run,
+                            )
                     cursor = record.storage_id
         except AlertDeliveryError as exc:
             if not mailed:
@@ -523,6 +590,21 @@ def _run_status_email_sensor(
         )
 
     return email_operators
+
+
+def _told_about_run(mailer: SmtpMailer, smtp: SmtpResource, notice: RunFailureNotice) -> bool:
+    """Send the operators' email about one run; if the server refuses that message (a content
+    filter reading its error text, a size limit), send it once more without the error text.
+    False if that is refused too: the caller moves on, so one message the server will never
+    take does not hold back every later one. A broken session raises, as before."""
+    attempts = (notice, replace(notice, errors=("(left out: the mail server refused it)",)))
+    for attempt in attempts:
+        try:
+            mailer.send(render_run_failure(attempt, smtp.sender, smtp.operator_recipients))
+            return True
+        except MessageRefusedError:
+            continue
+    return False
 
 
 # How often the watch looks at the topic; an outage is noticed at most this much late.

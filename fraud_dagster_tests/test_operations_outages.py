@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -37,14 +38,14 @@ from fraud_dagster.kafka_io import ensure_topic
 from fraud_dagster.local_services.dagster_processes import start_daemon, stop_dagster_process
 from fraud_dagster.local_services.kafka import LocalKafka
 from fraud_dagster.local_services.process import free_port
-from fraud_dagster.local_services.smtp import LocalSmtpServer
+from fraud_dagster.local_services.smtp import LocalSmtpServer, MaildirHandler
 from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.sensors import KAFKA_SENSOR_NAME
 from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
 from fraud_dagster.simulator import to_messages
 from fraud_dagster.storage import schema
-from fraud_dagster_tests.helpers import MailBox, evaluate_sensor, produce, table_rows
+from fraud_dagster_tests.helpers import MailBox, evaluate_sensor, produce, serving, table_rows
 from fraud_dagster_tests.operations_support import (
     accounting,
     local_postgres,
@@ -353,10 +354,65 @@ def test_the_operators_hear_once_about_each_failed_run_of_this_code_location_onl
     assert email["X-Fraud-Run-Id"] == ours.run_id
     body = email.get_content()
     assert "injected: the run's worker vanished" in body  # no step failed: the run's message
-    assert "no automatic retry left" in body  # send_pending_alerts opts out of run retries
+    assert "retry_alerts sensor" in body  # its retry: nothing to rerun by hand
     again = operators_tick(defs, instance, settings, cursor=mailed.cursor)
     assert again.cursor == mailed.cursor
     assert len(mailbox.messages()) == 1
+
+
+class ContentFilter(MaildirHandler):
+    """Stores messages like the local server, but refuses (554, after DATA) every message that
+    holds one of `refused`, as a bank's content filter refuses some texts for good."""
+
+    def __init__(self, mail_dir: Path, refused: set[str]) -> None:
+        super().__init__(mail_dir)
+        self.refused = refused
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        text = envelope.content.decode("utf-8", "replace")
+        if any(marker in text for marker in self.refused):
+            return "554 5.7.1 test filter refuses this content"
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.backends("sqlite")  # the sensor reads the Dagster instance only
+def test_an_operator_email_the_server_refuses_does_not_hold_back_the_later_ones(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+) -> None:
+    """Before: the first refused email failed every tick, and no later failure was mailed.
+    Now a refused email goes again without its error text; refused again, it is skipped (said
+    in the run's event log) and the emails about the runs after it go out."""
+    defs = build_definitions(settings)
+    watching = operators_tick(defs, instance, settings, cursor=None)
+    sender = defs.resolve_job_def("send_pending_alerts")
+    runs = [
+        instance.create_run_for_job(sender, status=dg.DagsterRunStatus.STARTED, tags=sender.tags)
+        for _ in range(4)
+    ]
+    errors = ["FILTERED-TEXT in the error", "ordinary 1", "ordinary 2", "ordinary 3"]
+    for run, error in zip(runs, errors, strict=True):
+        instance.report_run_failed(run, error)
+    smtp_server.stop()  # replaced, on the same port, by the filtering server
+    with serving(
+        ContentFilter(smtp_server.mail_dir, {"FILTERED-TEXT", runs[1].run_id}), smtp_server.port
+    ):
+        mailed = operators_tick(defs, instance, settings, cursor=watching.cursor)
+        again = operators_tick(defs, instance, settings, cursor=mailed.cursor)
+
+    by_run = {email["X-Fraud-Run-Id"]: email.get_content() for email in mailbox.messages()}
+    assert set(by_run) == {runs[0].run_id, runs[2].run_id, runs[3].run_id}
+    assert "FILTERED-TEXT" not in by_run[runs[0].run_id]
+    assert "left out: the mail server refused it" in by_run[runs[0].run_id]
+    assert "ordinary 2" in by_run[runs[2].run_id]
+    assert again.cursor == mailed.cursor and len(mailbox.messages()) == 3
+    said = [
+        entry.message
+        for entry in instance.all_logs(runs[1].run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+    ]
+    assert any("refused the operators' email about this run" in text for text in said)
 
 
 def operator_sensor_state(instance: dg.DagsterInstance) -> InstigatorState | None:

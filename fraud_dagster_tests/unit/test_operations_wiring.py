@@ -99,7 +99,7 @@ def test_failure_notice_names_the_offsets_and_whether_dagster_retries_the_run() 
     assert last.retry_note == "attempt 3; no automatic retry left, rerun it by hand"
 
     opted_out = run_failure_notice(
-        "r4", "send_pending_alerts", {"dagster/max_retries": "0"}, ["smtp"], True, 2
+        "r4", "reload_model", {"dagster/max_retries": "0"}, ["refused"], True, 2
     )
     assert opted_out.offset_range is None
     assert "no automatic retry left" in opted_out.retry_note
@@ -113,6 +113,32 @@ def test_failure_notice_names_the_offsets_and_whether_dagster_retries_the_run() 
         2,
     )
     assert final.retry_note == "attempt 1; not retried: a retry would fail the same way"
+    assert final.advice is not None and "Do not re-execute it" in final.advice
+
+    # Dagster's own decision, once written, wins: it counts re-executions by hand, which
+    # carry no retry number (an operator's rerun after the two retries is not retried).
+    rerun = {**tags, "dagster/parent_run_id": "r3", "dagster/will_retry": "false"}
+    assert run_failure_notice("r7", "score_transactions", rerun, ["e"], True, 2).retry_note == (
+        "a re-execution; no automatic retry left, rerun it by hand"
+    )
+    retried = {**tags, "dagster/retry_number": "1", "dagster/will_retry": "true"}
+    assert run_failure_notice("r8", "score_transactions", retried, ["e"], True, 2).retry_note == (
+        "attempt 2 of 3; Dagster retries it"
+    )
+    odd = {"fraud_dagster/offset_range": "1-2", "dagster/max_retries": "two"}  # a hand launch
+    assert run_failure_notice("r9", "score_transactions", odd, ["e"], True, 2).offset_range == (
+        "?/? offsets 1-2"
+    )
+
+
+def test_a_failed_alert_sender_run_asks_for_no_rerun() -> None:
+    """retry_alerts is the alert sender's retry: its failures must not ask for a rerun."""
+    notice = run_failure_notice(
+        "r1", "send_pending_alerts", {"dagster/max_retries": "0"}, ["smtp down"], True, 2
+    )
+    assert "retry_alerts sensor" in notice.retry_note
+    body = render_run_failure(notice, "from@x", ["ops@x"]).get_payload(decode=True).decode()
+    assert "Nothing to re-execute" in body and "Re-execute > From failure" not in body
 
 
 def test_a_resent_failure_email_has_the_same_one_line_message_id() -> None:
