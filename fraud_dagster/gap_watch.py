@@ -7,8 +7,9 @@ messages. The watch turns the unstored ranges `stream_status` finds into at most
 per range: once it has been unstored for the alert threshold, a last call when less than a day
 is left before retention may delete it (by age, or by size at the rate its partition grows) or
 its partition nears a size limit, and once
-retention has deleted it (its batch must still be rerun, so that the offsets are recorded as
-lost and the group moves on).
+retention has deleted it while the consumer group still waits below it. (The next batch of the
+partition to be stored records such a range in `lost_ranges` and commits past it, so this last
+notice is rare; the range then shows as lost in `fraud-dagster status`.)
 """
 
 from __future__ import annotations

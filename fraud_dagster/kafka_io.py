@@ -409,12 +409,16 @@ def commit_stored(
     partition: int,
     group_id: str,
     stored_until: Callable[[int], int],
+    deleted_unread: Callable[[int, int], object] | None = None,
 ) -> int | None:
     """Commit `group_id` as far as the stored data reaches without a gap; return its offset.
 
     `stored_until(start)` says up to which offset everything from `start` on is stored. The
     start is the group's committed offset (or the partition's beginning, if it has none or
-    retention deleted past it). The group never moves backwards.
+    retention deleted past it). The group never moves backwards. When retention deleted past
+    the committed offset, `deleted_unread(first, last)` is told the deleted offsets first, so
+    that those no batch stored are recorded as lost before the commit moves past them (else
+    they would leave the unstored ranges `fraud-dagster status` shows without a trace).
     """
     tp = TopicPartition(topic, partition)
     with closing(_consumer(options, group_id=group_id, enable_auto_commit=False)) as consumer:
@@ -427,6 +431,8 @@ def commit_stored(
             beginning = consumer.beginning_offsets([tp])[tp]
             if current is not None and beginning <= current:
                 return current
+            if current is not None and deleted_unread is not None:
+                deleted_unread(current, beginning - 1)
             target = stored_until(beginning)
             if target <= beginning:
                 return current

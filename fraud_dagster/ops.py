@@ -47,7 +47,12 @@ from fraud_dagster.resources import (
     ModelResource,
     SmtpResource,
 )
-from fraud_dagster.storage.batches import contiguous_end, count_rejected, lost_in
+from fraud_dagster.storage.batches import (
+    contiguous_end,
+    count_rejected,
+    lost_in,
+    record_deleted_unread,
+)
 from fraud_dagster.storage.outbox import outbox_status
 
 FRAUD_ALERTS_KEY = dg.AssetKey("fraud_alerts")
@@ -280,11 +285,23 @@ def persist(
     result = pipeline.store_batch(scored, engine, context.run_id)
     ref = scored.ref
     committed: int | None = None
+
+    def record_lost(first: int, last: int) -> None:
+        lost = record_deleted_unread(engine, ref.topic, ref.partition, first, last, context.run_id)
+        if lost:
+            spans = ", ".join(f"{a}..{b}" for a, b in lost)
+            context.log.error(
+                f"offsets {spans} of {ref.topic}/{ref.partition} were deleted by Kafka retention "
+                "before any batch stored them (their batch failed and was not rerun in time): "
+                "recorded in lost_ranges, and the consumer group moves past them"
+            )
+
     try:
         committed = kafka.commit_stored(
             ref.topic,
             ref.partition,
             lambda start: contiguous_end(engine, ref.topic, ref.partition, start),
+            record_lost,
         )
     except FraudDagsterError as exc:
         context.log.warning(f"stored, but committing the consumer group offset failed: {exc}")

@@ -100,11 +100,20 @@ class KafkaResource(dg.ConfigurableResource):
         )
 
     def commit_stored(
-        self, topic: str, partition: int, stored_until: Callable[[int], int]
+        self,
+        topic: str,
+        partition: int,
+        stored_until: Callable[[int], int],
+        deleted_unread: Callable[[int, int], object] | None = None,
     ) -> int | None:
         """Commit the group as far as stored data reaches without a gap (kafka_io.commit_stored)."""
         return kafka_io.commit_stored(
-            self.client_options(), topic, partition, self.consumer_group, stored_until
+            self.client_options(),
+            topic,
+            partition,
+            self.consumer_group,
+            stored_until,
+            deleted_unread,
         )
 
 

@@ -128,6 +128,50 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     assert status_command("--check").returncode == 0
 
 
+def test_a_later_batch_records_the_deleted_unstored_range_before_the_group_moves_past_it(
+    instance: dg.DagsterInstance, database_url: str, settings: Settings
+) -> None:
+    """Nobody reran the failed batch 10-19 and retention deleted it; the next batch of the
+    partition commits the group from the log's beginning, past 10-19. Before, the range then
+    left the status (it lists gaps above the committed offset) with nothing recorded: lost
+    without a trace. Now that batch records it in lost_ranges first."""
+    defs = build_definitions(settings)
+    resources = resolved_resources(settings)
+    job = defs.resolve_job_def("score_transactions")
+    produce(settings, to_messages(synthetic_transactions(40, seed=6)))
+
+    def run_range(first: int, last: int) -> dg.ExecuteInProcessResult:
+        batch = PlannedBatch(settings.kafka_topic, 0, first, last)
+        result = job.execute_in_process(run_config=batch_run_config(batch), instance=instance)
+        assert result.success
+        return result
+
+    def status():
+        return stream_status(
+            resources["kafka"].client_options(),
+            settings.kafka_topic,
+            settings.kafka_consumer_group,
+            resources["database"].get_engine(),
+        )
+
+    run_range(0, 9)
+    run_range(20, 29)  # 10..19: a failed batch nobody reran
+    delete_before(settings, 20)
+    later = run_range(30, 39)
+
+    (partition,) = status().partitions
+    assert (partition.committed, partition.gaps) == (40, [])
+    assert partition.lost == [(10, 19)]
+    logged = [entry.user_message or "" for entry in instance.all_logs(later.run_id)]
+    assert any("offsets 10..19" in text and "lost_ranges" in text for text in logged)
+    assert "LOST: offsets 10-19 (10)" in status_command().stdout
+
+    rerun = run_range(10, 19)  # an operator's late rerun: the loss stays recorded once
+    assert status().partitions[0].lost == [(10, 19)]
+    (check,) = [e for e in rerun.get_asset_check_evaluations() if e.check_name == "offsets_read"]
+    assert not check.passed
+
+
 def ten_to_nineteen_left_unstored(
     instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch, seed: int
 ) -> tuple[Settings, dg.Definitions, dg.JobDefinition]:

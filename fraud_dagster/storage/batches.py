@@ -334,7 +334,14 @@ def not_stored(
     conn: Connection, topic: str, partition: int, first: int, last: int
 ) -> list[tuple[int, int]]:
     """The parts of offsets first..last that no stored range covers, lowest first."""
-    r = stored_ranges
+    return _not_covered(conn, stored_ranges, topic, partition, first, last)
+
+
+def _not_covered(
+    conn: Connection, ranges: sa.Table, topic: str, partition: int, first: int, last: int
+) -> list[tuple[int, int]]:
+    """The parts of offsets first..last that no range of `ranges` covers, lowest first."""
+    r = ranges
     covered = conn.execute(
         sa.select(r.c.first_offset, r.c.last_offset)
         .where(r.c.source_topic == topic, r.c.source_partition == partition)
@@ -349,6 +356,47 @@ def not_stored(
     if position <= last:
         parts.append((position, last))
     return parts
+
+
+def record_deleted_unread(
+    engine: Engine, topic: str, partition: int, first: int, last: int, run_id: str | None
+) -> list[tuple[int, int]]:
+    """Record in `lost_ranges` the offsets of first..last (deleted by retention: the consumer
+    group is about to be committed past them) that no batch stored and none recorded as lost
+    yet; return them. Offsets below the partition's first stored range are left out: the
+    pipeline never planned those (a group committed lower by hand)."""
+    with engine.begin() as conn:
+        r = stored_ranges
+        earliest = conn.execute(
+            sa.select(sa.func.min(r.c.first_offset)).where(
+                r.c.source_topic == topic, r.c.source_partition == partition
+            )
+        ).scalar_one_or_none()
+        if earliest is None or earliest > last:
+            return []
+        lost = [
+            part
+            for unstored in not_stored(conn, topic, partition, max(first, earliest), last)
+            for part in _not_covered(conn, lost_ranges, topic, partition, *unstored)
+        ]
+        if lost:
+            now = utcnow()
+            conn.execute(
+                insert_ignoring_conflicts(lost_ranges, engine.dialect.name),
+                [
+                    {
+                        "source_topic": topic,
+                        "source_partition": partition,
+                        "first_offset": lost_first,
+                        "last_offset": lost_last,
+                        "reason": LOST_TO_RETENTION,
+                        "run_id": run_id,
+                        "recorded_at": now,
+                    }
+                    for lost_first, lost_last in lost
+                ],
+            )
+    return lost
 
 
 def lost_in(
