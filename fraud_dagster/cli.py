@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -320,6 +321,38 @@ def _stop_like_ctrl_c_on_termination() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _refuse_remote_services(settings: Settings, local_kafka: str, postgres: bool) -> None:
+    """The demo starts local services and sends simulated transactions: refuse to run while
+    the environment points the pipeline elsewhere (the exports of "Pointing at existing
+    infrastructure" still set), or the demo's transactions and alerts would go there."""
+    problems = []
+    if settings.kafka_bootstrap_servers != local_kafka:
+        problems.append(
+            f"FRAUD_KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} is not the demo's "
+            f"broker {local_kafka} (pass --port to match a local port)"
+        )
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        problems.append(f"FRAUD_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}")
+    if settings.smtp_host not in ("127.0.0.1", "localhost"):
+        problems.append(f"FRAUD_SMTP_HOST={settings.smtp_host}")
+    if settings.secret_is_set("FRAUD_DATABASE_URL") and not postgres:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            host = make_url(settings.env["FRAUD_DATABASE_URL"]).host
+        except ArgumentError:
+            host = "an unreadable URL"
+        if host not in (None, "127.0.0.1", "localhost"):
+            problems.append(f"FRAUD_DATABASE_URL (a database on {host})")
+    if problems:
+        raise ConfigurationError(
+            "the demo runs on local services only, but the environment points elsewhere: "
+            + "; ".join(problems)
+            + ". Unset these variables for the demo (or run `dagster dev` yourself)."
+        )
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """Services, topic, demo transactions, then `dagster dev` with the sensor on.
 
@@ -332,18 +365,25 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from fraud_dagster.simulator import to_messages
 
     broker = _local_kafka(settings, args)
+    _refuse_remote_services(settings, broker.bootstrap_servers, postgres=args.postgres)
     mail = smtp.background_process(settings.var_dir)
     postgres = _local_postgres(settings, args) if args.postgres else None
-    started_smtp = False
+    # What this command started, and so stops: a broker or server the user started before
+    # (`fraud-dagster kafka start`, ...) keeps running.
+    started: list[Callable[[], object]] = []
     try:
-        broker.start()
+        if not broker.is_running():
+            broker.start()
+            started.append(broker.stop)
         storage_env: dict[str, str] = {}
         if postgres is not None:
-            postgres.start()
+            if not postgres.is_running():
+                postgres.start()
+                started.append(postgres.stop)
             storage_env = postgres_env(postgres)
         if not mail.is_running():
             smtp.start_background(settings.var_dir, settings.mail_dir, port=settings.smtp_port)
-            started_smtp = True
+            started.append(mail.stop)
         options = _kafka_options(settings)
         ensure_topic(options, settings.kafka_topic, args.partitions)
         demo = producer.synthetic_transactions(args.count, seed=args.seed)
@@ -390,11 +430,10 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
                 os.killpg(dagster.pid, signal.SIGKILL)
     finally:
         if not args.keep_services:
-            if started_smtp:
-                mail.stop()
-            broker.stop()
-            if postgres is not None:
-                postgres.stop()
+            # A second Ctrl-C would cut the stopping short and leave the rest running.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for stop in reversed(started):
+                stop()
 
 
 def print_line(text: str) -> None:

@@ -5,6 +5,7 @@ broker is involved)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,25 @@ def test_at_debug_the_terminal_shows_the_clients_messages_too(tmp_path: Path) ->
     shown = status_with_broker_down(tmp_path, "--log-level", "DEBUG")
     assert shown.returncode == 1
     assert "ERROR kafka." in shown.stderr and "cannot reach Kafka" in shown.stderr
+
+
+def test_smtp_start_on_a_port_another_process_holds_says_so(tmp_path: Path) -> None:
+    """Before: the server failed to bind and exited, but the command reported it started (the
+    other process answered on the port), and alerts went to that other process."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FRAUD_", "DAGSTER_"))}
+        env["FRAUD_VAR_DIR"] = str(tmp_path)
+        shown = subprocess.run(
+            [sys.executable, "-m", "fraud_dagster.cli", "smtp", "start", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+    assert shown.returncode == 1, shown.stdout
+    assert f"port {port} on 127.0.0.1 is taken by another process" in shown.stderr
+    assert "SMTP server on" not in shown.stdout

@@ -168,6 +168,12 @@ class LocalKafka:
 
     def start(self, timeout_seconds: float = 90.0) -> None:
         if self.is_running():
+            if not port_is_open(self.host, self.port):
+                raise LocalServiceError(
+                    f"the broker of {self.data_dir} is running, but not on port {self.port}; "
+                    "pass the port it was started with (--port), or stop it first "
+                    "(`fraud-dagster kafka stop`)"
+                )
             logger.info("Kafka already running at %s", self.bootstrap_servers)
             return
         if port_is_open(self.host, self.port):

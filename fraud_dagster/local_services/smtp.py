@@ -23,6 +23,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from fraud_dagster.errors import LocalServiceError
 from fraud_dagster.local_services.process import ManagedProcess, port_is_open, wait_until
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,16 @@ def background_process(var_dir: Path) -> ManagedProcess:
 def start_background(
     var_dir: Path, mail_dir: Path, port: int, host: str = "127.0.0.1", starttls: bool = False
 ) -> int:
-    """Start the server as a detached process (credentials pass through the environment)."""
+    """Start the server as a detached process (credentials pass through the environment).
+
+    Refused when another process holds the port: the new server would fail to bind and exit
+    while that other one answered, and the alerts would go to it."""
+    if port_is_open(host, port):
+        raise LocalServiceError(
+            f"port {port} on {host} is taken by another process; stop it, or start the SMTP "
+            "server on a free port (`fraud-dagster smtp start --port PORT`) and set "
+            "FRAUD_SMTP_PORT to match"
+        )
     process = background_process(var_dir)
     command = [
         sys.executable,
@@ -181,8 +191,15 @@ def start_background(
     ]
     if starttls:
         command.append("--starttls")
-    pid = process.start(command, log_file=var_dir / "log" / "smtp.log")
-    wait_until(lambda: port_is_open(host, port), 20, f"SMTP server answering on {host}:{port}")
+    log_file = var_dir / "log" / "smtp.log"
+    pid = process.start(command, log_file=log_file)
+
+    def answering() -> bool:
+        if not process.is_running():
+            raise LocalServiceError(f"the SMTP server exited as it started; see {log_file}")
+        return port_is_open(host, port)
+
+    wait_until(answering, 20, f"SMTP server answering on {host}:{port}")
     return pid
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fraud_dagster.cli import main
+from fraud_dagster.cli import _refuse_remote_services, main
 from fraud_dagster.definitions import build_definitions
 from fraud_dagster.errors import ConfigurationError
 from fraud_dagster.resources import build_resources
@@ -100,3 +100,26 @@ def test_the_command_says_which_variable_is_wrong_instead_of_a_traceback(
         main(["--log-level", "verbose", "smtp", "status"])
     assert exited.value.code == 2
     assert "'verbose' is not one of DEBUG, INFO, WARNING, ERROR" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_an_environment_that_points_at_other_services() -> None:
+    """With the exports of "Pointing at existing infrastructure" still set, the demo would
+    start local services but send its simulated transactions (and alerts) to the bank's."""
+    local = "127.0.0.1:9092"
+    _refuse_remote_services(load_settings({}), local, postgres=False)  # the defaults are local
+    _refuse_remote_services(
+        load_settings({"FRAUD_DATABASE_URL": "sqlite:////tmp/own.db"}), local, postgres=False
+    )
+    remote = load_settings(
+        {
+            "FRAUD_KAFKA_BOOTSTRAP_SERVERS": "kafka-1.bank:9093",
+            "FRAUD_SMTP_HOST": "smtp.bank",
+            "FRAUD_DATABASE_URL": "postgresql+psycopg2://fraud:s3cret@db.bank:5432/fraud",
+        }
+    )
+    with pytest.raises(ConfigurationError) as refused:
+        _refuse_remote_services(remote, local, postgres=False)
+    said = str(refused.value)
+    for variable in ("FRAUD_KAFKA_BOOTSTRAP_SERVERS", "FRAUD_SMTP_HOST", "db.bank"):
+        assert variable in said
+    assert "s3cret" not in said
