@@ -20,9 +20,9 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-from fraud_dagster.errors import StorageError
+from fraud_dagster.errors import ConfigurationError, StorageError
 from fraud_dagster.storage.schema import SUPERSEDED_INDEXES, metadata
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,18 @@ def within_seconds(
 
 
 def create_engine(url: str) -> Engine:
-    """An engine for `url`, with the settings each backend needs for concurrent batch runs."""
+    """An engine for `url`, with the settings each backend needs for concurrent batch runs; a
+    URL that cannot work is a ConfigurationError that does not repeat it (it holds a password)."""
+    try:
+        return _engine(url)
+    except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
+        raise ConfigurationError(
+            f"the database URL (FRAUD_DATABASE_URL) cannot be used: {exc}; write it as "
+            "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DATABASE or sqlite:///PATH"
+        ) from None
+
+
+def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":

@@ -10,6 +10,7 @@ from fraud_dagster.definitions import build_definitions
 from fraud_dagster.errors import ConfigurationError
 from fraud_dagster.resources import build_resources
 from fraud_dagster.settings import load_settings
+from fraud_dagster.storage.database import create_engine
 
 
 @pytest.mark.parametrize(
@@ -123,3 +124,19 @@ def test_the_demo_refuses_an_environment_that_points_at_other_services() -> None
     for variable in ("FRAUD_KAFKA_BOOTSTRAP_SERVERS", "FRAUD_SMTP_HOST", "db.bank"):
         assert variable in said
     assert "s3cret" not in said
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("postgres://fraud:s3cret@db:5432/fraud", "sqlalchemy.dialects:postgres"),
+        ("postgresql+psycopg2://fraud:s3cret@db:port/fraud", "invalid literal for int()"),
+        ("not a url s3cret", "Could not parse SQLAlchemy URL"),
+    ],
+)
+def test_a_database_url_that_cannot_work_is_named_without_its_password(url: str, said: str) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        create_engine(url)
+    assert "FRAUD_DATABASE_URL" in str(refused.value) and said in str(refused.value)
+    assert "s3cret" not in str(refused.value)
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
