@@ -117,7 +117,11 @@ class LocalKafka:
 
     @property
     def _process(self) -> ManagedProcess:
-        return ManagedProcess("kafka", self.data_dir / "kafka.pid", marker=str(self.data_dir))
+        return ManagedProcess(
+            "kafka",
+            self.data_dir / "kafka.pid",
+            marker=f"-Dfraud.dagster.kafka.dir={self.data_dir}",
+        )
 
     def _write_config(self) -> Path:
         logs = self.data_dir / "logs"

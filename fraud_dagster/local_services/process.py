@@ -48,7 +48,9 @@ class ManagedProcess:
     def __init__(self, name: str, pid_file: Path, marker: str) -> None:
         self.name = name
         self.pid_file = pid_file
-        # A string expected in the process's command line: a recycled pid is not mistaken for ours.
+        # One argument of the process's command line, exactly: a recycled pid is not mistaken
+        # for ours (not even a process whose argument merely contains it, such as another data
+        # directory that starts with ours, or a `tail -f` of our log).
         self.marker = marker
 
     def pid(self) -> int | None:
@@ -57,10 +59,10 @@ class ManagedProcess:
         except (FileNotFoundError, ValueError):
             return None
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except (OSError, UnicodeDecodeError):
             return None
-        return pid if self.marker in cmdline else None
+        return pid if self.marker in arguments else None
 
     def is_running(self) -> bool:
         return self.pid() is not None
