@@ -504,7 +504,9 @@ def render_unstored_notice(
         'See docs/operations.md, "Where the stream stands".',
     ]
     first = notices[0]
-    worst = "deleted" if any(n.kind == "deleted" for n in notices) else first.kind
+    # The most urgent kind in the email, wherever it stands among the ranges.
+    urgency = ("unstored", "last_call", "deleted")
+    worst = max((n.kind for n in notices), key=urgency.index)
     subject = (
         f"{len(notices)} offset range(s) of {topic} not stored"
         + (": retention deleted one" if worst == "deleted" else "")

@@ -94,6 +94,17 @@ def test_the_email_names_each_range_its_deadline_and_what_to_do() -> None:
     assert message["X-Fraud-Unstored-Notice"] == "0/10/unstored,0/30/deleted"
 
 
+def test_the_subject_names_the_most_urgent_range_wherever_it_stands() -> None:
+    """A last call behind an ordinary unstored range used to leave "last call" out."""
+    _, notices = gaps_to_mail(
+        GapWatch(), status(gap(10, 2 * HOUR), gap(30, WEEK - HOUR)), NOW, HOUR
+    )
+    assert kinds(notices) == [(10, "unstored"), (30, "last_call")]
+    raw = render_unstored_notice(notices, "tx", WEEK_RETENTION, "from@x", ["ops@x"]).as_bytes()
+    subject = email.message_from_bytes(raw, policy=email.policy.default)["Subject"]
+    assert "2 offset range(s) of tx not stored: last call before retention" in subject
+
+
 MIB = 1024 * 1024
 
 
