@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from fraud_dagster.batching import TAG_FIRST_OFFSET, TAG_PARTITION
-from fraud_dagster.errors import AlertDeliveryError, ConfigurationError
+from fraud_dagster.errors import MISSING_TOPIC_WORDS, AlertDeliveryError, ConfigurationError
 from fraud_dagster.features import DELAY_DAYS, WINDOWS_DAYS
 from fraud_dagster.kafka_watch import KafkaNotice
 from fraud_dagster.settings import SMTP_SECURITY_MODES
@@ -322,7 +322,22 @@ def render_kafka_notice(
     since = datetime.fromtimestamp(notice.down_since, UTC)
     minutes = max(round((notice.observed_at - notice.down_since) / 60), 1)
     where = f"The transaction topic {topic} on {servers}"
-    if notice.kind == "down":
+    if notice.kind == "down" and MISSING_TOPIC_WORDS in (notice.error or ""):
+        subject = f"Topic {topic} missing since {since:%H:%M} UTC: no transactions are being scored"
+        lines = [
+            f"{where} does not exist since {since:%Y-%m-%d %H:%M:%S} UTC ({minutes} min): the",
+            "broker answers, but the topic was deleted (or not created yet). No batch run is",
+            "launched while this lasts. If it was deleted, its messages that no batch had",
+            "stored went with it (`fraud-dagster status` lists what was unstored); once it is",
+            "created again, the sensor reads it from its beginning.",
+            "",
+            "Last error:",
+            *(f"  {line}" for line in (notice.error or "-").splitlines()),
+            "",
+            'What to do: docs/operations.md, "When the topic is deleted and created again".',
+            "A second email says when the topic is readable again.",
+        ]
+    elif notice.kind == "down":
         subject = f"Kafka unreachable since {since:%H:%M} UTC: no transactions are being scored"
         lines = [
             f"{where} cannot be read since {since:%Y-%m-%d %H:%M:%S} UTC ({minutes} min).",

@@ -9,6 +9,11 @@ class ConfigurationError(FraudDagsterError):
     """A setting is missing or contradicts another one."""
 
 
+# The words of every error about a topic the broker does not have (`kafka_io`): the operators'
+# email about an unreadable topic tells that case apart from a broker that does not answer.
+MISSING_TOPIC_WORDS = "does not exist on the broker"
+
+
 class KafkaUnavailableError(FraudDagsterError):
     """The broker could not be reached or did not answer in time."""
 

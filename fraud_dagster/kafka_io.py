@@ -28,7 +28,12 @@ from kafka.errors import (
 from kafka.protocol.consumer.offsets import OffsetSpec
 from kafka.structs import OffsetAndMetadata
 
-from fraud_dagster.errors import KafkaUnavailableError, OffsetRangeError, TopicChangedError
+from fraud_dagster.errors import (
+    MISSING_TOPIC_WORDS,
+    KafkaUnavailableError,
+    OffsetRangeError,
+    TopicChangedError,
+)
 from fraud_dagster.messages import RawBatch
 
 logger = logging.getLogger(__name__)
@@ -72,7 +77,7 @@ def _admin(options: Mapping[str, Any]) -> closing[KafkaAdminClient]:
 def _no_such_topic(topic: str) -> KafkaUnavailableError:
     """The one message for a topic the broker does not have, with how to create it."""
     return KafkaUnavailableError(
-        f"topic {topic!r} does not exist on the broker (or has no partitions yet); "
+        f"topic {topic!r} {MISSING_TOPIC_WORDS} (or has no partitions yet); "
         "create it with `fraud-dagster topic create`"
     )
 

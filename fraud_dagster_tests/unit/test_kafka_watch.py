@@ -3,7 +3,9 @@ once when it is over; short blips stay quiet."""
 
 from __future__ import annotations
 
+from fraud_dagster import kafka_io
 from fraud_dagster.alerts import render_kafka_notice
+from fraud_dagster.errors import KafkaUnavailableError
 from fraud_dagster.kafka_watch import KafkaNotice, KafkaWatch, observe
 
 ALERT_AFTER = 300.0
@@ -67,3 +69,28 @@ def test_notices_name_the_topic_the_outage_and_keep_one_message_id_per_outage() 
     assert expected in " ".join(body.split())
     assert "  second line" in body
     assert over["Subject"].startswith("[fraud-dagster] Kafka reachable again after 20 min")
+
+
+def test_a_deleted_topic_is_not_reported_as_a_broker_that_does_not_answer() -> None:
+    """The broker answered; the topic was gone. "Nothing is lost" was false there: what no
+    batch had stored went with the topic."""
+    try:  # the error as the pipeline raises it
+        kafka_io.partitions_of(_NoTopicConsumer(), "transactions")
+    except KafkaUnavailableError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    down = KafkaNotice("down", T0, T0 + 360, error)
+    message = render_kafka_notice(down, "transactions", "127.0.0.1:9092", "from@x", ["ops@x"])
+    assert message["Subject"] == (
+        "[fraud-dagster] Topic transactions missing since 08:00 UTC: no transactions are being "
+        "scored"
+    )
+    body = " ".join(message.get_payload(decode=True).decode().split())
+    assert "the broker answers, but the topic was deleted" in body
+    assert "Nothing is lost" not in body
+
+
+class _NoTopicConsumer:
+    """A client whose broker has no such topic (pure logic: how the error is worded)."""
+
+    def partitions_for_topic(self, topic: str) -> None:
+        return None
