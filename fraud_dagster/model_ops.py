@@ -118,9 +118,16 @@ def validate_and_promote_model(
     engine = database.get_engine()
     active = model_registry.active_version(engine, manifest)
     candidate = manifest.newest()
-    fingerprint = model_registry.candidate_fingerprint(models_dir, candidate, active)
+    fingerprint = model_registry.candidate_fingerprint(
+        models_dir, candidate, active, model.threshold
+    )
     decision = model_registry.reload_model(
-        models_dir, manifest, engine, config.metric_tolerance, run_id=context.run_id
+        models_dir,
+        manifest,
+        engine,
+        config.metric_tolerance,
+        run_id=context.run_id,
+        serving_threshold=model.threshold,
     )
     context.instance.add_run_tags(
         context.run_id,

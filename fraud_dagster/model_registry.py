@@ -96,7 +96,12 @@ def require_promoted_hash(engine: Engine, entry: ModelEntry) -> None:
         )
 
 
-def candidate_fingerprint(models_dir: Path, candidate: ModelEntry, active: str | None) -> str:
+def candidate_fingerprint(
+    models_dir: Path,
+    candidate: ModelEntry,
+    active: str | None,
+    serving_threshold: float | None = None,
+) -> str:
     """Identifies one validation question: this entry (every field of it, so fixing a refused
     entry's threshold asks again), these file bytes, against this active version. The schedule
     does not ask a question again once it was answered with a refusal."""
@@ -105,7 +110,7 @@ def candidate_fingerprint(models_dir: Path, candidate: ModelEntry, active: str |
     except OSError:
         actual = "unreadable"
     entry = json.dumps(candidate.to_json(), sort_keys=True)
-    text = f"{entry}|{actual}|{active}"
+    text = f"{entry}|{actual}|{active}|{serving_threshold}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -193,14 +198,21 @@ def compare_metrics(
 
 
 def validate_candidate(
-    models_dir: Path, candidate: ModelEntry, active: ModelEntry | None, tolerance: float
+    models_dir: Path,
+    candidate: ModelEntry,
+    active: ModelEntry | None,
+    tolerance: float,
+    serving_threshold: float | None = None,
 ) -> list[Check]:
-    """All checks of `candidate`; stops after the first one that makes the rest meaningless."""
+    """All checks of `candidate`; stops after the first one that makes the rest meaningless.
+
+    The sanity batch is judged at the threshold batch runs will use: `serving_threshold`
+    (FRAUD_MODEL_THRESHOLD) when set, else the candidate's own."""
     problem = threshold_problem(candidate.threshold)
     if problem is not None:
         return [Check("threshold", False, problem)]
     try:
-        model = load_verified(models_dir, candidate)
+        model = load_verified(models_dir, candidate, serving_threshold)
     except ModelIntegrityError as exc:
         return [Check("integrity", False, str(exc))]
     checks = [Check("integrity", True, f"SHA-256 {candidate.sha256[:12]}… matches; unpickled")]
@@ -226,8 +238,10 @@ def reload_model(
     engine: Engine,
     tolerance: float = DEFAULT_METRIC_TOLERANCE,
     run_id: str | None = None,
+    serving_threshold: float | None = None,
 ) -> ReloadDecision:
-    """Validate the newest manifest entry and promote it if it passes every check."""
+    """Validate the newest manifest entry (at `serving_threshold`, if batch runs override the
+    entry's threshold) and promote it if it passes every check."""
     promoted = active_model_version(engine)
     previous = manifest.serving_version(promoted)
     candidate = manifest.newest()
@@ -243,7 +257,9 @@ def reload_model(
         active_entry = manifest.get(previous)
     except ModelIntegrityError:
         active_entry = None  # the active version left the manifest: nothing to compare with
-    checks = tuple(validate_candidate(models_dir, candidate, active_entry, tolerance))
+    checks = tuple(
+        validate_candidate(models_dir, candidate, active_entry, tolerance, serving_threshold)
+    )
     failed = [check for check in checks if not check.passed]
     if failed:
         reason = f"model {candidate.version} refused, {previous} stays active: " + "; ".join(

@@ -46,7 +46,9 @@ def build_reload_model_schedule(settings: Settings) -> dg.ScheduleDefinition:
         candidate = manifest.newest()
         if candidate.version == active:
             return dg.SkipReason(f"the newest model {active} is already active")
-        fingerprint = model_registry.candidate_fingerprint(models_dir, candidate, active)
+        fingerprint = model_registry.candidate_fingerprint(
+            models_dir, candidate, active, model.threshold
+        )
         refused = context.instance.get_runs(
             filters=dg.RunsFilter(
                 job_name=RELOAD_MODEL_JOB,

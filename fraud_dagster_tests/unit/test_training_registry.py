@@ -63,6 +63,25 @@ def test_sanity_batch_refuses_a_threshold_that_alerts_on_everything(
     assert "100.00%" in checks["sanity_alert_rate"].detail
 
 
+def test_a_candidate_is_judged_at_the_threshold_batch_runs_will_use(
+    models_dir: Path, shipped: LoadedModel
+) -> None:
+    """With FRAUD_MODEL_THRESHOLD set, batch runs alert at it, not at the manifest's: the
+    sanity batch must be judged there too (and a changed override asks the question again)."""
+    checks = model_registry.validate_candidate(models_dir, shipped.entry, None, 0.02)
+    assert all(c.passed for c in checks)
+    at_override = {
+        c.name: c
+        for c in model_registry.validate_candidate(
+            models_dir, shipped.entry, None, 0.02, serving_threshold=1e-6
+        )
+    }
+    assert not at_override["sanity_alert_rate"].passed
+    assert "threshold 0.000" in at_override["sanity_alert_rate"].detail
+    plain = model_registry.candidate_fingerprint(models_dir, shipped.entry, "v1")
+    assert model_registry.candidate_fingerprint(models_dir, shipped.entry, "v1", 0.5) != plain
+
+
 def test_sanity_batch_refuses_a_threshold_above_every_frauds_score(shipped: LoadedModel) -> None:
     features, labels = model_registry.sanity_batch()
     highest = float(shipped.predict_proba(features)[labels == 1].max())
