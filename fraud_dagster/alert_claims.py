@@ -21,7 +21,7 @@ import uuid
 import dagster as dg
 from sqlalchemy.engine import Engine
 
-from fraud_dagster.run_health import process_is_alive, run_worker
+from fraud_dagster.run_health import WORKER_START_TAG, process_is_alive, run_worker
 from fraud_dagster.storage.outbox import claim_holders
 
 _SEPARATOR = ":"
@@ -67,15 +67,15 @@ def abandoned_claims(instance: dg.DagsterInstance, engine: Engine) -> frozenset[
     return frozenset(
         token
         for run in ended
-        if not _still_executing_elsewhere(instance, run.run_id)
+        if not _still_executing_elsewhere(instance, run)
         for token in by_run[run.run_id]
     )
 
 
-def _still_executing_elsewhere(instance: dg.DagsterInstance, run_id: str) -> bool:
-    worker = run_worker(instance, run_id)
+def _still_executing_elsewhere(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    worker = run_worker(instance, run.run_id)
     return (
         worker is not None
         and worker.pid != os.getpid()
-        and process_is_alive(worker.pid, worker.reported_at)
+        and process_is_alive(worker.pid, worker.reported_at, run.tags.get(WORKER_START_TAG))
     )

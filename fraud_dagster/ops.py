@@ -47,6 +47,7 @@ from fraud_dagster.resources import (
     ModelResource,
     SmtpResource,
 )
+from fraud_dagster.run_health import record_worker_start
 from fraud_dagster.storage.batches import (
     contiguous_end,
     count_rejected,
@@ -90,6 +91,7 @@ def fetch(context: dg.OpExecutionContext, config: BatchConfig, kafka: KafkaResou
     """Read exactly the batch's offset range from Kafka, stopping at its last offset; refused,
     without retries, if the topic the sensor planned it for (its id, in the run's tags) has
     been deleted since: the offsets of the topic now under that name are other messages."""
+    record_worker_start(context)  # how run health recognises this worker, whatever the clock
     try:
         raw = kafka.read_range(
             config.topic,
@@ -376,6 +378,7 @@ def alert(
     down. The alerts stay in the outbox with their error and are sent by the `retry_alerts`
     sensor once SMTP is back; this run shows a warning and `pending_retry`/`last_error` metadata.
     """
+    record_worker_start(context)  # its claims are its own while this worker lives
     engine = database.get_engine()
     report = deliver_alerts(
         engine,
@@ -595,6 +598,7 @@ def send_due_alerts(
     Unlike a batch run, this run exists only to send: if SMTP still fails it fails, so the
     operator sees it; the alerts stay in the outbox with a longer backoff.
     """
+    record_worker_start(context)  # its claims are its own while this worker lives
     engine = database.get_engine()
     report = deliver_alerts(
         engine,

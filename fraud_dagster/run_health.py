@@ -17,8 +17,10 @@ belongs to a process created after that event (pid reuse, reboot), will never fi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import psutil
@@ -58,13 +60,58 @@ def run_worker(instance: dg.DagsterInstance, run_id: str) -> RunWorker | None:
     return None
 
 
-def process_is_alive(pid: int, created_by: float) -> bool:
-    """Whether a live process with `pid` exists that was created by `created_by` (epoch
-    seconds); a zombie (exited, not yet reaped) is not alive."""
+# The run worker's own record of itself, `<pid>@<start in clock ticks since boot>`, written by its
+# first steps (`record_worker_start`). The wall-clock test below compares a process's creation
+# with an event's timestamp: a clock stepped forward (NTP, a VM resumed) moves every process's
+# wall-clock creation time with it, and live workers looked dead. Ticks since boot do not move.
+WORKER_START_TAG = "fraud_dagster/worker_start"
+_tagged_runs: set[str] = set()  # runs this process has tagged (one write per run and worker)
+
+
+def worker_start() -> str:
+    """This process as `WORKER_START_TAG` records it."""
+    return f"{os.getpid()}@{_start_ticks(os.getpid())}"
+
+
+def _start_ticks(pid: int) -> int:
+    """When the process started, in clock ticks since boot (`starttime`, field 22 of
+    /proc/<pid>/stat: fixed for the process's life, whatever the wall clock does)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[19])  # fields after "(comm)" start at 3
+
+
+def record_worker_start(context: dg.OpExecutionContext) -> None:
+    """Tag the run with the worker executing it (once per run in this process; a re-execution's
+    worker tags its own run)."""
+    if context.run_id not in _tagged_runs:
+        context.instance.add_run_tags(context.run_id, {WORKER_START_TAG: worker_start()})
+        _tagged_runs.add(context.run_id)
+
+
+def _recorded_start(pid: int, recorded: str | None) -> int | None:
+    """The start (ticks since boot) the worker recorded, if the record is this pid's."""
+    recorded_pid, _, started = (recorded or "").partition("@")
+    try:
+        return int(started) if recorded_pid == str(pid) else None
+    except ValueError:
+        return None
+
+
+def process_is_alive(pid: int, created_by: float, recorded: str | None = None) -> bool:
+    """Whether a live process with `pid` exists that is the run's worker; a zombie (exited, not
+    yet reaped) is not alive. With the worker's own record (`recorded`, the run's
+    WORKER_START_TAG) it must have started then (ticks since boot, immune to clock steps);
+    without one, it must have been created by `created_by` (epoch seconds)."""
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
+        started = _recorded_start(pid, recorded)
+        if started is not None:
+            try:
+                return _start_ticks(pid) == started
+            except FileNotFoundError:  # it exited in between
+                return False
         return process.create_time() <= created_by + CREATION_TOLERANCE_SECONDS
     except psutil.NoSuchProcess:
         return False
@@ -83,7 +130,8 @@ def runs_with_dead_workers(
         if run.job_name not in job_names:
             continue
         worker = run_worker(instance, run.run_id)
-        if worker is not None and not process_is_alive(worker.pid, worker.reported_at):
+        recorded = run.tags.get(WORKER_START_TAG)
+        if worker is not None and not process_is_alive(worker.pid, worker.reported_at, recorded):
             dead.append(worker)
     return dead
 

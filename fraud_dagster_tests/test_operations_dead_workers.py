@@ -21,7 +21,12 @@ import dagster as dg
 import pytest
 
 from fraud_dagster.local_services.dagster_processes import running_daemon, start_daemon
-from fraud_dagster.run_health import RunWorker, process_is_alive, run_worker
+from fraud_dagster.run_health import (
+    WORKER_START_TAG,
+    RunWorker,
+    process_is_alive,
+    run_worker,
+)
 from fraud_dagster.settings import Settings
 from fraud_dagster_tests.helpers import MailBox, suspicious_ids
 from fraud_dagster_tests.operations_support import (
@@ -142,6 +147,11 @@ def test_a_worker_killed_alone_is_failed_once_by_its_server_and_retried(
     log = tmp_path / "daemon.log"
     with running_daemon(dagster_home, daemon_env, log):
         dead = run_worker(instance, wait_for_the_batch_at_persist(instance, settings.kafka_topic))
+        # The worker recorded itself (start in ticks since boot): alive by that record even
+        # when the wall clock says otherwise (created_by 0: as after a large clock step).
+        recorded = instance.get_run_by_id(dead.run_id).tags[WORKER_START_TAG]
+        assert recorded.startswith(f"{dead.pid}@")
+        assert process_is_alive(dead.pid, 0.0, recorded)
         os.kill(dead.pid, signal.SIGKILL)
         wait_until_worker_gone(dead)
         accept_writes(database_url, "scored_transactions")

@@ -19,7 +19,12 @@ import pytest
 from dagster._core.events import EngineEventData
 
 from fraud_dagster.definitions import defs
-from fraud_dagster.run_health import process_is_alive, run_worker, runs_with_dead_workers
+from fraud_dagster.run_health import (
+    process_is_alive,
+    run_worker,
+    runs_with_dead_workers,
+    worker_start,
+)
 from fraud_dagster.sensors import DEAD_WORKER_CONFIRM_SECONDS
 
 JOB = "score_transactions"
@@ -48,6 +53,23 @@ def test_this_process_is_alive_and_an_exited_one_is_not() -> None:
 def test_a_process_created_after_the_report_is_not_the_reporting_worker() -> None:
     """The pid reused after the worker died (or after a reboot) belongs to someone else."""
     assert not process_is_alive(os.getpid(), created_by=0.0)
+
+
+def test_the_workers_own_record_decides_whatever_the_wall_clock_says() -> None:
+    """A clock stepped forward moves every process's wall-clock creation time past the run's
+    event: the live worker looked created after it, so dead, and its run was failed and its
+    claimed alerts released while it still sent them. Its own record (start in seconds since
+    boot, the run's WORKER_START_TAG) does not move."""
+    ours = worker_start()
+    assert ours.startswith(f"{os.getpid()}@")
+    stepped = time.time() - 3600  # the event's timestamp, as read after a one-hour step
+    assert not process_is_alive(os.getpid(), created_by=stepped)  # the wall-clock test alone
+    assert process_is_alive(os.getpid(), created_by=stepped, recorded=ours)
+    started = int(ours.partition("@")[2])
+    reused = f"{os.getpid()}@{started + 5}"  # the pid, but another process's start
+    assert not process_is_alive(os.getpid(), created_by=time.time(), recorded=reused)
+    other_pid = f"{exited_pid()}@{started}"  # a record of another pid: the wall clock decides
+    assert process_is_alive(os.getpid(), created_by=time.time(), recorded=other_pid)
 
 
 def test_a_zombie_is_not_alive() -> None:
