@@ -26,7 +26,7 @@ from fraud_dagster.producer import synthetic_transactions
 from fraud_dagster.resources import resolved_resources
 from fraud_dagster.settings import Settings, load_settings
 from fraud_dagster.simulator import to_messages
-from fraud_dagster.stream_status import Gap, render_status, stream_status
+from fraud_dagster.stream_status import Gap, StreamStatus, render_status, stream_status
 from fraud_dagster_tests.helpers import MailBox, delete_before, produce, set_topic_config
 from fraud_dagster_tests.operations_support import sensor_tick
 from fraud_dagster_tests.unit.test_range_runs import batch_run
@@ -52,6 +52,17 @@ def status_command(
     )
 
 
+def status_of(settings: Settings) -> StreamStatus:
+    """The stream's status as `fraud-dagster status` reads it, for `settings`."""
+    resources = resolved_resources(settings)
+    return stream_status(
+        resources["kafka"].client_options(),
+        settings.kafka_topic,
+        settings.kafka_consumer_group,
+        resources["database"].get_engine(),
+    )
+
+
 def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     instance: dg.DagsterInstance, dagster_home: Path, database_url: str, settings: Settings
 ) -> None:
@@ -70,13 +81,8 @@ def test_status_names_the_gap_to_rerun_the_lost_offsets_and_what_waits(
     run_range(0, 9)
     run_range(20, 29)  # 10..19 not run: as a failed batch before its rerun; 30..39 not yet
 
-    def status():
-        return stream_status(
-            resources["kafka"].client_options(),
-            settings.kafka_topic,
-            settings.kafka_consumer_group,
-            resources["database"].get_engine(),
-        )
+    def status() -> StreamStatus:
+        return status_of(settings)
 
     first = status()
     (partition,) = first.partitions
@@ -136,7 +142,6 @@ def test_a_later_batch_records_the_deleted_unstored_range_before_the_group_moves
     left the status (it lists gaps above the committed offset) with nothing recorded: lost
     without a trace. Now that batch records it in lost_ranges first."""
     defs = build_definitions(settings)
-    resources = resolved_resources(settings)
     job = defs.resolve_job_def("score_transactions")
     produce(settings, to_messages(synthetic_transactions(40, seed=6)))
 
@@ -146,13 +151,8 @@ def test_a_later_batch_records_the_deleted_unstored_range_before_the_group_moves
         assert result.success
         return result
 
-    def status():
-        return stream_status(
-            resources["kafka"].client_options(),
-            settings.kafka_topic,
-            settings.kafka_consumer_group,
-            resources["database"].get_engine(),
-        )
+    def status() -> StreamStatus:
+        return status_of(settings)
 
     run_range(0, 9)
     run_range(20, 29)  # 10..19: a failed batch nobody reran

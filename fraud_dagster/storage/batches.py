@@ -271,22 +271,7 @@ def persist_batch(
                 # Only what no stored range accounts for: a rerun of a batch stored before
                 # retention reached it reads a gap, but its messages were scored then.
                 lost = not_stored(conn, topic, partition, *deleted_by_retention)
-                if lost:
-                    conn.execute(
-                        insert_ignoring_conflicts(lost_ranges, dialect),
-                        [
-                            {
-                                "source_topic": topic,
-                                "source_partition": partition,
-                                "first_offset": lost_first,
-                                "last_offset": lost_last,
-                                "reason": LOST_TO_RETENTION,
-                                "run_id": run_id,
-                                "recorded_at": now,
-                            }
-                            for lost_first, lost_last in lost
-                        ],
-                    )
+                _insert_lost(conn, topic, partition, lost, run_id, now)
                 result.lost_offsets = sum(b - a + 1 for a, b in lost)
             # A range that starts where a stored one does (the sensor planned the start again
             # after a cursor reset or a lost tick) and reaches further widens that one. Ignored,
@@ -379,24 +364,36 @@ def record_deleted_unread(
             for unstored in not_stored(conn, topic, partition, max(first, earliest), last)
             for part in _not_covered(conn, lost_ranges, topic, partition, *unstored)
         ]
-        if lost:
-            now = utcnow()
-            conn.execute(
-                insert_ignoring_conflicts(lost_ranges, engine.dialect.name),
-                [
-                    {
-                        "source_topic": topic,
-                        "source_partition": partition,
-                        "first_offset": lost_first,
-                        "last_offset": lost_last,
-                        "reason": LOST_TO_RETENTION,
-                        "run_id": run_id,
-                        "recorded_at": now,
-                    }
-                    for lost_first, lost_last in lost
-                ],
-            )
+        _insert_lost(conn, topic, partition, lost, run_id, utcnow())
     return lost
+
+
+def _insert_lost(
+    conn: Connection,
+    topic: str,
+    partition: int,
+    spans: Sequence[tuple[int, int]],
+    run_id: str | None,
+    now: datetime,
+) -> None:
+    """Record `spans` (first, last) of the partition in `lost_ranges`, each once."""
+    if not spans:
+        return
+    conn.execute(
+        insert_ignoring_conflicts(lost_ranges, conn.dialect.name),
+        [
+            {
+                "source_topic": topic,
+                "source_partition": partition,
+                "first_offset": first,
+                "last_offset": last,
+                "reason": LOST_TO_RETENTION,
+                "run_id": run_id,
+                "recorded_at": now,
+            }
+            for first, last in spans
+        ],
+    )
 
 
 def lost_in(
