@@ -597,7 +597,21 @@ class AlertDelivery:
 
 class MessageRefusedError(AlertDeliveryError):
     """The SMTP server refused this one message (MAIL, RCPT or DATA answered with an error, or a
-    feature it needs is missing) and the session is still usable for the next message."""
+    feature it needs is missing) and the session is still usable for the next message.
+    `permanent`: every reply was a 5xx (sending the same message again will not help), not a
+    4xx (try later: greylisting, a full mailbox)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def _refusal_codes(error: smtplib.SMTPException) -> list[int]:
+    """The reply codes of a refusal: per recipient, or the one reply (none: no feature)."""
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        return [code for code, _ in error.recipients.values()]
+    code = getattr(error, "smtp_code", None)
+    return [code] if isinstance(code, int) else []
 
 
 # What smtplib raises for a refusal of one message; it resets the mail transaction (RSET)
@@ -659,7 +673,11 @@ class SmtpMailer:
             refused = client.send_message(message)
         except _MESSAGE_REFUSALS as exc:
             if self._session_usable(client):
-                raise MessageRefusedError(f"SMTP server refused the message: {exc!r}") from exc
+                codes = _refusal_codes(exc)
+                raise MessageRefusedError(
+                    f"SMTP server refused the message: {exc!r}",
+                    permanent=all(500 <= code < 600 for code in codes),
+                ) from exc
             raise AlertDeliveryError(
                 f"SMTP server refused the message and ended the session: {exc!r}"
             ) from exc

@@ -593,17 +593,19 @@ def _run_status_email_sensor(
 
 
 def _told_about_run(mailer: SmtpMailer, smtp: SmtpResource, notice: RunFailureNotice) -> bool:
-    """Send the operators' email about one run; if the server refuses that message (a content
-    filter reading its error text, a size limit), send it once more without the error text.
-    False if that is refused too: the caller moves on, so one message the server will never
-    take does not hold back every later one. A broken session raises, as before."""
+    """Send the operators' email about one run; if the server refuses that message for good (a
+    5xx: a content filter reading its error text, a size limit), send it once more without the
+    error text. False if that is refused for good too: the caller moves on, so one message the
+    server will never take does not hold back every later one. A temporary refusal (4xx) or a
+    broken session raises, as before: the next tick tries again."""
     attempts = (notice, replace(notice, errors=("(left out: the mail server refused it)",)))
     for attempt in attempts:
         try:
             mailer.send(render_run_failure(attempt, smtp.sender, smtp.operator_recipients))
             return True
-        except MessageRefusedError:
-            continue
+        except MessageRefusedError as exc:
+            if not exc.permanent:
+                raise
     return False
 
 

@@ -364,14 +364,17 @@ class ContentFilter(MaildirHandler):
     """Stores messages like the local server, but refuses (554, after DATA) every message that
     holds one of `refused`, as a bank's content filter refuses some texts for good."""
 
-    def __init__(self, mail_dir: Path, refused: set[str]) -> None:
+    def __init__(self, mail_dir: Path, refused: set[str], later: set[str] = frozenset()) -> None:
         super().__init__(mail_dir)
         self.refused = refused
+        self.later = set(later)  # refused for now (451), as greylisting does
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         text = envelope.content.decode("utf-8", "replace")
         if any(marker in text for marker in self.refused):
             return "554 5.7.1 test filter refuses this content"
+        if any(marker in text for marker in self.later):
+            return "451 4.7.1 test filter: try again later"
         return await super().handle_DATA(server, session, envelope)
 
 
@@ -413,6 +416,16 @@ def test_an_operator_email_the_server_refuses_does_not_hold_back_the_later_ones(
         for entry in instance.all_logs(runs[1].run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
     ]
     assert any("refused the operators' email about this run" in text for text in said)
+
+    # A refusal for now (4xx) is not skipped: the tick fails and the next one sends it.
+    late = instance.create_run_for_job(sender, status=dg.DagsterRunStatus.STARTED, tags=sender.tags)
+    instance.report_run_failed(late, "ordinary 4")
+    greylisting = ContentFilter(smtp_server.mail_dir, set(), later={late.run_id})
+    with serving(greylisting, smtp_server.port), pytest.raises(AlertDeliveryError):
+        operators_tick(defs, instance, settings, cursor=again.cursor)
+    with serving(ContentFilter(smtp_server.mail_dir, set()), smtp_server.port):
+        operators_tick(defs, instance, settings, cursor=again.cursor)
+    assert late.run_id in {email["X-Fraud-Run-Id"] for email in mailbox.messages()}
 
 
 def operator_sensor_state(instance: dg.DagsterInstance) -> InstigatorState | None:
