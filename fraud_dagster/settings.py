@@ -248,8 +248,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         check_drift_min_scores=read.integer("FRAUD_CHECK_DRIFT_MIN_SCORES", 200),
         run_health_interval_seconds=read.integer("FRAUD_RUN_HEALTH_INTERVAL_SECONDS", 15),
         lost_retry_after_seconds=read.number("FRAUD_LOST_RETRY_AFTER_SECONDS", 60.0),
-        kafka_down_alert_seconds=read.number("FRAUD_KAFKA_DOWN_ALERT_SECONDS", 300.0),
-        unstored_alert_seconds=read.number("FRAUD_UNSTORED_ALERT_SECONDS", 3600.0),
+        # 0: tell at the first look (the tests, an impatient deployment)
+        kafka_down_alert_seconds=read.number(
+            "FRAUD_KAFKA_DOWN_ALERT_SECONDS", 300.0, minimum_allowed=True
+        ),
+        unstored_alert_seconds=read.number(
+            "FRAUD_UNSTORED_ALERT_SECONDS", 3600.0, minimum_allowed=True
+        ),
         dagster_ui_url=get("FRAUD_DAGSTER_UI_URL", "http://127.0.0.1:3000").rstrip("/"),
         env=env,
     )

@@ -50,6 +50,9 @@ def test_spellings_are_normalised_and_flags_read_both_ways() -> None:
             "FRAUD_SMTP_SECURITY": "STARTTLS",
             "FRAUD_SMTP_VERIFY_CERTIFICATE": "Off",
             "FRAUD_CHECK_MAX_REJECTED_SHARE": "0",
+            "FRAUD_KAFKA_DOWN_ALERT_SECONDS": "0",
+            "FRAUD_UNSTORED_ALERT_SECONDS": "0",
+            "FRAUD_ALERT_PENDING_GRACE_SECONDS": "0",
         }
     )
     assert (settings.kafka_security_protocol, settings.kafka_sasl_mechanism) == (
@@ -58,6 +61,8 @@ def test_spellings_are_normalised_and_flags_read_both_ways() -> None:
     )
     assert (settings.smtp_security, settings.smtp_verify_certificate) == ("starttls", False)
     assert settings.check_max_rejected_share == 0.0
+    # 0 is meaningful for these: tell (or send) at the first look
+    assert settings.kafka_down_alert_seconds == settings.unstored_alert_seconds == 0.0
     assert load_settings({}).smtp_verify_certificate is True
 
 
