@@ -38,7 +38,15 @@ fi
 missing=()
 # Debian's python3 makes virtualenvs only with python3-venv (ensurepip) installed.
 "$PYTHON" -c "import ensurepip" >/dev/null 2>&1 || [ -x "$VENV/bin/python" ] || missing+=(python3-venv)
-command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+# Kafka 4 needs Java 17+. Debian's default runtime is 17 on bookworm and 21 on trixie (which has
+# no openjdk-17), so ask for the default rather than one version.
+java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1; }
+if ! command -v java >/dev/null 2>&1; then
+  missing+=(default-jre-headless)
+elif [ "$(java_major)" -lt 17 ] 2>/dev/null; then
+  log "java on PATH is Java $(java_major); Kafka 4 needs 17 or newer: put a newer one first on PATH"
+  exit 1
+fi
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ "${FRAUD_SKIP_BROWSER:-0}" != "1" ]; then

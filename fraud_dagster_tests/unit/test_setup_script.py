@@ -12,7 +12,9 @@ from pathlib import Path
 from fraud_dagster.settings import PROJECT_ROOT
 
 
-def run_setup_against(tmp_path: Path, requires: str) -> subprocess.CompletedProcess[str]:
+def run_setup_against(
+    tmp_path: Path, requires: str, path_first: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     (tmp_path / "scripts").mkdir(exist_ok=True)
     shutil.copy(PROJECT_ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
     (tmp_path / "pyproject.toml").write_text(f'[project]\nrequires-python = "{requires}"\n')
@@ -20,7 +22,12 @@ def run_setup_against(tmp_path: Path, requires: str) -> subprocess.CompletedProc
         ["bash", "scripts/setup.sh"],
         check=False,
         cwd=tmp_path,
-        env={**os.environ, "PYTHON": sys.executable, "VENV": "venv"},
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "VENV": "venv",
+            "PATH": os.pathsep.join([str(path_first or tmp_path), os.environ["PATH"]]),
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -45,3 +52,19 @@ def test_a_virtualenv_made_with_an_unsupported_python_is_named_for_removal(
     done = run_setup_against(tmp_path, ">=3.99,<4.0")
     assert done.returncode == 1
     assert "venv was made with it: remove venv" in done.stderr
+
+
+def test_a_java_older_than_17_on_the_path_is_refused_before_anything_is_installed(
+    tmp_path: Path,
+) -> None:
+    """Kafka 4 does not start on Java 11; setup says so instead of a broker failing later."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    java = bin_dir / "java"
+    java.write_text("#!/bin/sh\necho 'openjdk version \"11.0.24\" 2024-07-16' >&2\n")
+    java.chmod(0o755)
+    supported = f">={sys.version_info.major}.{sys.version_info.minor},<4"
+    done = run_setup_against(tmp_path, supported, path_first=bin_dir)
+    assert done.returncode == 1
+    assert "java on PATH is Java 11; Kafka 4 needs 17 or newer" in done.stderr
+    assert not (tmp_path / "venv").exists()
