@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import tempfile
@@ -87,3 +88,22 @@ def test_postgres_start_env_instance_status_stop(
     assert "running" in status and exported["DAGSTER_PG_PASSWORD"] not in status
     assert run_cli("postgres", "stop", "--data-dir", str(data_dir)) == 0
     assert run_cli("postgres", "status", "--data-dir", str(data_dir)) == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another user")
+def test_a_data_dir_the_postgres_user_cannot_enter_is_named_before_initdb(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As root the server runs as `postgres`; under a private (0700) directory, such as root's
+    home, initdb used to fail with a bare "Permission denied"."""
+    private = data_dir.parent / "private"
+    private.mkdir(mode=0o700)
+    inside = private / "pg"
+
+    code = run_cli("postgres", "start", "--port", str(free_port()), "--data-dir", str(inside))
+
+    said = capsys.readouterr().err
+    assert code == 1
+    assert f"cannot enter {private} (mode 0700)" in said
+    assert "chmod o+x" in said
+    assert not (inside / "data").exists()  # initdb did not run

@@ -104,11 +104,32 @@ class LocalPostgres:
         password = quote(self.password(), safe="")
         return f"{driver}://{SUPERUSER}:{password}@{self.host}:{self.port}/{database}"
 
+    def _require_reachable_by(self, user: str) -> None:
+        """Fail with the directory to open when `user` cannot enter `base_dir`'s parent: initdb
+        would fail with a bare "Permission denied" (e.g. a clone under root's 0700 home)."""
+
+        def enters(path: Path) -> bool:
+            test = ["runuser", "-u", user, "--", "test", "-x", str(path)]
+            return subprocess.run(test, capture_output=True, check=False).returncode == 0
+
+        parent = self.base_dir.resolve().parent
+        if enters(parent):
+            return
+        blocker = next((p for p in reversed([parent, *parent.parents]) if not enters(p)), parent)
+        raise LocalServiceError(
+            f"PostgreSQL runs as `{user}` here (we are root), which cannot enter {blocker} "
+            f"(mode {blocker.stat().st_mode & 0o777:04o}): put its data under another directory "
+            f"(--data-dir, or FRAUD_VAR_DIR, e.g. under /var/tmp) or let others enter that one "
+            f"(chmod o+x)"
+        )
+
     def _initdb(self) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        user = self._run_as()
+        if user:
+            self._require_reachable_by(user)
         self._password_file.write_text(secrets.token_urlsafe(24))
         self._password_file.chmod(0o600)
-        user = self._run_as()
         pwfile = self.base_dir / "initdb-pwfile"
         shutil.copyfile(self._password_file, pwfile)
         if user:
