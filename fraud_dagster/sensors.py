@@ -36,6 +36,7 @@ from fraud_dagster.batching import (
     plan_batches,
 )
 from fraud_dagster.errors import AlertDeliveryError, FraudDagsterError
+from fraud_dagster.event_cursor import RunEventCursor
 from fraud_dagster.gap_watch import GapWatch, gaps_to_mail
 from fraud_dagster.jobs import (
     SEND_PENDING_ALERTS_JOB,
@@ -447,10 +448,10 @@ def build_run_failure_sensor(settings: Settings, job_names: Collection[str]) -> 
 
     A plain sensor rather than Dagster's `run_failure_sensor`: that one moves its cursor past a
     failed run even when the email could not be sent, so a failure while SMTP is down was never
-    mailed. Here the cursor is the storage id of the last RUN_FAILURE event the server accepted
-    an email for, so such failures are mailed when SMTP is back. A tick that crashes between
-    sending and saving its cursor sends again; the email's Message-ID is the run's, so mail
-    clients drop the copy.
+    mailed. Here the cursor moves past a RUN_FAILURE event only once the server accepted its
+    email (`event_cursor`), so such failures are mailed when SMTP is back. A tick that crashes
+    between sending and saving its cursor sends again; the email's Message-ID is the run's, so
+    mail clients drop the copy.
     """
     return _run_status_email_sensor(
         settings,
@@ -505,8 +506,9 @@ def _run_status_email_sensor(
     mailable: Callable[[dg.EventLogEntry], bool] = lambda entry: True,
 ) -> dg.SensorDefinition:
     """A sensor that emails the operators once about every `event_type` of a run of `job_names`
-    (the events `mailable` accepts); its cursor is the storage id of the last such event the SMTP
-    server accepted an email for."""
+    (the events `mailable` accepts). Its cursor (`RunEventCursor`) records the events handled: a
+    tick whose first email fails keeps the previous cursor, and an event that becomes visible
+    after a later one (PostgreSQL commits out of id order) is still mailed."""
     jobs = frozenset(job_names)  # filtered here: the SQL storages cannot filter by job name
 
     def changes(after_storage_id: int | None = None) -> dg.RunStatusChangeRecordsFilter:
@@ -538,43 +540,48 @@ def _run_status_email_sensor(
     )
     def email_operators(context: dg.SensorEvaluationContext, smtp: SmtpResource) -> dg.SensorResult:
         instance = context.instance
-        if context.cursor is None or not context.cursor.isdigit():
+        cursor = RunEventCursor.parse(context.cursor)
+        if cursor is None:
             latest = instance.fetch_run_status_changes(changes(), limit=1).records
             start = latest[0].storage_id if latest else 0
             return dg.SensorResult(
-                skip_reason=f"watching {what}s after event {start}", cursor=str(start)
+                skip_reason=f"watching {what}s after event {start}",
+                cursor=RunEventCursor(start).serialize(),
             )
-        cursor = int(context.cursor)
+        limit = cursor.read_limit(FAILURE_EMAILS_PER_TICK)
         records = instance.fetch_run_status_changes(
-            changes(after_storage_id=cursor),
-            limit=FAILURE_EMAILS_PER_TICK,
-            ascending=True,
+            changes(after_storage_id=cursor.watermark), limit=limit, ascending=True
         ).records
-        if not records:
-            return dg.SensorResult(skip_reason=f"no new {what}", cursor=str(cursor))
+        new = [record for record in records if cursor.is_new(record.storage_id)]
         mailed: list[dg.DagsterRun] = []
         try:
-            with SmtpMailer(smtp.smtp_settings()) as mailer:
-                for record in records:
-                    run = instance.get_run_by_id(record.run_id)
-                    if (
-                        run is not None
-                        and run.job_name in jobs
-                        and mailable(record.event_log_entry)
-                    ):
-                        told = _told_about_run(
-                            mailer, smtp, notice_or_minimal(instance, run, record.event_log_entry)
-                        )
-                        if told:
-                            mailed.append(run)
-                        else:
-                            context.log.error(f"operator email about {what} {run.run_id} refused")
-                            instance.report_engine_event(
-                                f"{name}: the SMTP server refused the operators' email about "
-                                "this run (also without its error text); not tried again",
-                                run,
+            if new:
+                with SmtpMailer(smtp.smtp_settings()) as mailer:
+                    for record in new:
+                        run = instance.get_run_by_id(record.run_id)
+                        if (
+                            run is not None
+                            and run.job_name in jobs
+                            and mailable(record.event_log_entry)
+                        ):
+                            told = _told_about_run(
+                                mailer,
+                                smtp,
+                                notice_or_minimal(instance, run, record.event_log_entry),
                             )
-                    cursor = record.storage_id
+                            if told:
+                                mailed.append(run)
+                            else:
+                                context.log.error(
+                                    f"operator email about {what} {run.run_id} refused"
+                                )
+                                instance.report_engine_event(
+                                    f"{name}: the SMTP server refused the operators' email "
+                                    "about this run (also without its error text); not tried "
+                                    "again",
+                                    run,
+                                )
+                        cursor = cursor.with_handled(record.storage_id, time.time())
         except AlertDeliveryError as exc:
             if not mailed:
                 raise  # an error tick; the cursor stays, the next tick tries again
@@ -582,11 +589,16 @@ def _run_status_email_sensor(
         for run in mailed:  # said in the run's own event log too
             context.log.info(f"emailed the operators about {what} {run.run_id}")
             instance.report_engine_event(f"{name} emailed the operators", run)
-        unsent = sum(1 for record in records if record.storage_id > cursor)
+        unsent = sum(1 for record in new if cursor.is_new(record.storage_id))
+        settled = cursor.settled(
+            (record.storage_id for record in records), len(records) >= limit, time.time()
+        )
+        if not new:
+            return dg.SensorResult(skip_reason=f"no new {what}", cursor=settled.serialize())
         return dg.SensorResult(
             skip_reason=f"emailed the operators about {len(mailed)} {what}(s)"
             + (f"; {unsent} wait for the next tick (SMTP failed)" if unsent else ""),
-            cursor=str(cursor),
+            cursor=settled.serialize(),
         )
 
     return email_operators

@@ -23,6 +23,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
+import sqlalchemy
 from dagster._core.scheduler.instigation import (
     InstigatorState,
     InstigatorTick,
@@ -358,6 +359,58 @@ def test_the_operators_hear_once_about_each_failed_run_of_this_code_location_onl
     again = operators_tick(defs, instance, settings, cursor=mailed.cursor)
     assert again.cursor == mailed.cursor
     assert len(mailbox.messages()) == 1
+
+
+@pytest.mark.backends("sqlite")  # the application database is not read
+@pytest.mark.dagster_storage("postgresql")
+def test_a_failure_committed_after_a_later_one_is_still_mailed(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    smtp_server: LocalSmtpServer,
+    mailbox: MailBox,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL takes an event's id at insert and shows it at commit. Run A's failure takes
+    the lower id but commits after run B's: the tick in between mails B. Before, its cursor (the
+    last id read) then stood past A's id, and A was never mailed."""
+    defs = build_definitions(settings)
+    watching = operators_tick(defs, instance, settings, cursor=None)
+    sender = defs.resolve_job_def("send_pending_alerts")
+    first, second = (
+        instance.create_run_for_job(sender, status=dg.DagsterRunStatus.STARTED, tags=sender.tags)
+        for _ in range(2)
+    )
+    storage = instance.event_log_storage
+    engine = sqlalchemy.create_engine(storage.postgres_url)
+    with engine.connect() as held:
+        late_commit = held.begin()
+        # A's failure event is inserted (its id taken) in a transaction that stays open.
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                storage, "store_event", lambda e: held.execute(storage.prepare_insert_event(e))
+            )
+            instance.report_run_failed(first, "failed first, committed last")
+        instance.report_run_failed(second, "failed second, committed first")
+
+        mailed = operators_tick(defs, instance, settings, cursor=watching.cursor)
+        assert [email["X-Fraud-Run-Id"] for email in mailbox.wait_for(1)] == [second.run_id]
+
+        late_commit.commit()
+    engine.dispose()
+    failures = instance.fetch_run_status_changes(dg.DagsterEventType.RUN_FAILURE, limit=10)
+    event_id = {record.run_id: record.storage_id for record in failures.records}
+    assert event_id[first.run_id] < event_id[second.run_id]  # the race did happen
+
+    again = operators_tick(defs, instance, settings, cursor=mailed.cursor)
+    emails = mailbox.wait_for(2)
+    assert sorted(email["X-Fraud-Run-Id"] for email in emails) == sorted(
+        [first.run_id, second.run_id]
+    )
+    assert "failed first, committed last" in next(
+        email.get_content() for email in emails if email["X-Fraud-Run-Id"] == first.run_id
+    )
+    operators_tick(defs, instance, settings, cursor=again.cursor)
+    assert len(mailbox.messages()) == 2
 
 
 class ContentFilter(MaildirHandler):
