@@ -337,8 +337,10 @@ def read_range(
     timeout_seconds: float = 60.0,
     group_id: str | None = None,
     topic_id: str | None = None,
+    max_messages: int | None = None,
 ) -> RawBatch:
-    """Read offsets `first_offset..last_offset` (inclusive) of one partition, and nothing more.
+    """Read offsets `first_offset..last_offset` (inclusive) of one partition, and nothing more
+    (with `max_messages`, only the first that many messages of the range).
 
     Offsets without a message (transaction markers, compaction) are simply absent from the
     result. Offsets at the start of the range that retention already deleted cannot be read:
@@ -355,6 +357,7 @@ def read_range(
     batch = RawBatch(topic, partition, first_offset, last_offset)
     if last_offset < first_offset:
         return batch
+    limit = max_messages if max_messages is not None else last_offset - first_offset + 1
     tp = TopicPartition(topic, partition)
     group = {"group_id": group_id} if group_id else {}
     _require_partition(options, topic, partition, topic_id)
@@ -382,14 +385,14 @@ def read_range(
                     return batch
             consumer.seek(tp, max(first_offset, begin))
             deadline = time.monotonic() + timeout_seconds
-            while consumer.position(tp) <= last_offset:
+            while consumer.position(tp) <= last_offset and len(batch) < limit:
                 if time.monotonic() > deadline:
                     raise KafkaUnavailableError(
                         f"read {len(batch)} messages of {topic}/{partition} "
                         f"{first_offset}..{last_offset} in {timeout_seconds:.0f}s, then timed out"
                     )
                 for record in consumer.poll(timeout_ms=500).get(tp, []):
-                    if record.offset > last_offset:
+                    if record.offset > last_offset or len(batch) >= limit:
                         break
                     batch.offsets.append(record.offset)
                     batch.timestamps_ms.append(record.timestamp)

@@ -143,13 +143,15 @@ def _gap(
     retention: kafka_io.Retention,
 ) -> Gap:
     """The gap with its deadlines: the timestamp of its oldest message still on the broker (one
-    message read) plus the topic's retention.ms, and plus the partition's size_limit_age."""
+    message read) plus the topic's retention.ms, and plus the partition's size_limit_age. That
+    message is the first of the gap that holds one: its first offset may hold none (a
+    transactional producer's commit marker), and a gap without a message has nothing to lose."""
     first, last = span
     deleted = max(0, min(beginning, last + 1) - first)
     if deleted == last - first + 1:
         return Gap(first, last, deleted)
     oldest = max(first, beginning)
-    read = kafka_io.read_range(options, topic, partition, oldest, oldest)
+    read = kafka_io.read_range(options, topic, partition, oldest, last, max_messages=1)
     if not read.timestamps_ms:
         return Gap(first, last, deleted)
     produced = datetime.fromtimestamp(read.timestamps_ms[0] / 1000, UTC)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from kafka import KafkaProducer
 
 from fraud_dagster import range_runs
 from fraud_dagster.alerts import size_limit_words
@@ -364,3 +365,55 @@ def test_a_range_on_a_roomy_partition_that_fills_fast_gets_a_last_call_with_its_
     assert "10% of it, growing by about" in line
     # Read a little later: the same rate over a longer time is slower, the deadline later.
     assert deadline <= size_deadline_in(line) < now + timedelta(hours=2)
+
+
+def produce_in_transactions(settings: Settings, transactions: list[list[bytes]]) -> None:
+    """Each list of values in one Kafka transaction: the broker writes a commit marker, an
+    offset with no message, after each."""
+    options = resolved_resources(settings)["kafka"].client_options()
+    allowed = {k: v for k, v in options.items() if k in KafkaProducer.DEFAULT_CONFIG}
+    client = KafkaProducer(**allowed, transactional_id=f"{settings.kafka_topic}-tx")
+    try:
+        client.init_transactions()
+        for values in transactions:
+            client.begin_transaction()
+            for value in values:
+                client.send(settings.kafka_topic, key=b"k", value=value)
+            client.commit_transaction()
+    finally:
+        client.close()
+
+
+def test_a_range_that_starts_at_a_transaction_marker_is_still_mailed(
+    instance: dg.DagsterInstance,
+    mailbox: MailBox,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+) -> None:
+    """A transactional producer's commit marker takes an offset that holds no message. An
+    unstored range that starts at one is aged by its first message after the marker: it is
+    mailed like any other, not taken for a range too young to mention."""
+    monkeypatch.setenv("FRAUD_UNSTORED_ALERT_SECONDS", "0")  # on top of the test's settings
+    settings = load_settings()
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("score_transactions")
+    values = [json.dumps(m).encode() for m in to_messages(synthetic_transactions(20, seed=8))]
+    produced_from = datetime.now(UTC).replace(microsecond=0)
+    produce_in_transactions(settings, [values[:10], values[10:]])  # 0-9, marker 10, 11-20, 21
+    produced_until = datetime.now(UTC)
+    for first, last in ((0, 9), (15, 21)):  # 10-14 left as a failed batch leaves them
+        batch = PlannedBatch(settings.kafka_topic, 0, first, last)
+        assert job.execute_in_process(run_config=batch_run_config(batch), instance=instance).success
+
+    (partition,) = status_of(settings).partitions
+    assert partition.end == 22
+    (gap,) = partition.gaps
+    assert (gap.first, gap.last, gap.size) == (10, 14, 5)
+    assert gap.produced_at is not None, "aged by offset 11, the first message of the range"
+    assert produced_from <= gap.produced_at <= produced_until
+    assert gap.deadline is not None
+
+    tick = sensor_tick("email_operators_about_unstored_offsets", defs, instance, settings, None)
+    assert json.loads(tick.cursor) == ["0/10/unstored"]
+    (notice,) = [m for m in mailbox.messages() if m["X-Fraud-Unstored-Notice"]]
+    assert "(partition 0 offsets 10-14)" in notice["Subject"]
