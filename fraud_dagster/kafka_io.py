@@ -392,11 +392,13 @@ def read_range(
                         f"{first_offset}..{last_offset} in {timeout_seconds:.0f}s, then timed out"
                     )
                 for record in consumer.poll(timeout_ms=500).get(tp, []):
-                    if record.offset > last_offset or len(batch) >= limit:
+                    if record.offset > last_offset:
                         break
                     batch.offsets.append(record.offset)
                     batch.timestamps_ms.append(record.timestamp)
                     batch.values.append(record.value)
+                if len(batch) > limit:  # per poll, not per message: only with max_messages
+                    del batch.offsets[limit:], batch.timestamps_ms[limit:], batch.values[limit:]
         except OffsetOutOfRangeError as exc:
             # Retention deleted offsets while this batch read them: the step's retry reads
             # again, finds them below the beginning and records them as lost.
