@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from fraud_dagster import cli
 from fraud_dagster.errors import LocalServiceError
-from fraud_dagster.local_services.postgres import postgres_bin_dir
+from fraud_dagster.local_services.postgres import LocalPostgres, postgres_bin_dir
 from fraud_dagster.local_services.process import free_port
 from fraud_dagster_tests.operations_support import require
 
@@ -107,3 +107,27 @@ def test_a_data_dir_the_postgres_user_cannot_enter_is_named_before_initdb(
     assert f"cannot enter {private} (mode 0700)" in said
     assert "chmod o+x" in said
     assert not (inside / "data").exists()  # initdb did not run
+
+
+def test_the_password_files_are_private_while_initdb_reads_them(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data directory is open to others (the server's user enters it as root), so the
+    superuser password must be in files only their owner reads from the moment they exist: a
+    copy made with the umask's mode (0644) was readable by anyone while initdb ran."""
+    modes: dict[str, int] = {}
+    run = LocalPostgres._run
+
+    def run_and_look(self: LocalPostgres, tool: str, *args: str) -> object:
+        if tool == "initdb":
+            modes.update({path.name: path.stat().st_mode for path in self.base_dir.iterdir()})
+        return run(self, tool, *args)
+
+    monkeypatch.setattr(LocalPostgres, "_run", run_and_look)
+    port = str(free_port())
+    assert run_cli("postgres", "start", "--port", port, "--data-dir", str(data_dir)) == 0
+
+    assert {"password", "initdb-pwfile"} <= set(modes)
+    readable_by_others = {name: oct(mode & 0o777) for name, mode in modes.items() if mode & 0o077}
+    assert readable_by_others == {}
+    assert not (data_dir / "initdb-pwfile").exists()

@@ -128,10 +128,10 @@ class LocalPostgres:
         user = self._run_as()
         if user:
             self._require_reachable_by(user)
-        self._password_file.write_text(secrets.token_urlsafe(24))
-        self._password_file.chmod(0o600)
+        password = secrets.token_urlsafe(24)
+        _write_private(self._password_file, password)
         pwfile = self.base_dir / "initdb-pwfile"
-        shutil.copyfile(self._password_file, pwfile)
+        _write_private(pwfile, password)
         if user:
             entry = pwd.getpwnam(user)
             for path in (self.base_dir, pwfile):
@@ -263,3 +263,13 @@ def temporary_postgres(prefix: str = "fraud-pg-") -> Iterator[LocalPostgres]:
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read, from its first byte on: `base_dir` is
+    open to others (the server's user must enter it), so a file created with the umask's mode
+    and narrowed afterwards could be read in between."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
