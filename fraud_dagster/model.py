@@ -183,6 +183,20 @@ class LoadedModel:
         return np.asarray(self.estimator.predict_proba(matrix)[:, 1], dtype=np.float64)
 
 
+def model_file_path(models_dir: Path, entry: ModelEntry) -> Path:
+    """Where `entry`'s file is, links resolved, if that is a regular file inside `models_dir`.
+
+    Whatever reads a manifest entry's file goes through here: an entry naming a path elsewhere
+    (`/etc/...`, `../...`, a link out) or a device (`/dev/zero` never ends) is refused before a
+    byte is read."""
+    path = (models_dir / entry.file).resolve()
+    if models_dir.resolve() not in path.parents:
+        raise ModelIntegrityError(f"model file {entry.file!r} points outside {models_dir}")
+    if path.exists() and not path.is_file():
+        raise ModelIntegrityError(f"model file {entry.file!r} is not a regular file")
+    return path
+
+
 def read_verified_bytes(models_dir: Path, entry: ModelEntry) -> tuple[Path, bytes]:
     """The path of `entry`'s file and its bytes, read once, if they hash to the recorded SHA-256.
 
@@ -190,9 +204,7 @@ def read_verified_bytes(models_dir: Path, entry: ModelEntry) -> tuple[Path, byte
     verified, even if the file on disk is replaced right after. Raises `ModelIntegrityError`
     saying what is wrong otherwise; never unpickles anything.
     """
-    path = (models_dir / entry.file).resolve()
-    if models_dir.resolve() not in path.parents:
-        raise ModelIntegrityError(f"model file {entry.file!r} points outside {models_dir}")
+    path = model_file_path(models_dir, entry)
     try:
         data = path.read_bytes()
     except OSError as exc:

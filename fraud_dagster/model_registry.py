@@ -30,6 +30,7 @@ from fraud_dagster.model import (
     Manifest,
     ModelEntry,
     load_verified,
+    model_file_path,
     sha256_of_file,
     threshold_problem,
 )
@@ -106,7 +107,9 @@ def candidate_fingerprint(
     entry's threshold asks again), these file bytes, against this active version. The schedule
     does not ask a question again once it was answered with a refusal."""
     try:
-        actual = sha256_of_file(models_dir / candidate.file)
+        actual = sha256_of_file(model_file_path(models_dir, candidate))
+    except ModelIntegrityError as exc:
+        actual = f"refused: {exc}"
     except OSError:
         actual = "unreadable"
     entry = json.dumps(candidate.to_json(), sort_keys=True)

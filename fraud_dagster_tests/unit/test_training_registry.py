@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -133,6 +135,49 @@ def test_fingerprint_changes_with_the_file_bytes_and_the_active_version(models_d
     assert model_registry.candidate_fingerprint(models_dir, entry, "v1") != first
     path.unlink()
     assert model_registry.candidate_fingerprint(models_dir, entry, "v1") != first
+
+
+def test_fingerprint_does_not_read_a_file_outside_the_models_directory(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """The schedule fingerprints the newest entry every tick, before validating it: an entry
+    naming a path elsewhere was read there (`/dev/zero` never ends, so every tick hung)."""
+    outside = tmp_path / "elsewhere.joblib"
+    outside.write_bytes(b"first")
+    entry = replace(read_manifest(models_dir).newest(), file=str(outside))
+
+    first = model_registry.candidate_fingerprint(models_dir, entry, "v1")
+    outside.write_bytes(b"second")
+
+    assert model_registry.candidate_fingerprint(models_dir, entry, "v1") == first
+    with pytest.raises(ModelIntegrityError, match="points outside"):
+        load_verified(models_dir, entry)
+
+
+def test_a_model_file_that_is_not_a_regular_file_is_refused_unread(models_dir: Path) -> None:
+    """A FIFO (or device) in place of the file would block the reader forever."""
+    entry = read_manifest(models_dir).newest()
+    path = models_dir / entry.file
+    path.unlink()
+    os.mkfifo(path)
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            load_verified(models_dir, entry)
+        except ModelIntegrityError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # unblock the reader: open the FIFO's other end
+        with path.open("wb"):
+            pass
+        reader.join(timeout=10)
+        pytest.fail("load_verified opened the FIFO and waited for a writer")
+    assert "not a regular file" in str(outcome[0])
+    assert model_registry.candidate_fingerprint(models_dir, entry, "v1")
 
 
 def test_fingerprint_changes_with_any_field_of_the_entry(models_dir: Path) -> None:
