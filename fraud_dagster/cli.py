@@ -282,9 +282,10 @@ def _with_runs_if_readable(status: StreamStatus, settings: Settings) -> StreamSt
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     from fraud_dagster.resources import resolved_resources
+    from fraud_dagster.storage.database import url_for_display
 
     engine = resolved_resources(settings)["database"].get_engine()
-    print_line(f"schema ready on {engine.url.render_as_string(hide_password=True)}")
+    print_line(f"schema ready on {url_for_display(engine.url)}")
     return 0
 
 
@@ -336,12 +337,11 @@ def _refuse_remote_services(settings: Settings, local_kafka: str, postgres: bool
     if settings.smtp_host not in ("127.0.0.1", "localhost"):
         problems.append(f"FRAUD_SMTP_HOST={settings.smtp_host}")
     if settings.secret_is_set("FRAUD_DATABASE_URL") and not postgres:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
+        from fraud_dagster.storage.database import parse_database_url
 
         try:
-            host = make_url(settings.env["FRAUD_DATABASE_URL"]).host
-        except ArgumentError:
+            host = parse_database_url(settings.env["FRAUD_DATABASE_URL"]).host
+        except ConfigurationError:
             host = "an unreadable URL"
         if host not in (None, "127.0.0.1", "localhost"):
             problems.append(f"FRAUD_DATABASE_URL (a database on {host})")

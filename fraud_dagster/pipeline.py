@@ -24,6 +24,7 @@ from fraud_dagster.features import (
 from fraud_dagster.messages import RawBatch, Rejection, ValidationLimits, parse_batch
 from fraud_dagster.model import LoadedModel
 from fraud_dagster.storage.batches import PersistResult, persist_batch, stored_without_gap
+from fraud_dagster.storage.database import url_for_display
 from fraud_dagster.storage.history import classify_stored, load_batch_history
 from fraud_dagster.storage.labels import load_labels
 
@@ -117,7 +118,7 @@ def prepare_batch(
         conn = engine.connect()
     except SQLAlchemyError as exc:
         raise StorageError(
-            f"cannot read history from {engine.url.render_as_string(hide_password=True)}: the "
+            f"cannot read history from {url_for_display(engine.url)}: the "
             f"database is unavailable; the batch is not scored (rerun it once it is back): {exc}"
         ) from exc
     with conn:

@@ -27,6 +27,7 @@ from fraud_dagster.messages import Rejection
 from fraud_dagster.storage.database import (
     insert_ignoring_conflicts,
     insert_widening_on_conflict,
+    url_for_display,
     utcnow,
 )
 from fraud_dagster.storage.history import classify_stored
@@ -291,7 +292,7 @@ def persist_batch(
             )
     except SQLAlchemyError as exc:
         raise StorageError(
-            f"writing the batch to {engine.url.render_as_string(hide_password=True)} failed "
+            f"writing the batch to {url_for_display(engine.url)} failed "
             f"and was rolled back; rerun the batch once the database is back: {exc}"
         ) from exc
     return result

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 import sqlalchemy as sa
@@ -51,16 +52,54 @@ def within_seconds(
     return sa.and_(column >= datetime_at(first), column < datetime_at(last + 1))
 
 
+# Query keys libpq (psycopg2) reads a secret from: `?password=` works as well as the URL's own
+# password field, which is the only one SQLAlchemy masks.
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+_MASK = "***"
+
+
+def url_for_display(url: sa.URL) -> str:
+    """`url` as logs, errors and the CLI may show it: the password masked, wherever it is."""
+    hidden = {key: _MASK for key in url.query if key.lower() in _SECRET_QUERY_KEYS}
+    shown = url.update_query_dict(hidden).render_as_string(hide_password=True)
+    return shown.replace(quote(_MASK, safe=""), "***")  # the query's values come out quoted
+
+
 def create_engine(url: str) -> Engine:
     """An engine for `url`, with the settings each backend needs for concurrent batch runs; a
     URL that cannot work is a ConfigurationError that does not repeat it (it holds a password)."""
+    parse_database_url(url)
     try:
         return _engine(url)
-    except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
-        raise ConfigurationError(
-            f"the database URL (FRAUD_DATABASE_URL) cannot be used: {exc}; write it as "
-            "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DATABASE or sqlite:///PATH"
-        ) from None
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+        raise _unusable(str(exc)) from None
+
+
+def parse_database_url(url: str) -> sa.URL:
+    """`url` parsed, or a ConfigurationError that shows none of it. A user name or password
+    with a raw `@`, `/` or `?` is split in the wrong place and the rest of it read as the host,
+    port or database name, which messages show unmasked: such a URL is refused, not used."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except ValueError:  # the port's text, which may be a piece of the password
+        raise _unusable("its port is not a number") from None
+    except ArgumentError as exc:
+        raise _unusable(str(exc)) from None
+    if parsed.get_backend_name() != "sqlite" and (
+        url.count("@") > 1 or "@" in f"{parsed.host or ''}{parsed.database or ''}"
+    ):
+        raise _unusable(
+            "its user name or password holds a character that must be percent-encoded "
+            "(`@` as %40, `/` as %2F, `?` as %3F, `:` in the user name as %3A)"
+        )
+    return parsed
+
+
+def _unusable(reason: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"the database URL (FRAUD_DATABASE_URL) cannot be used: {reason}; write it as "
+        "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DATABASE or sqlite:///PATH"
+    )
 
 
 def _engine(url: str) -> Engine:
@@ -107,8 +146,8 @@ def ensure_schema(engine: Engine) -> None:
         backfill_account_rollups(engine)
     except SQLAlchemyError as exc:
         raise StorageError(
-            f"cannot create the schema on {engine.url!r} (is the database running and "
-            f"reachable?); batches fail until it is, rerun them afterwards: {exc}"
+            f"cannot create the schema on {url_for_display(engine.url)} (is the database running "
+            f"and reachable?); batches fail until it is, rerun them afterwards: {exc}"
         ) from exc
 
 

@@ -10,7 +10,7 @@ from fraud_dagster.definitions import build_definitions
 from fraud_dagster.errors import ConfigurationError
 from fraud_dagster.resources import build_resources
 from fraud_dagster.settings import load_settings
-from fraud_dagster.storage.database import create_engine
+from fraud_dagster.storage.database import create_engine, url_for_display
 
 
 @pytest.mark.parametrize(
@@ -135,8 +135,13 @@ def test_the_demo_refuses_an_environment_that_points_at_other_services() -> None
     ("url", "said"),
     [
         ("postgres://fraud:s3cret@db:5432/fraud", "sqlalchemy.dialects:postgres"),
-        ("postgresql+psycopg2://fraud:s3cret@db:port/fraud", "invalid literal for int()"),
+        ("postgresql+psycopg2://fraud:s3cret@db:port/fraud", "its port is not a number"),
+        ("postgresql+psycopg2://fraud:s3cret@db:s3cret/fraud", "its port is not a number"),
         ("not a url s3cret", "Could not parse SQLAlchemy URL"),
+        # A raw `@` or `/` in the credentials: the rest of them would be read as host or database.
+        ("postgresql+psycopg2://fraud:p@s3cret@db:5432/fraud", "`@` as %40"),
+        ("postgresql+psycopg2://fraud:p@s3cret/x@db/fraud", "`@` as %40"),
+        ("postgresql+psycopg2://fr/aud:s3cret@db/fraud", "`/` as %2F"),
     ],
 )
 def test_a_database_url_that_cannot_work_is_named_without_its_password(url: str, said: str) -> None:
@@ -144,4 +149,25 @@ def test_a_database_url_that_cannot_work_is_named_without_its_password(url: str,
         create_engine(url)
     assert "FRAUD_DATABASE_URL" in str(refused.value) and said in str(refused.value)
     assert "s3cret" not in str(refused.value)
-    assert refused.value.__cause__ is None and refused.value.__suppress_context__
+    assert refused.value.__cause__ is None
+    assert refused.value.__context__ is None or refused.value.__suppress_context__
+
+
+def test_a_password_in_the_url_query_is_masked_like_the_password_field() -> None:
+    """libpq takes `?password=` as well; SQLAlchemy masks only the password field."""
+    url = create_engine("postgresql+psycopg2://fraud@db:5432/fraud?password=s3cret&sslmode=require")
+
+    shown = url_for_display(url.url)
+
+    assert "s3cret" not in shown
+    assert shown == "postgresql+psycopg2://fraud@db:5432/fraud?password=***&sslmode=require"
+    both = create_engine("postgresql+psycopg2://fraud:s3cret@db/fraud?sslpassword=k3y").url
+    assert url_for_display(both) == "postgresql+psycopg2://fraud:***@db/fraud?sslpassword=***"
+
+
+def test_the_demo_names_no_piece_of_a_misread_database_url() -> None:
+    misread = load_settings({"FRAUD_DATABASE_URL": "postgresql+psycopg2://fraud:p@s3cret@db/f"})
+    with pytest.raises(ConfigurationError) as refused:
+        _refuse_remote_services(misread, "127.0.0.1:9092", postgres=False)
+    assert "an unreadable URL" in str(refused.value)
+    assert "s3cret" not in str(refused.value)
