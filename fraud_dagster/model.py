@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,20 @@ def write_manifest(models_dir: Path, manifest: Manifest) -> None:
         "models": [entry.to_json() for entry in manifest.entries],
     }
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.unlink(missing_ok=True)  # one a crash left behind, or a link planted there
+    write_new_file(tmp, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     tmp.replace(path)
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path`, which must not exist yet, not even as a link: a link placed in
+    `models/` would otherwise have a model written wherever it points. Synced, so a manifest
+    never names a file that a crash left short."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def library_versions() -> dict[str, str]:

@@ -12,6 +12,8 @@ entry with SHA-256, data range, features, metrics and threshold.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
 import logging
 import os
 import threading
@@ -46,8 +48,8 @@ from fraud_dagster.model import (
     ModelEntry,
     library_versions,
     read_manifest,
-    sha256_of_file,
     write_manifest,
+    write_new_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -475,11 +477,14 @@ def publish_model(
         version = _unique_version(created.strftime("%Y%m%dT%H%M%SZ"), manifest, models_dir)
         filename = f"{MODEL_NAME}-{version}.joblib"
         path = models_dir / filename
-        joblib.dump(result.estimator, path, compress=3)
+        pickled = io.BytesIO()
+        joblib.dump(result.estimator, pickled, compress=3)
+        # The hash is of the bytes written, not of the path read back afterwards.
+        write_new_file(path, pickled.getvalue())
         entry = ModelEntry(
             version=version,
             file=filename,
-            sha256=sha256_of_file(path),
+            sha256=hashlib.sha256(pickled.getvalue()).hexdigest(),
             threshold=round(result.threshold, 6),
             features=tuple(FEATURE_COLUMNS),
             created_at=created.isoformat(timespec="seconds"),
@@ -515,7 +520,7 @@ def _unique_version(version: str, manifest: Manifest, models_dir: Path) -> str:
     """`version`, or `version-2`, `-3`... when a model was published in the same second."""
     taken = {entry.version for entry in manifest.entries}
     candidate, n = version, 1
-    while candidate in taken or (models_dir / f"{MODEL_NAME}-{candidate}.joblib").exists():
+    while candidate in taken or os.path.lexists(models_dir / f"{MODEL_NAME}-{candidate}.joblib"):
         n += 1
         candidate = f"{version}-{n}"
     return candidate

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import sklearn
 import sklearn.base
 
+from fraud_dagster import training
 from fraud_dagster.errors import ConfigurationError, ModelIntegrityError
 from fraud_dagster.features import FEATURE_COLUMNS, compute_features
 from fraud_dagster.messages import RawBatch, parse_batch
@@ -19,6 +22,7 @@ from fraud_dagster.model import load_verified, read_manifest, sha256_of_file
 from fraud_dagster.simulator import SimulationConfig, simulate_transactions
 from fraud_dagster.training import (
     MODEL_KINDS,
+    MODEL_NAME,
     Periods,
     _heartbeat,
     build_estimator,
@@ -234,6 +238,40 @@ def test_publish_writes_file_and_manifest_entry(tmp_path: Path, simulated: pd.Da
     assert sha256_of_file(tmp_path / first.file) == first.sha256
     loaded = load_verified(tmp_path, first)
     assert loaded.threshold == pytest.approx(result.threshold, abs=1e-6)
+
+
+def test_publishing_writes_through_no_link_placed_in_the_models_directory(
+    tmp_path: Path, simulated: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link where the next model file or the manifest's temporary file goes (dangling, so
+    `exists()` missed it) had the publish write wherever the link pointed, outside models/."""
+    now = datetime(2026, 12, 3, 11, 0, tzinfo=UTC)
+
+    class SameSecond(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:
+            return now
+
+    monkeypatch.setattr(training, "datetime", SameSecond)  # both publishes in one second
+    models_dir, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    models_dir.mkdir()
+    elsewhere.mkdir()
+    result = train_model(simulated, kind="logistic")
+    first = publish_model(models_dir, result, source="unit test")
+    (models_dir / "manifest.json.tmp").symlink_to(elsewhere / "manifest-copy.json")
+    planted = [
+        (models_dir / f"{MODEL_NAME}-{first.version}-{n}.joblib", elsewhere / f"model-{n}")
+        for n in range(2, 6)
+    ]
+    for link, target in planted:
+        link.symlink_to(target)
+
+    second = publish_model(models_dir, result, source="unit test")
+
+    assert list(elsewhere.iterdir()) == []
+    assert not (models_dir / second.file).is_symlink()
+    assert hashlib.sha256((models_dir / second.file).read_bytes()).hexdigest() == second.sha256
+    assert [e.version for e in read_manifest(models_dir).entries] == [first.version, second.version]
 
 
 def test_training_data_with_a_repeated_transaction_id_is_refused(simulated: pd.DataFrame) -> None:
