@@ -8,6 +8,7 @@ a client built once per run. The work itself lives in plain modules (`kafka_io`,
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,16 @@ def _require_credentials(settings: Settings) -> None:
     run and sensor tick that connects (secrets are looked at, never shown)."""
     if settings.secret_is_set("FRAUD_SMTP_PASSWORD") and not settings.smtp_username:
         raise ConfigurationError("FRAUD_SMTP_PASSWORD is set without FRAUD_SMTP_USERNAME; set both")
+    if (
+        settings.smtp_username
+        and settings.smtp_security == "none"
+        and not _is_loopback(settings.smtp_host)
+    ):
+        raise ConfigurationError(
+            f"FRAUD_SMTP_USERNAME is set with FRAUD_SMTP_SECURITY=none: AUTH would send the "
+            f"password to {settings.smtp_host} in clear text; set FRAUD_SMTP_SECURITY to "
+            "starttls or ssl"
+        )
     for name in ("FRAUD_SMTP_USERNAME", "FRAUD_SMTP_PASSWORD"):
         if not settings.env.get(name, "").isascii():  # smtplib's AUTH sends them as ASCII
             raise ConfigurationError(
@@ -282,6 +293,16 @@ def _require_credentials(settings: Settings) -> None:
             f"FRAUD_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism} needs "
             "FRAUD_KAFKA_SASL_USERNAME and FRAUD_KAFKA_SASL_PASSWORD"
         )
+
+
+def _is_loopback(host: str) -> bool:
+    """`host` names this machine (a local relay), where clear text never reaches a network."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:

@@ -76,6 +76,14 @@ def test_spellings_are_normalised_and_flags_read_both_ways() -> None:
         ),
         (
             {
+                "FRAUD_SMTP_HOST": "smtp.bank.example",
+                "FRAUD_SMTP_USERNAME": "alerts",
+                "FRAUD_SMTP_PASSWORD": "s3cret-value",
+            },
+            "AUTH would send the password to smtp.bank.example in clear text",
+        ),
+        (
+            {
                 "FRAUD_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
                 "FRAUD_KAFKA_SASL_MECHANISM": "PLAIN",
                 "FRAUD_KAFKA_SASL_USERNAME": "fraud",
@@ -91,6 +99,20 @@ def test_credentials_that_cannot_work_are_refused_without_showing_them(
         build_resources(load_settings(env))
     assert said in str(refused.value)
     assert "s3cret" not in str(refused.value) and "pässwort" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("host", "security"),
+    [("127.0.0.1", "none"), ("localhost", "none"), ("::1", "none"), ("smtp.bank", "starttls")],
+)
+def test_smtp_credentials_go_in_clear_text_only_to_this_machine(host: str, security: str) -> None:
+    env = {
+        "FRAUD_SMTP_HOST": host,
+        "FRAUD_SMTP_SECURITY": security,
+        "FRAUD_SMTP_USERNAME": "alerts",
+        "FRAUD_SMTP_PASSWORD": "s3cret-value",
+    }
+    assert build_resources(load_settings(env))["smtp"].username == "alerts"
 
 
 def test_the_command_says_which_variable_is_wrong_instead_of_a_traceback(
