@@ -293,6 +293,30 @@ def _require_credentials(settings: Settings) -> None:
             f"FRAUD_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism} needs "
             "FRAUD_KAFKA_SASL_USERNAME and FRAUD_KAFKA_SASL_PASSWORD"
         )
+    remote_brokers = [
+        host
+        for host in _bootstrap_hosts(settings.kafka_bootstrap_servers)
+        if not _is_loopback(host)
+    ]
+    if (
+        settings.kafka_security_protocol == "SASL_PLAINTEXT"
+        and settings.kafka_sasl_mechanism == "PLAIN"
+        and remote_brokers
+    ):
+        raise ConfigurationError(
+            "FRAUD_KAFKA_SASL_MECHANISM=PLAIN with FRAUD_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT "
+            f"would send the password to {', '.join(remote_brokers)} in clear text; use "
+            "SASL_SSL, or a SCRAM mechanism"
+        )
+
+
+def _bootstrap_hosts(servers: str) -> list[str]:
+    """The host of each `host:port` (or `[v6]:port`) in a comma-separated broker list."""
+    hosts = []
+    for server in servers.split(","):
+        host = server.strip().rsplit(":", 1)[0] if ":" in server else server.strip()
+        hosts.append(host.strip("[]"))
+    return hosts
 
 
 def _is_loopback(host: str) -> bool:

@@ -90,6 +90,16 @@ def test_spellings_are_normalised_and_flags_read_both_ways() -> None:
             },
             "needs FRAUD_KAFKA_SASL_USERNAME and FRAUD_KAFKA_SASL_PASSWORD",
         ),
+        (
+            {
+                "FRAUD_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092, kafka-2.bank.example:9092",
+                "FRAUD_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "FRAUD_KAFKA_SASL_MECHANISM": "PLAIN",
+                "FRAUD_KAFKA_SASL_USERNAME": "fraud",
+                "FRAUD_KAFKA_SASL_PASSWORD": "s3cret-value",
+            },
+            "would send the password to kafka-2.bank.example in clear text",
+        ),
     ],
 )
 def test_credentials_that_cannot_work_are_refused_without_showing_them(
@@ -113,6 +123,27 @@ def test_smtp_credentials_go_in_clear_text_only_to_this_machine(host: str, secur
         "FRAUD_SMTP_PASSWORD": "s3cret-value",
     }
     assert build_resources(load_settings(env))["smtp"].username == "alerts"
+
+
+@pytest.mark.parametrize(
+    ("servers", "protocol", "mechanism"),
+    [
+        ("127.0.0.1:9092,localhost:9093,[::1]:9094", "SASL_PLAINTEXT", "PLAIN"),
+        ("kafka.bank.example:9092", "SASL_SSL", "PLAIN"),
+        ("kafka.bank.example:9092", "SASL_PLAINTEXT", "SCRAM-SHA-512"),  # no password sent
+    ],
+)
+def test_kafka_passwords_go_in_clear_text_only_to_this_machine(
+    servers: str, protocol: str, mechanism: str
+) -> None:
+    env = {
+        "FRAUD_KAFKA_BOOTSTRAP_SERVERS": servers,
+        "FRAUD_KAFKA_SECURITY_PROTOCOL": protocol,
+        "FRAUD_KAFKA_SASL_MECHANISM": mechanism,
+        "FRAUD_KAFKA_SASL_USERNAME": "fraud",
+        "FRAUD_KAFKA_SASL_PASSWORD": "s3cret-value",
+    }
+    assert build_resources(load_settings(env))["kafka"].sasl_username == "fraud"
 
 
 def test_the_command_says_which_variable_is_wrong_instead_of_a_traceback(
