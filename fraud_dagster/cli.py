@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import shlex
 import signal
@@ -453,6 +454,39 @@ def _utc_datetime(text: str) -> datetime:
     return value
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of `minimum` or more (a count of 0 or -5 would otherwise
+    fail later with a library's traceback, or do nothing and say it succeeded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is at most 65535, got {value}")
+    return value
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -475,30 +509,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     kafka = sub.add_parser("kafka", help="local Apache Kafka broker (KRaft, 127.0.0.1)")
     kafka.add_argument("action", choices=["start", "stop", "status"])
-    kafka.add_argument("--port", type=int, default=None, help="client port (default 9092)")
-    kafka.add_argument("--controller-port", type=int, default=None, help="default 9093")
+    kafka.add_argument("--port", type=_port, default=None, help="client port (default 9092)")
+    kafka.add_argument("--controller-port", type=_port, default=None, help="default 9093")
     kafka.add_argument("--data-dir", default=None, help="default var/kafka")
     kafka.set_defaults(handler=cmd_kafka)
 
     smtp = sub.add_parser("smtp", help="local SMTP server writing .eml files to var/mail/")
     smtp.add_argument("action", choices=["start", "stop", "status"])
-    smtp.add_argument("--port", type=int, default=None, help="default FRAUD_SMTP_PORT (8025)")
+    smtp.add_argument("--port", type=_port, default=None, help="default FRAUD_SMTP_PORT (8025)")
     smtp.add_argument("--starttls", action="store_true", help="offer STARTTLS (self-signed cert)")
     smtp.set_defaults(handler=cmd_smtp)
 
     topic = sub.add_parser("topic", help="create or grow the transaction topic")
     topic.add_argument("action", choices=["create"])
     topic.add_argument("--topic", default=None)
-    topic.add_argument("--partitions", type=int, default=1)
+    topic.add_argument("--partitions", type=_at_least(1), default=1)
     topic.set_defaults(handler=cmd_topic)
 
     produce = sub.add_parser("produce", help="send transactions to the topic")
     source = produce.add_mutually_exclusive_group(required=True)
-    source.add_argument("--count", type=int, help="this many synthetic transactions")
+    source.add_argument("--count", type=_at_least(1), help="this many synthetic transactions")
     source.add_argument("--from-csv", help="replay a handbook-format CSV (.csv or .csv.gz)")
-    produce.add_argument("--limit", type=int, default=None, help="send at most this many CSV rows")
     produce.add_argument(
-        "--rate", type=float, default=None, help="messages per second (default: max)"
+        "--limit", type=_at_least(1), default=None, help="send at most this many CSV rows"
+    )
+    produce.add_argument(
+        "--rate", type=_positive_rate, default=None, help="messages per second (default: max)"
     )
     produce.add_argument("--seed", type=int, default=0)
     produce.add_argument("--topic", default=None)
@@ -507,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train, evaluate and publish a model to models/")
     train.add_argument("--data", default=None, help="labelled CSV; default: the simulator")
-    train.add_argument("--days", type=int, default=90, help="simulated days")
+    train.add_argument("--days", type=_at_least(1), default=90, help="simulated days")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--models-dir", default=None)
     train.add_argument("--default", action="store_true", help="serve it when nothing is promoted")
@@ -538,13 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
         "transaction's time",
     )
     load_labels.add_argument(
-        "--delay-days", type=int, default=7, help="days until a label is known (default 7)"
+        "--delay-days", type=_at_least(0), default=7, help="days until a label is known (default 7)"
     )
     load_labels.set_defaults(handler=cmd_load_labels)
 
     pg = sub.add_parser("postgres", help="local PostgreSQL server (Debian's binaries, 127.0.0.1)")
     pg.add_argument("action", choices=["start", "stop", "status", "env"])
-    pg.add_argument("--port", dest="postgres_port", type=int, default=None, help="default 5433")
+    pg.add_argument("--port", dest="postgres_port", type=_port, default=None, help="default 5433")
     pg.add_argument("--data-dir", default=None, help="default var/postgres")
     pg.set_defaults(handler=cmd_postgres)
 
@@ -576,10 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="services + demo transactions + dagster dev (Ctrl-C stops all)"
     )
-    demo.add_argument("--count", type=int, default=2000)
+    demo.add_argument("--count", type=_at_least(1), default=2000)
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--partitions", type=int, default=2)
-    demo.add_argument("--dagster-port", type=int, default=3000)
+    demo.add_argument("--partitions", type=_at_least(1), default=2)
+    demo.add_argument("--dagster-port", type=_port, default=3000)
     demo.add_argument("--no-dagster", action="store_true", help="set up and produce only")
     demo.add_argument(
         "--keep-services", action="store_true", help="leave Kafka, SMTP (and PostgreSQL) running"
@@ -590,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="application database and Dagster instance storage on a local PostgreSQL server "
         "(var/postgres, port --postgres-port) instead of SQLite",
     )
-    demo.add_argument("--postgres-port", type=int, default=None, help="default 5433")
+    demo.add_argument("--postgres-port", type=_port, default=None, help="default 5433")
     demo.set_defaults(handler=cmd_demo)
     return parser
 

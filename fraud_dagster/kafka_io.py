@@ -480,9 +480,16 @@ def ensure_topic(options: Mapping[str, Any], topic: str, partitions: int) -> Non
 
 def producer(options: Mapping[str, Any]) -> KafkaProducer:
     producer_options = {k: v for k, v in options.items() if k in KafkaProducer.DEFAULT_CONFIG}
-    return KafkaProducer(
-        **producer_options, acks="all", linger_ms=20, batch_size=256 * 1024, compression_type=None
-    )
+    try:
+        return KafkaProducer(
+            **producer_options,
+            acks="all",
+            linger_ms=20,
+            batch_size=256 * 1024,
+            compression_type=None,
+        )
+    except KafkaError as exc:
+        raise _unreachable(options, exc) from exc
 
 
 def send_all(

@@ -3,6 +3,9 @@ the command) naming the variable, and is never read as something else."""
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
 from fraud_dagster.cli import _refuse_remote_services, main
@@ -224,3 +227,46 @@ def test_the_demo_names_no_piece_of_a_misread_database_url() -> None:
         _refuse_remote_services(misread, "127.0.0.1:9092", postgres=False)
     assert "an unreadable URL" in str(refused.value)
     assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["produce", "--count", "-5"], "--count: must be 1 or more, got -5"),
+        (["produce", "--count", "0"], "--count: must be 1 or more, got 0"),
+        (["produce", "--count", "10", "--rate", "0"], "--rate: must be a number above 0"),
+        (["produce", "--count", "10", "--rate", "nan"], "--rate: must be a number above 0"),
+        (["produce", "--from-csv", "x.csv", "--limit", "-1"], "--limit: must be 1 or more"),
+        (["topic", "create", "--partitions", "0"], "--partitions: must be 1 or more, got 0"),
+        (["train", "--days", "0"], "--days: must be 1 or more, got 0"),
+        (["load-labels", "--from-csv", "x", "--delay-days", "-3"], "--delay-days: must be 0 or"),
+        (["kafka", "start", "--port", "70000"], "--port: a TCP port is at most 65535"),
+        (["demo", "--count", "many"], "--count: not an integer: 'many'"),
+    ],
+)
+def test_counts_rates_and_ports_out_of_range_are_refused_before_anything_runs(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: `produce --count -5` or `--rate 0` went on to connect to Kafka (and with the
+    broker down ended in kafka-python's traceback), `train --days 0` in an AttributeError."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_producing_without_a_broker_says_where_it_looked_instead_of_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: `fraud-dagster produce` with the broker down ended in kafka-python's
+    KafkaTimeoutError traceback (`topic create` already said "cannot reach Kafka")."""
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    monkeypatch.setenv("FRAUD_VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("FRAUD_KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{port}")
+    monkeypatch.setenv("FRAUD_KAFKA_CONNECT_TIMEOUT_SECONDS", "2")
+    with pytest.raises(SystemExit) as exited:
+        main(["produce", "--count", "3", "--quiet"])
+    assert exited.value.code == 1
+    assert f"cannot reach Kafka at ['127.0.0.1:{port}']" in capsys.readouterr().err
