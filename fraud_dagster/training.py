@@ -267,12 +267,39 @@ class TrainingResult:
     fit_seconds: float
 
 
+def _checked_column(
+    frame: pd.DataFrame,
+    column: str,
+    valid: Callable[[pd.Series], pd.Series],
+    expected: str,
+) -> pd.Series:
+    """`column` as numbers, or ConfigurationError naming the first rows that hold something
+    else (a label like "yes" or an amount like "ten" would otherwise stop training with
+    pandas' own traceback)."""
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = ~(values.notna() & valid(values))
+    if bad.any():
+        examples = ", ".join(
+            f"{tid}: {value!r}"
+            for tid, value in zip(
+                frame.loc[bad, "transaction_id"][:3], frame.loc[bad, column][:3], strict=True
+            )
+        )
+        raise ConfigurationError(
+            f"training data: {column} must be {expected}; {int(bad.sum())} row(s) hold "
+            f"something else (transaction id: value, e.g. {examples})"
+        )
+    return values
+
+
 def prepare_training_frame(transactions: pd.DataFrame) -> pd.DataFrame:
     """Labelled transactions in time order (ties in id order), identifiers as strings.
 
     Identifiers are strings everywhere (the stream's messages carry them as text), so that
     offline and online features break same-second ties the same way.
     """
+    if transactions.empty:
+        raise ConfigurationError("training data holds no transactions")
     missing = {
         "transaction_id",
         "account_id",
@@ -300,7 +327,19 @@ def prepare_training_frame(transactions: pd.DataFrame) -> pd.DataFrame:
         frame["transaction_date"] = naive_utc_dates(frame["transaction_date"])
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"training data has unreadable transaction_date: {exc}") from exc
-    frame["is_fraud"] = frame["is_fraud"].fillna(0).astype(int)
+    frame["transaction_amount"] = _checked_column(
+        frame,
+        "transaction_amount",
+        lambda amounts: np.isfinite(amounts) & (amounts >= 0),
+        "a finite number of 0 or more",
+    )
+    # An empty label is read as genuine, as before; any other value must say 0 or 1.
+    frame["is_fraud"] = _checked_column(
+        frame.assign(is_fraud=frame["is_fraud"].fillna(0)),
+        "is_fraud",
+        lambda labels: labels.isin((0, 1)),
+        "0 (genuine) or 1 (fraud)",
+    ).astype(int)
     return frame.sort_values("transaction_date", kind="stable").reset_index(drop=True)
 
 
@@ -417,12 +456,14 @@ def load_labelled_csv(path: Path) -> pd.DataFrame:
     """
     try:
         header = pd.read_csv(path, nrows=0).columns
-    except (OSError, ValueError) as exc:
+        if set(HANDBOOK_COLUMNS) <= set(header):
+            frame = pd.read_csv(path, usecols=list(HANDBOOK_COLUMNS)).rename(
+                columns=HANDBOOK_COLUMNS
+            )
+        else:
+            frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:  # pandas' ParserError is a ValueError
         raise ConfigurationError(f"cannot read training data {path}: {exc}") from exc
-    if set(HANDBOOK_COLUMNS) <= set(header):
-        frame = pd.read_csv(path, usecols=list(HANDBOOK_COLUMNS)).rename(columns=HANDBOOK_COLUMNS)
-    else:
-        frame = pd.read_csv(path)
     return prepare_training_frame(frame)
 
 

@@ -388,3 +388,36 @@ def test_unreadable_csv_dates_are_a_clear_error(tmp_path: Path) -> None:
     frame.assign(transaction_date="sometime").to_csv(tmp_path / "bad_dates.csv", index=False)
     with pytest.raises(ConfigurationError, match="unreadable transaction_date"):
         load_labelled_csv(tmp_path / "bad_dates.csv")
+
+
+def test_labels_and_amounts_that_are_not_numbers_are_named_instead_of_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Before: "yes" as a label or "ten" as an amount stopped `fraud-dagster train` with
+    pandas' ValueError; a file of another shape with its tokenizer's ParserError; an empty one
+    with an AttributeError from the period calendar."""
+    rows = {
+        "transaction_id": ["t1", "t2", "t3"],
+        "account_id": ["A", "A", "B"],
+        "merchant": ["M", "M", "M"],
+        "transaction_amount": ["10.5", "12", "7"],
+        "transaction_date": ["2026-11-01 10:00:00", "2026-11-02 10:00:00", "2026-11-03 10:00:00"],
+        "is_fraud": ["0", "", "1"],
+    }
+    pd.DataFrame(rows).to_csv(tmp_path / "good.csv", index=False)
+    assert load_labelled_csv(tmp_path / "good.csv")["is_fraud"].tolist() == [0, 0, 1]
+
+    pd.DataFrame({**rows, "is_fraud": ["0", "yes", "1"]}).to_csv(tmp_path / "l.csv", index=False)
+    with pytest.raises(ConfigurationError, match=r"is_fraud must be 0 \(genuine\) or 1 .*t2: "):
+        load_labelled_csv(tmp_path / "l.csv")
+    amounts = ["ten", "-1", "inf"]
+    pd.DataFrame({**rows, "transaction_amount": amounts}).to_csv(tmp_path / "a.csv", index=False)
+    with pytest.raises(ConfigurationError, match=r"3 row\(s\) hold something else.*t1: 'ten'"):
+        load_labelled_csv(tmp_path / "a.csv")
+
+    (tmp_path / "ragged.csv").write_text("root:x:0:0\ndaemon:x:1:1\nsome,thing,else,here\n")
+    with pytest.raises(ConfigurationError, match=r"training data .*ragged\.csv: Error tokenizing"):
+        load_labelled_csv(tmp_path / "ragged.csv")
+    pd.DataFrame(columns=list(rows)).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(ConfigurationError, match="holds no transactions"):
+        load_labelled_csv(tmp_path / "empty.csv")
