@@ -647,6 +647,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             logger.error("%s", exc)
         code = 1
+    except OSError as exc:  # a path it cannot write, a file gone: the system's words suffice
+        logger.error("fraud-dagster %s: %s", args.command, exc)
+        code = 1
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -270,3 +270,16 @@ def test_producing_without_a_broker_says_where_it_looked_instead_of_a_traceback(
         main(["produce", "--count", "3", "--quiet"])
     assert exited.value.code == 1
     assert f"cannot reach Kafka at ['127.0.0.1:{port}']" in capsys.readouterr().err
+
+
+def test_a_path_the_command_cannot_write_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("FRAUD_VAR_DIR", str(tmp_path / "var"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exited:
+        main(["instance", "--home", str(tmp_path / "a-file" / "home")])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert "fraud-dagster instance: [Errno 20] Not a directory" in err
+    assert "Traceback" not in err
