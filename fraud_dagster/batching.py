@@ -69,6 +69,43 @@ class PlannedBatch:
         return tags
 
 
+def batch_config_problem(
+    topic: str, partition: int, first_offset: int, last_offset: int, tags: Mapping[str, str]
+) -> str | None:
+    """Why a batch run's offset range cannot be read as given, or None.
+
+    The sensor only plans valid ranges; this guards a range typed in the launchpad. A negative
+    offset would be recorded as lost (it lies below the log's beginning), a range that ends
+    before it starts would store nothing, and a range other than the run's tags say would be
+    ordered and found in the UI as the tags' range (ordering and `status` read the tags)."""
+    if partition < 0:
+        return f"partition {partition} does not exist: partitions count from 0"
+    if first_offset < 0:
+        return f"first_offset {first_offset} does not exist: offsets count from 0"
+    if last_offset < first_offset:
+        return (
+            f"last_offset {last_offset} is before first_offset {first_offset}: "
+            "a batch is the offsets first..last, both included"
+        )
+    tagged = (
+        tags.get(TAG_TOPIC),
+        tags.get(TAG_PARTITION),
+        tags.get(TAG_FIRST_OFFSET),
+        tags.get(TAG_LAST_OFFSET),
+    )
+    if None in tagged:
+        return None  # launched by hand without the sensor's tags: nothing to disagree with
+    configured = (topic, str(partition), str(first_offset), str(last_offset))
+    if tagged != configured:
+        said = "{}/{} offsets {}..{}"
+        return (
+            f"the run's config says {said.format(*configured)} but its tags say "
+            f"{said.format(*tagged)}: batches are ordered and found by their tags, so "
+            "re-execute the batch with the config it was launched with"
+        )
+    return None
+
+
 @dataclass
 class SensorCursor:
     """{partition: next offset} for one topic incarnation, its topic id and run-key tag,

@@ -36,6 +36,7 @@ from fraud_dagster.batching import (
     TAG_PARTITION,
     TAG_TOPIC,
     TAG_TOPIC_ID,
+    batch_config_problem,
 )
 from fraud_dagster.errors import FraudDagsterError, TopicChangedError
 from fraud_dagster.features import HistoryRead
@@ -92,6 +93,11 @@ def fetch(context: dg.OpExecutionContext, config: BatchConfig, kafka: KafkaResou
     without retries, if the topic the sensor planned it for (its id, in the run's tags) has
     been deleted since: the offsets of the topic now under that name are other messages."""
     record_worker_start(context)  # how run health recognises this worker, whatever the clock
+    problem = batch_config_problem(
+        config.topic, config.partition, config.first_offset, config.last_offset, context.run.tags
+    )
+    if problem:
+        raise final_failure(context, f"this batch's offset range cannot be read: {problem}")
     try:
         raw = kafka.read_range(
             config.topic,

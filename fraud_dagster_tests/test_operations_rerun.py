@@ -224,3 +224,46 @@ def test_the_consumer_group_never_moves_back_when_two_runs_of_a_partition_commit
 
     assert kafka_io.commit_stored(options, topic, 0, group, stored_until_while_b_commits) == 150
     assert kafka_io.committed_offsets(options, topic, group) == {0: 150}
+
+
+def test_a_range_edited_in_the_launchpad_is_refused_before_anything_is_read_or_recorded(
+    settings: Settings, instance: dg.DagsterInstance, database_url: str
+) -> None:
+    """Before: a negative first offset was read as offsets deleted by retention and recorded
+    in lost_ranges (offsets -5..-1), a range edited away from the run's tags was stored under
+    the tags' range for ordering and `status`, and a range ending before it starts ran and
+    succeeded storing nothing."""
+    defs = build_definitions(settings)
+    produce(settings, to_messages(synthetic_transactions(20, seed=67)))
+    (request,) = evaluate_sensor(defs, settings, instance, cursor=None).run_requests
+    fetch_config = request.run_config["ops"]["transaction_batch"]["ops"]["fetch"]["config"]
+    edits = [
+        ({"first_offset": -5}, {}, "first_offset -5 does not exist"),
+        ({"first_offset": 12, "last_offset": 4}, {}, "last_offset 4 is before first_offset 12"),
+        ({"last_offset": 9}, request.tags, "but its tags say"),
+    ]
+    for number, (edit, tags, said) in enumerate(edits):
+        run_config = json.loads(json.dumps(request.run_config))
+        run_config["ops"]["transaction_batch"]["ops"]["fetch"]["config"].update(edit)
+        edited = dg.RunRequest(run_key=f"edited-{number}", run_config=run_config, tags=tags)
+        result = run_request(edited, instance)
+
+        assert not result.success
+        (failure,) = [
+            e
+            for e in instance.all_logs(result.run_id)
+            if e.dagster_event and e.dagster_event.is_step_failure
+        ]
+        assert said in failure.dagster_event.step_failure_data.error.message
+        assert (
+            instance.get_run_by_id(result.run_id).tags["dagster/retry_on_asset_or_op_failure"]
+            == "false"
+        )
+        assert executed_steps(instance, result.run_id) == {"fetch"}
+
+    ensure_schema(create_engine(database_url))
+    assert table_rows(database_url, schema.lost_ranges) == []
+    assert accounting(database_url, settings.kafka_topic) == {}
+    assert fetch_config["first_offset"] == 0 and fetch_config["last_offset"] == 19
+    assert run_request(request, instance).success  # the batch as planned is untouched
+    assert accounting(database_url, settings.kafka_topic) == {(0, o): 1 for o in range(20)}

@@ -6,7 +6,9 @@ import pytest
 
 from fraud_dagster.batching import (
     TAG_TOPIC_ID,
+    PlannedBatch,
     SensorCursor,
+    batch_config_problem,
     new_key_tag,
     past_launched_ranges,
     plan_batches,
@@ -223,3 +225,22 @@ def test_launched_ranges_of_other_topics_incarnations_or_partitions_do_not_move_
     ]
     assert past_launched_ranges(cursor, keys).next_offsets == {0: 10}
     assert past_launched_ranges(cursor, [*keys, "t@abc/0/10-19"]).next_offsets == {0: 20}
+
+
+def test_a_batch_range_is_read_only_as_planned() -> None:
+    tags = PlannedBatch("tx", 1, 100, 199).tags()
+    assert batch_config_problem("tx", 1, 100, 199, tags) is None
+    assert batch_config_problem("tx", 1, 0, 0, {}) is None  # launched by hand, without tags
+    assert "partitions count from 0" in str(batch_config_problem("tx", -1, 0, 5, {}))
+    assert "offsets count from 0" in str(batch_config_problem("tx", 0, -5, 5, {}))
+    assert "before first_offset 6" in str(batch_config_problem("tx", 0, 6, 5, {}))
+    for topic, partition, first, last in [
+        ("other", 1, 100, 199),
+        ("tx", 0, 100, 199),
+        ("tx", 1, 101, 199),
+        ("tx", 1, 100, 150),
+    ]:
+        problem = batch_config_problem(topic, partition, first, last, tags)
+        assert problem is not None
+        assert problem.startswith(f"the run's config says {topic}/{partition} offsets")
+        assert "its tags say tx/1 offsets 100..199" in problem
