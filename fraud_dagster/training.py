@@ -471,6 +471,8 @@ def simulated_training_data(days: int = 90, seed: int = 0) -> tuple[pd.DataFrame
     """The default training data: the project's own simulator, and how to name that source."""
     from fraud_dagster.simulator import SimulationConfig, simulate_transactions
 
+    if days < 1:  # the asset's config is not checked by argparse as the command's is
+        raise ConfigurationError(f"simulated_days must be 1 or more, got {days}")
     frame = simulate_transactions(SimulationConfig(n_days=days, seed=seed))
     return prepare_training_frame(frame), f"simulator(days={days}, seed={seed})"
 

@@ -31,6 +31,7 @@ from fraud_dagster.training import (
     load_labelled_csv,
     prepare_training_frame,
     publish_model,
+    simulated_training_data,
     train_model,
 )
 
@@ -421,3 +422,13 @@ def test_labels_and_amounts_that_are_not_numbers_are_named_instead_of_a_tracebac
     pd.DataFrame(columns=list(rows)).to_csv(tmp_path / "empty.csv", index=False)
     with pytest.raises(ConfigurationError, match="holds no transactions"):
         load_labelled_csv(tmp_path / "empty.csv")
+
+
+def test_the_simulator_needs_at_least_one_day() -> None:
+    """Before: the train_model job with simulated_days 0 failed in the period calendar with
+    "'NaTType' object has no attribute 'normalize'"."""
+    for days in (0, -3):
+        with pytest.raises(
+            ConfigurationError, match=f"simulated_days must be 1 or more, got {days}"
+        ):
+            simulated_training_data(days)
