@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from pydantic import Field
 
 from fraud_dagster import pipeline
 from fraud_dagster.alert_claims import abandoned_claims, claim_token
@@ -129,7 +130,7 @@ def fetch(context: dg.OpExecutionContext, config: BatchConfig, kafka: KafkaResou
 class OrderConfig(dg.Config):
     """How long a batch waits for the batches ahead of it in its partition to be stored."""
 
-    max_wait_seconds: float = 300.0
+    max_wait_seconds: float = Field(default=300.0, ge=0)
 
 
 RUNNING_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
@@ -588,8 +589,9 @@ def _score_histogram_table(counts: dict[str, int]) -> dg.TableMetadataValue:
 class AlertRetryConfig(dg.Config):
     """Which outbox alerts a retry run takes: due ones, at most `max_alerts`."""
 
-    pending_grace_seconds: float = 120.0
-    max_alerts: int = 500
+    # Checked when the run starts (Dagster's launchpad does not check pydantic's bounds).
+    pending_grace_seconds: float = Field(default=120.0, ge=0)
+    max_alerts: int = Field(default=500, ge=1)
 
 
 @dg.op(out=dg.Out(dg.Nothing))

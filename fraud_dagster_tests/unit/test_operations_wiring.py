@@ -7,11 +7,14 @@ import email.policy
 from datetime import timedelta
 
 import dagster as dg
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from fraud_dagster.alert_delivery import retry_delay
 from fraud_dagster.alerts import RunFailureNotice, render_run_failure, run_failure_message_id
 from fraud_dagster.definitions import defs
+from fraud_dagster.ops import AlertRetryConfig, OrderConfig
 from fraud_dagster.sensors import run_failure_notice
 from fraud_dagster.settings import PROJECT_ROOT
 
@@ -148,3 +151,17 @@ def test_a_resent_failure_email_has_the_same_one_line_message_id() -> None:
     again = render_run_failure(notice, "from@x", ["ops@x"])
     assert first["Message-ID"] == again["Message-ID"] == run_failure_message_id(run_id)
     assert b"Message-ID: <failed-run.7f0ffb1b" in first.as_bytes()  # not folded
+
+
+def test_op_config_out_of_bounds_is_refused_when_the_run_starts() -> None:
+    """Before: max_alerts -1 became SQL `LIMIT -1` (no limit on SQLite, an error on
+    PostgreSQL) and a negative grace or wait was taken as given."""
+    assert AlertRetryConfig().max_alerts == 500 and OrderConfig().max_wait_seconds == 300
+    for config, values in (
+        (AlertRetryConfig, {"max_alerts": 0}),
+        (AlertRetryConfig, {"max_alerts": -1}),
+        (AlertRetryConfig, {"pending_grace_seconds": -5}),
+        (OrderConfig, {"max_wait_seconds": -1}),
+    ):
+        with pytest.raises(ValidationError, match="greater than or equal to"):
+            config(**values)
