@@ -23,17 +23,26 @@ from fraud_dagster.features import DELAY_DAYS
 from fraud_dagster.messages import naive_utc_dates
 from fraud_dagster.storage.history import stored_sources
 from fraud_dagster.storage.labels import latest_transaction_date, load_labels, record_labels
+from fraud_dagster.storage.schema import fraud_labels
 
 logger = logging.getLogger(__name__)
 
 REPLAY_LABELER = "handbook-replay"
 HANDBOOK_LABEL_COLUMNS = ["TRANSACTION_ID", "TX_DATETIME", "TX_FRAUD"]
+LABELED_BY_LENGTH: int = fraud_labels.c.labeled_by.type.length  # type: ignore[attr-defined]
 
 
 def record_analyst_label(
     engine: Engine, transaction_id: str, is_fraud: bool, labeled_by: str
 ) -> None:
     """Record (or correct) an analyst's verdict on a transaction the system has scored."""
+    by = labeled_by.strip()
+    if not by or len(by) > LABELED_BY_LENGTH or not by.isprintable():
+        # PostgreSQL would refuse a longer one with its DataError, SQLite would store it whole.
+        raise LabelError(
+            f"who confirmed it (--by) must be 1 to {LABELED_BY_LENGTH} printable characters, "
+            f"got {labeled_by[:40]!r}"
+        )
     with engine.connect() as conn:
         if stored_sources(conn, [transaction_id]).empty:
             raise LabelError(
@@ -46,7 +55,7 @@ def record_analyst_label(
             {
                 "transaction_id": transaction_id,
                 "is_fraud": is_fraud,
-                "labeled_by": labeled_by,
+                "labeled_by": by,
                 "source": "analyst",
             }
         ],

@@ -94,6 +94,20 @@ def test_label_of_an_unknown_transaction_is_refused(
     assert labels(database) == {}
 
 
+@pytest.mark.parametrize("by", ["x" * 129, "", "   ", "alice\x1b[2J"])
+def test_who_confirmed_a_label_is_a_short_printable_name(
+    database: str, by: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: a name over the column's 128 characters was stored whole on SQLite and ended in
+    PostgreSQL's DataError traceback; an empty or escape-laden one was stored as given."""
+    store_scored(database, [0])
+    assert run_cli("label", "T0", "--fraud", "--by", by) == 1
+    assert "(--by) must be 1 to 128 printable characters" in capsys.readouterr().err
+    assert labels(database) == {}
+    assert run_cli("label", "T0", "--fraud", "--by", " " + "x" * 128 + " ") == 0
+    assert labels(database)["T0"]["labeled_by"] == "x" * 128
+
+
 def test_replay_loads_labels_known_after_the_delay(database: str, tmp_path: Path) -> None:
     days = [0, 1, 2, 5, 9, 10]
     ids = store_scored(database, days, prefix="")  # the stream carries the handbook's ids as text
