@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from fraud_dagster.errors import ConfigurationError, FraudDagsterError
 from fraud_dagster.logging_setup import LOG_FILE, configure_logging
-from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings
+from fraud_dagster.settings import PROJECT_ROOT, Settings, load_settings, topic_name_problem
 
 if TYPE_CHECKING:
     from fraud_dagster.stream_status import StreamStatus
@@ -487,6 +487,12 @@ def _positive_rate(text: str) -> float:
     return value
 
 
+def _topic_name(text: str) -> str:
+    if problem := topic_name_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -522,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     topic = sub.add_parser("topic", help="create or grow the transaction topic")
     topic.add_argument("action", choices=["create"])
-    topic.add_argument("--topic", default=None)
+    topic.add_argument("--topic", type=_topic_name, default=None)
     topic.add_argument("--partitions", type=_at_least(1), default=1)
     topic.set_defaults(handler=cmd_topic)
 
@@ -537,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=_positive_rate, default=None, help="messages per second (default: max)"
     )
     produce.add_argument("--seed", type=int, default=0)
-    produce.add_argument("--topic", default=None)
+    produce.add_argument("--topic", type=_topic_name, default=None)
     produce.add_argument("--quiet", action="store_true", help="no progress bar")
     produce.set_defaults(handler=cmd_produce)
 

@@ -23,7 +23,7 @@ from fraud_dagster.errors import ConfigurationError
 from fraud_dagster.messages import RawBatch
 from fraud_dagster.model import LoadedModel, load_verified, read_manifest, threshold_problem
 from fraud_dagster.model_registry import require_promoted_hash
-from fraud_dagster.settings import Settings
+from fraud_dagster.settings import Settings, topic_name_problem
 from fraud_dagster.storage.database import create_engine, ensure_schema
 from fraud_dagster.storage.promotions import active_model_version
 
@@ -60,6 +60,13 @@ class KafkaResource(dg.ConfigurableResource):
     fetch_timeout_seconds: float = Field(
         default=120.0, description="Time allowed to read one batch."
     )
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_is_a_kafka_name(cls, topic: str) -> str:
+        if problem := topic_name_problem(topic):
+            raise ConfigurationError(f"FRAUD_KAFKA_TOPIC: {problem}")
+        return topic
 
     def client_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {

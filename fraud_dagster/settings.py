@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,21 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def topic_name_problem(name: str) -> str | None:
+    """Why Kafka would refuse `name` as a topic name, or None (its rules: ASCII letters, digits,
+    ".", "_" and "-", at most 249 of them, not "." or ".."). Checked where the name is set, as
+    kafka-python's ValueError or the broker's InvalidTopicError come only at the first use."""
+    if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+        return (
+            f"{name[:60]!r} is not a Kafka topic name: 1 to 249 ASCII letters, digits, '.', "
+            "'_' or '-' (not '.' or '..')"
+        )
+    return None
 
 
 class _Environment:

@@ -283,3 +283,24 @@ def test_a_path_the_command_cannot_write_is_one_line_not_a_traceback(
     err = capsys.readouterr().err
     assert "fraud-dagster instance: [Errno 20] Not a directory" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("topic", ["bad topic", "tx/1", "x" * 250, ".", "..", "tränsactions"])
+def test_a_topic_name_kafka_refuses_is_named_where_it_is_set(
+    topic: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: `produce --topic "bad topic"` ended in kafka-python's ValueError traceback, `topic
+    create` in the broker's InvalidTopicError, and the code location loaded and its sensor
+    looked for a topic no broker can have."""
+    with pytest.raises(ConfigurationError, match=r"FRAUD_KAFKA_TOPIC: .* is not a Kafka topic"):
+        build_resources(load_settings({"FRAUD_KAFKA_TOPIC": topic}))
+    for command in (["topic", "create"], ["produce", "--count", "1"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--topic", topic])
+        assert exited.value.code == 2
+        assert "--topic: " in capsys.readouterr().err
+
+
+def test_every_name_kafka_takes_is_taken() -> None:
+    for topic in ("transactions", "card.tx_v2-eu", "x" * 249, "..."):
+        assert build_resources(load_settings({"FRAUD_KAFKA_TOPIC": topic}))["kafka"].topic == topic
