@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from fraud_dagster import model_registry
+from fraud_dagster.errors import ConfigurationError
 from fraud_dagster.model import read_manifest
 from fraud_dagster.model_ops import (
     RELOAD_MODEL_JOB,
@@ -27,16 +28,6 @@ def build_reload_model_schedule(settings: Settings) -> dg.ScheduleDefinition:
     Launching the job by hand always validates again.
     """
 
-    @dg.schedule(
-        name="reload_model_schedule",
-        cron_schedule=settings.reload_model_cron,
-        job=reload_model_job,
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=(
-            "Validates and promotes the newest published model "
-            f"({settings.reload_model_cron}, FRAUD_RELOAD_MODEL_CRON)."
-        ),
-    )
     def reload_model_schedule(
         context: dg.ScheduleEvaluationContext, model: ModelResource, database: DatabaseResource
     ) -> dg.RunRequest | dg.SkipReason:
@@ -63,4 +54,19 @@ def build_reload_model_schedule(settings: Settings) -> dg.ScheduleDefinition:
             )
         return dg.RunRequest()
 
-    return reload_model_schedule
+    try:
+        return dg.schedule(
+            name="reload_model_schedule",
+            cron_schedule=settings.reload_model_cron,
+            job=reload_model_job,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description=(
+                "Validates and promotes the newest published model "
+                f"({settings.reload_model_cron}, FRAUD_RELOAD_MODEL_CRON)."
+            ),
+        )(reload_model_schedule)
+    except dg.DagsterInvalidDefinitionError as exc:  # Dagster's words name neither variable
+        raise ConfigurationError(
+            f"FRAUD_RELOAD_MODEL_CRON={settings.reload_model_cron[:60]!r} is not a cron "
+            "expression of 5 fields, e.g. '*/15 * * * *'"
+        ) from exc

@@ -40,6 +40,7 @@ KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 SMTP_SECURITY_MODES = ("none", "starttls", "ssl")
 
 
+_WEB_ADDRESS = re.compile(r"https?://[^\s/?#]+(?:/\S*)?", re.IGNORECASE)
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
@@ -125,6 +126,18 @@ class _Environment:
 
     def optional_choice(self, name: str, choices: tuple[str, ...]) -> str | None:
         return self.choice(name, "", choices) if self.text(name) is not None else None
+
+    def web_address(self, name: str, default: str) -> str:
+        """An http(s) address without its trailing slash: emails link to pages under it, and a
+        mail client makes a link only of one with its scheme and without spaces."""
+        text = self.text(name) or default
+        if "@" in text.split("://", 1)[-1].split("/", 1)[0]:  # never echo a password
+            raise ConfigurationError(
+                f"{name} must not hold a user or password: it is in every operator email"
+            )
+        if not _WEB_ADDRESS.fullmatch(text.strip()):
+            raise self._invalid(name, text, "an http:// or https:// address, e.g. " + default)
+        return text.strip().rstrip("/")
 
     def flag(self, name: str, default: bool) -> bool:
         text = self.text(name)
@@ -271,6 +284,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         unstored_alert_seconds=read.number(
             "FRAUD_UNSTORED_ALERT_SECONDS", 3600.0, minimum_allowed=True
         ),
-        dagster_ui_url=get("FRAUD_DAGSTER_UI_URL", "http://127.0.0.1:3000").rstrip("/"),
+        dagster_ui_url=read.web_address("FRAUD_DAGSTER_UI_URL", "http://127.0.0.1:3000"),
         env=env,
     )

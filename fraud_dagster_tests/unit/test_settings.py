@@ -304,3 +304,26 @@ def test_a_topic_name_kafka_refuses_is_named_where_it_is_set(
 def test_every_name_kafka_takes_is_taken() -> None:
     for topic in ("transactions", "card.tx_v2-eu", "x" * 249, "..."):
         assert build_resources(load_settings({"FRAUD_KAFKA_TOPIC": topic}))["kafka"].topic == topic
+
+
+@pytest.mark.parametrize("address", ["localhost:3000", "http://ui.example/ runs", "ftp://ui"])
+def test_the_ui_address_emails_link_to_is_a_web_address(address: str) -> None:
+    """Before: "localhost:3000" was taken, and every operator email carried a run "link" no mail
+    client makes clickable."""
+    with pytest.raises(ConfigurationError, match="is not an http:// or https:// address"):
+        load_settings({"FRAUD_DAGSTER_UI_URL": address})
+
+
+def test_the_ui_address_carries_no_password_and_does_not_show_one() -> None:
+    with pytest.raises(ConfigurationError, match="must not hold a user or password") as refused:
+        load_settings({"FRAUD_DAGSTER_UI_URL": "https://ops:s3cret-value@ui.example/"})
+    assert "s3cret-value" not in str(refused.value)
+    taken = load_settings({"FRAUD_DAGSTER_UI_URL": " https://ui.example:3000/dagster/ "})
+    assert taken.dagster_ui_url == "https://ui.example:3000/dagster"
+
+
+def test_a_reload_schedule_that_is_no_cron_expression_names_its_variable() -> None:
+    """Before: Dagster's DagsterInvalidDefinitionError named the schedule, not the variable."""
+    with pytest.raises(ConfigurationError, match="FRAUD_RELOAD_MODEL_CRON='every 5 minutes'"):
+        build_definitions(load_settings({"FRAUD_RELOAD_MODEL_CRON": "every 5 minutes"}))
+    assert build_definitions(load_settings({"FRAUD_RELOAD_MODEL_CRON": "0 3 * * *"}))
