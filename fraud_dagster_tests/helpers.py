@@ -77,10 +77,12 @@ def evaluate_sensor(
     defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance, cursor: str | None
 ) -> dg.SensorResult:
     sensor = defs.resolve_sensor_def("kafka_transactions_sensor")
-    context = dg.build_sensor_context(
+    # As a context manager: the context may open its own instance (and Dagster's state
+    # storage with it), which a context left open leaves behind for later tests.
+    with dg.build_sensor_context(
         instance=instance, cursor=cursor, resources=build_resources(settings)
-    )
-    return sensor.evaluate_tick(context)
+    ) as context:
+        return sensor.evaluate_tick(context)
 
 
 def execute_requests(

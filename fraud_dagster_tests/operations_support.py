@@ -125,10 +125,10 @@ def sensor_tick(
     """One tick of the sensor `name` with `cursor`, as the daemon evaluates it (an error
     propagates; the daemon would then keep `cursor`)."""
     sensor = defs.resolve_sensor_def(name)
-    context = dg.build_sensor_context(
+    with dg.build_sensor_context(
         instance=instance, cursor=cursor, resources=build_resources(settings)
-    )
-    result = sensor(context)
+    ) as context:
+        result = sensor(context)
     assert isinstance(result, dg.SensorResult)
     return result
 
@@ -137,8 +137,8 @@ def retry_alerts_tick(
     defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance
 ) -> dg.RunRequest | dg.SkipReason:
     sensor = defs.resolve_sensor_def("retry_alerts")
-    context = dg.build_sensor_context(instance=instance, resources=build_resources(settings))
-    result = sensor.evaluate_tick(context)
+    with dg.build_sensor_context(instance=instance, resources=build_resources(settings)) as context:
+        result = sensor.evaluate_tick(context)
     if result.run_requests:
         (request,) = result.run_requests
         return request

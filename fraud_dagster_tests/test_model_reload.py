@@ -137,8 +137,12 @@ def evaluate_schedule(
     defs: dg.Definitions, settings: Settings, instance: dg.DagsterInstance
 ) -> dg.ScheduleExecutionData:
     schedule = defs.resolve_schedule_def("reload_model_schedule")
-    context = dg.build_schedule_context(instance=instance, resources=build_resources(settings))
-    return schedule.evaluate_tick(context)
+    # As a context manager: an open context leaves the instance it opened as Dagster's
+    # current state storage, dead once collected, for whichever test resolves definitions next.
+    with dg.build_schedule_context(
+        instance=instance, resources=build_resources(settings)
+    ) as context:
+        return schedule.evaluate_tick(context)
 
 
 @pytest.mark.services

@@ -83,7 +83,8 @@ def test_only_failed_runs_tagged_to_retry_with_no_retry_for_a_while_are_lost(
 def tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorExecutionData:
     settings = dataclasses.replace(load_settings(), lost_retry_after_seconds=0.0)
     sensor = build_definitions(settings).resolve_sensor_def("recover_lost_automatic_retries")
-    return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor))
+    with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+        return sensor.evaluate_tick(context)
 
 
 def test_the_sensor_reports_a_lost_retry_once_so_that_the_daemon_sees_a_failed_run(

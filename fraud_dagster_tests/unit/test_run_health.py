@@ -117,7 +117,8 @@ def test_only_started_runs_of_the_given_jobs_whose_reported_worker_is_gone_are_d
 
 def tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorExecutionData:
     sensor = defs.resolve_sensor_def("fail_runs_whose_worker_died")
-    return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor))
+    with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
+        return sensor.evaluate_tick(context)
 
 
 def test_the_sensor_fails_a_dead_run_only_when_a_later_tick_still_sees_it_dead(
