@@ -331,7 +331,7 @@ def _refuse_remote_services(settings: Settings, local_kafka: str, postgres: bool
     if settings.kafka_bootstrap_servers != local_kafka:
         problems.append(
             f"FRAUD_KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} is not the demo's "
-            f"broker {local_kafka} (pass --port to match a local port)"
+            f"broker {local_kafka} (unset it: the demo's broker listens on 9092)"
         )
     if settings.kafka_security_protocol != "PLAINTEXT":
         problems.append(f"FRAUD_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}")
